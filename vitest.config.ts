@@ -1,0 +1,14 @@
+import { defineConfig } from "vitest/config";
+
+export default defineConfig({
+  test: {
+    include: ["test/**/*.test.ts"],
+    testTimeout: 60_000,
+    hookTimeout: 120_000,
+    // Integration suites share one S3 server and spawn real clients; two cores cannot run
+    // many of them at once without turning timeouts into flakes.
+    maxWorkers: 2,
+    reporters: process.env.CI === "true" ? ["default", "junit"] : ["default"],
+    outputFile: { junit: "test-results/junit.xml" },
+  },
+});
