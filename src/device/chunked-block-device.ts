@@ -1,0 +1,193 @@
+/**
+ * The block device of a volume: the `BlockDevice` contract on top of the page cache and the
+ * chunk store.
+ *
+ * This is the edge where requests are validated (`checkRequest`) and where exceptions from the
+ * layers below become error values, in one place (`toIoError`). Below it, a violated
+ * precondition is an assertion failure: a bug.
+ *
+ * `disconnect` refuses new operations at once, waits for those in flight, flushes, then closes
+ * the store. `abort` is the other way to stop: it drops dirty data and says how much.
+ */
+
+import {
+  disconnected,
+  err,
+  ioError,
+  isReadOnly,
+  ok,
+  type BlockDevice,
+  type BlockError,
+  type Info,
+  type Result,
+  type Sector,
+  type WriteError,
+  type WriteOptions,
+  InvalidArgumentError,
+} from "../block/block-device.js";
+import { checkRange, checkRequest } from "../block/validate.js";
+import { PageCache, type CacheStats } from "../cache/page-cache.js";
+import type { ObjectStore } from "../store/object-store.js";
+import { systemClock, type Clock } from "../util/clock.js";
+import { ChunkStore } from "../volume/chunk-store.js";
+import type { Superblock } from "../volume/format.js";
+
+export interface DeviceOptions {
+  /** Refuse writes, discards and flushes with `Is_read_only`. Default false. */
+  readonly readOnly?: boolean;
+  /** Clean cache bytes. Default 256 MiB. */
+  readonly cacheBytes?: number;
+  /** Dirty bytes at most; writers wait past it. Default 128 MiB. */
+  readonly maxDirtyBytes?: number;
+  /** Upload a dirty chunk after this long. Default 1000 ms. */
+  readonly writebackDelayMs?: number;
+  /** Store requests in flight. Default 32. */
+  readonly concurrency?: number;
+  /** A read miss of at least this many bytes of a chunk fetches the whole chunk. */
+  readonly wholeChunkReadBytes?: number;
+  readonly clock?: Clock;
+  readonly onWritebackError?: (error: Error) => void;
+}
+
+export class ChunkedBlockDevice implements BlockDevice {
+  readonly superblock: Superblock;
+  readonly #store: ObjectStore;
+  readonly #chunks: ChunkStore;
+  readonly #cache: PageCache;
+  readonly #info: Info;
+  readonly #inFlight = new Set<Promise<unknown>>();
+  #connected = true;
+
+  private constructor(store: ObjectStore, chunks: ChunkStore, options: DeviceOptions) {
+    this.superblock = chunks.superblock;
+    this.#store = store;
+    this.#chunks = chunks;
+    this.#cache = new PageCache({
+      chunks,
+      sectorSize: this.superblock.sectorSizeBytes,
+      clock: options.clock ?? systemClock,
+      ...(options.cacheBytes === undefined ? {} : { cacheBytes: options.cacheBytes }),
+      ...(options.maxDirtyBytes === undefined ? {} : { maxDirtyBytes: options.maxDirtyBytes }),
+      ...(options.writebackDelayMs === undefined
+        ? {}
+        : { writebackDelayMs: options.writebackDelayMs }),
+      ...(options.wholeChunkReadBytes === undefined
+        ? {}
+        : { wholeChunkReadBytes: options.wholeChunkReadBytes }),
+      ...(options.onWritebackError === undefined
+        ? {}
+        : { onWritebackError: options.onWritebackError }),
+    });
+    this.#info = Object.freeze({
+      readWrite: !(options.readOnly ?? false),
+      sectorSize: this.superblock.sectorSizeBytes,
+      sizeSectors: BigInt(this.superblock.sizeBytes / this.superblock.sectorSizeBytes),
+    });
+  }
+
+  /** Open the device of the volume at `prefix` whose superblock has been read. */
+  static async open(
+    store: ObjectStore,
+    prefix: string,
+    superblock: Superblock,
+    options: DeviceOptions = {},
+  ): Promise<ChunkedBlockDevice> {
+    const chunks = await ChunkStore.open({
+      store,
+      prefix,
+      superblock,
+      ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
+    });
+    return new ChunkedBlockDevice(store, chunks, options);
+  }
+
+  async getInfo(): Promise<Info> {
+    return this.#info;
+  }
+
+  read(sectorStart: Sector, buffers: readonly Uint8Array[]): Promise<Result<void, BlockError>> {
+    return this.#run<BlockError>(false, async () => {
+      const range = checkRequest(this.#info, sectorStart, buffers);
+      if (range instanceof InvalidArgumentError) return err(ioError(range));
+      await this.#cache.read(range.offsetBytes, buffers);
+      return ok;
+    });
+  }
+
+  write(
+    sectorStart: Sector,
+    buffers: readonly Uint8Array[],
+    options?: WriteOptions,
+  ): Promise<Result<void, WriteError>> {
+    return this.#run(true, async () => {
+      const range = checkRequest(this.#info, sectorStart, buffers);
+      if (range instanceof InvalidArgumentError) return err(ioError(range));
+      await this.#cache.write(range.offsetBytes, buffers, options?.fua ?? false);
+      return ok;
+    });
+  }
+
+  flush(): Promise<Result<void, WriteError>> {
+    return this.#run(true, async () => {
+      await this.#cache.flush();
+      return ok;
+    });
+  }
+
+  discard(sectorStart: Sector, sectors: Sector): Promise<Result<void, WriteError>> {
+    return this.#run(true, async () => {
+      const range = checkRange(this.#info, sectorStart, sectors);
+      if (range instanceof InvalidArgumentError) return err(ioError(range));
+      await this.#cache.discard(range.offsetBytes, range.lengthBytes);
+      return ok;
+    });
+  }
+
+  async disconnect(): Promise<Result<void, WriteError>> {
+    if (!this.#connected) return err(disconnected);
+    this.#connected = false;
+    await Promise.allSettled([...this.#inFlight]);
+    let result: Result<void, WriteError> = ok;
+    if (this.#info.readWrite) {
+      try {
+        await this.#cache.flush();
+      } catch (error) {
+        result = err(ioError(error));
+      }
+    }
+    this.#cache.close();
+    await this.#chunks.drain();
+    await this.#store.close();
+    return result;
+  }
+
+  /** Whether chunk `index` may have an object: false means it reads as zeros. */
+  isChunkAllocated(index: number): boolean {
+    return this.#chunks.isAllocated(index);
+  }
+
+  /** Chunks that may have an object. */
+  allocatedChunks(): number {
+    return this.#chunks.allocatedCount();
+  }
+
+  cacheStats(): CacheStats {
+    return this.#cache.stats();
+  }
+
+  /** Run one operation: refuse it if disconnected (or a write on a read-only device). */
+  async #run<E extends WriteError>(
+    modifies: boolean,
+    operation: () => Promise<Result<void, E>>,
+  ): Promise<Result<void, E>> {
+    if (!this.#connected) return err(disconnected as E);
+    if (modifies && !this.#info.readWrite) return err(isReadOnly as E);
+    const running = operation().catch((error: unknown) => err(ioError(error) as E));
+    this.#inFlight.add(running);
+    try {
+      return await running;
+    } finally {
+      this.#inFlight.delete(running);
+    }
+  }
+}

@@ -1,0 +1,103 @@
+/**
+ * The one place that turns a volume URL into a store stack and a key prefix:
+ *
+ *     s3://bucket/prefix     S3 (endpoint from the option, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)
+ *     file:///path/to/dir    a local directory (also a plain path)
+ *     memory://name          this process's memory, for tests
+ *
+ * The stack, bottom up: the real store, a request counter, then retries.
+ */
+
+import path from "node:path";
+import type { Clock } from "../util/clock.js";
+import { systemClock } from "../util/clock.js";
+import { CountingStore } from "./counting-store.js";
+import { FileStore } from "./file-store.js";
+import { namedMemoryStore } from "./memory-store.js";
+import type { ObjectStore } from "./object-store.js";
+import { RetryStore, type RetryPolicy } from "./retry-store.js";
+import { S3Store, type S3StoreOptions } from "./s3-store.js";
+
+export interface StoreStackOptions {
+  /** S3 endpoint, overriding the environment. */
+  readonly endpoint?: string;
+  readonly credentials?: S3StoreOptions["credentials"];
+  readonly region?: string;
+  readonly retry?: Partial<RetryPolicy>;
+  readonly clock?: Clock;
+  /** Put a layer (fault injection, say) between the counter and the retries. */
+  readonly wrap?: (store: ObjectStore) => ObjectStore;
+}
+
+export interface StoreStack {
+  /** The top of the stack: what a volume uses. */
+  readonly store: ObjectStore;
+  /** The counter on the real store. */
+  readonly counter: CountingStore;
+  /** The volume's key prefix inside the store ("" for the whole store). */
+  readonly prefix: string;
+  /** A canonical form of the URL, for messages. */
+  readonly url: string;
+}
+
+/** A volume URL that cannot be used. */
+export class StoreUrlError extends Error {
+  override readonly name = "StoreUrlError";
+}
+
+export function openStoreStack(url: string, options: StoreStackOptions = {}): StoreStack {
+  const { base, prefix, canonical } = baseStore(url, options);
+  const counter = new CountingStore(base);
+  const middle = options.wrap?.(counter) ?? counter;
+  const store = new RetryStore(middle, {
+    clock: options.clock ?? systemClock,
+    ...(options.retry === undefined ? {} : { policy: options.retry }),
+  });
+  return { store, counter, prefix, url: canonical };
+}
+
+function baseStore(
+  url: string,
+  options: StoreStackOptions,
+): { base: ObjectStore; prefix: string; canonical: string } {
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(url)?.[1]?.toLowerCase();
+  if (scheme === undefined) {
+    if (url === "" || url.includes("://")) throw new StoreUrlError(`invalid volume URL "${url}"`);
+    const root = path.resolve(url);
+    return { base: new FileStore(root), prefix: "", canonical: `file://${root}` };
+  }
+  const rest = url.slice(scheme.length + 3);
+  switch (scheme) {
+    case "s3": {
+      const slash = rest.indexOf("/");
+      const bucket = slash < 0 ? rest : rest.slice(0, slash);
+      const prefix = slash < 0 ? "" : rest.slice(slash + 1).replace(/\/+$/, "");
+      if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) {
+        throw new StoreUrlError(`invalid S3 bucket name "${bucket}" in "${url}"`);
+      }
+      const base = new S3Store({
+        bucket,
+        ...(options.endpoint === undefined ? {} : { endpoint: options.endpoint }),
+        ...(options.region === undefined ? {} : { region: options.region }),
+        ...(options.credentials === undefined ? {} : { credentials: options.credentials }),
+      });
+      return { base, prefix, canonical: `s3://${bucket}/${prefix}` };
+    }
+    case "file": {
+      if (!rest.startsWith("/")) {
+        throw new StoreUrlError(`a file URL needs an absolute path: file:///path, not "${url}"`);
+      }
+      const root = path.resolve(decodeURIComponent(rest));
+      return { base: new FileStore(root), prefix: "", canonical: `file://${root}` };
+    }
+    case "memory": {
+      const name = rest.replace(/\/+$/, "");
+      if (name === "") throw new StoreUrlError(`a memory URL needs a name: memory://name`);
+      return { base: namedMemoryStore(name), prefix: "", canonical: `memory://${name}` };
+    }
+    default:
+      throw new StoreUrlError(
+        `unknown scheme "${scheme}" in "${url}": use s3://bucket/prefix, file:///path or memory://name`,
+      );
+  }
+}

@@ -1,0 +1,92 @@
+/** Helpers to make throw-away volumes on every backend. */
+
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { randomBytes } from "node:crypto";
+import { openStoreStack, type StoreStack, type StoreStackOptions } from "../../src/store/store-url.js";
+import { createVolume, openVolume } from "../../src/volume/volume.js";
+import type { DeviceOptions } from "../../src/device/chunked-block-device.js";
+import type { VolumeParameters } from "../../src/volume/format.js";
+import { stackOptions, type S3Target } from "./s3-target.js";
+
+export interface Backend {
+  readonly name: string;
+  /** A URL for a volume nobody has used. */
+  newUrl(label: string): string;
+  readonly stackOptions: StoreStackOptions;
+}
+
+export const memoryBackend: Backend = {
+  name: "memory",
+  newUrl: (label) => `memory://${label}-${randomBytes(6).toString("hex")}`,
+  stackOptions: {},
+};
+
+export function fileBackend(): Backend {
+  const root = mkdtempSync(path.join(tmpdir(), "s3blk-test-"));
+  let n = 0;
+  return {
+    name: "file",
+    newUrl: (label) => `file://${root}/${label}-${n++}`,
+    stackOptions: {},
+  };
+}
+
+export function s3Backend(target: S3Target): Backend {
+  return { name: "s3", newUrl: (label) => target.newVolumeUrl(label), stackOptions: stackOptions(target) };
+}
+
+/** A volume on `backend`: its URL and a way to open it. */
+export interface TestVolume {
+  readonly url: string;
+  stack(options?: StoreStackOptions): StoreStack;
+  open(options?: DeviceOptions, stack?: StoreStack): ReturnType<typeof openVolume>;
+}
+
+export async function newTestVolume(
+  backend: Backend,
+  label: string,
+  parameters: VolumeParameters,
+): Promise<TestVolume> {
+  const url = backend.newUrl(label);
+  const stack = (options?: StoreStackOptions) =>
+    openStoreStack(url, { ...backend.stackOptions, retry: { baseDelayMs: 1 }, ...options });
+  const creator = stack();
+  await createVolume(creator.store, creator.prefix, parameters);
+  return {
+    url,
+    stack,
+    open: (options, s) => {
+      const opened = s ?? stack();
+      return openVolume(opened.store, opened.prefix, { writebackDelayMs: 50, ...options });
+    },
+  };
+}
+
+/** Deterministic bytes: each sector's content depends on `seed` and its absolute sector. */
+export function pattern(seed: number, firstSector: number, sectors: number, sectorSize = 512): Uint8Array {
+  const out = new Uint8Array(sectors * sectorSize);
+  for (let s = 0; s < sectors; s++) {
+    let x = (seed * 0x9e3779b1 + (firstSector + s) * 0x85ebca6b) >>> 0;
+    for (let i = 0; i < sectorSize; i++) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      out[s * sectorSize + i] = x & 0xff;
+    }
+  }
+  return out;
+}
+
+/** Split `bytes` into buffers of the given sector counts (cycling). */
+export function splitSectors(bytes: Uint8Array, counts: readonly number[], sectorSize = 512): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let at = 0;
+  for (let i = 0; at < bytes.length; i++) {
+    const n = (counts[i % counts.length] ?? 1) * sectorSize;
+    out.push(bytes.subarray(at, Math.min(at + n, bytes.length)));
+    at += n;
+  }
+  return out;
+}
