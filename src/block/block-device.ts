@@ -50,8 +50,7 @@ export interface Info {
 
 /** An operation's outcome: `Ok`, or an error value. */
 export type Result<T, E> =
-  | { readonly ok: true; readonly value: T }
-  | { readonly ok: false; readonly error: E };
+  { readonly ok: true; readonly value: T } | { readonly ok: false; readonly error: E };
 
 /** The operation is not supported by this device. */
 export interface Unimplemented {

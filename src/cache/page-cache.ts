@@ -107,6 +107,7 @@ export class PageCache {
   #cancelTimer: (() => void) | undefined;
   #retryDelayMs = 0;
   #lastReadEndBytes = -1;
+  #closed = false;
   #stats: CacheStats = {
     dirtyBytes: 0,
     peakDirtyBytes: 0,
@@ -238,8 +239,9 @@ export class PageCache {
   async write(offsetBytes: number, buffers: readonly Uint8Array[], durable = false): Promise<void> {
     const touched: Page[] = [];
     for (const [index, pieces] of this.#split(offsetBytes, buffers)) {
-      const page = await this.#pageForWrite(index);
-      for (const piece of pieces) page.write(piece.chunkOffsetBytes, piece.bytes);
+      const page = await this.#pageForWrite(index, (p) => {
+        for (const piece of pieces) p.write(piece.chunkOffsetBytes, piece.bytes);
+      });
       touched.push(page);
     }
     this.#afterModify();
@@ -256,8 +258,7 @@ export class PageCache {
       const pieceBytes = Math.min(end - at, this.chunkSizeBytes - chunkOffsetBytes);
       // A chunk with no object and no page is zeros already.
       if (this.#lookup(index) !== undefined || this.#chunks.isAllocated(index)) {
-        const page = await this.#pageForWrite(index);
-        page.zero(chunkOffsetBytes, pieceBytes);
+        await this.#pageForWrite(index, (p) => p.zero(chunkOffsetBytes, pieceBytes));
       }
       at += pieceBytes;
     }
@@ -265,19 +266,18 @@ export class PageCache {
   }
 
   /**
-   * The page for chunk `index`, dirty and out of the LRU, ready for a write. Waits for room
-   * when making a new dirty page would pass the dirty bound.
+   * The page for chunk `index`, in the dirty map and out of the LRU, ready for a write; waits
+   * for room when a new dirty page would pass the dirty bound.
+   *
+   * The page must be modified synchronously with its return from `#tryPageForWrite`: across an
+   * `await`, an upload could finish and move it back to the clean LRU, and a write to it then
+   * would be lost. Hence the split into a synchronous try and a separate wait.
    */
-  async #pageForWrite(index: number): Promise<Page> {
+  async #pageForWrite(index: number, modify: (page: Page) => void): Promise<Page> {
     for (;;) {
-      const dirty = this.#dirty.get(index);
-      if (dirty !== undefined) return dirty;
-      if (this.#dirtyBytes() + this.chunkSizeBytes <= this.#maxDirtyBytes) {
-        const page = this.#clean.get(index) ?? new Page(index, this.chunkSizeBytes, this.#sectorSize);
-        this.#clean.delete(index);
-        this.#dirty.set(index, page);
-        this.#dirtiedAtMs.set(index, this.#clock.nowMs());
-        this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyBytes());
+      const page = this.#tryPageForWrite(index);
+      if (page !== undefined) {
+        modify(page);
         return page;
       }
       this.#stats.backpressureWaits++;
@@ -286,6 +286,18 @@ export class PageCache {
         this.#kick();
       });
     }
+  }
+
+  #tryPageForWrite(index: number): Page | undefined {
+    const dirty = this.#dirty.get(index);
+    if (dirty !== undefined) return dirty;
+    if (this.#dirtyBytes() + this.chunkSizeBytes > this.#maxDirtyBytes) return undefined;
+    const page = this.#clean.get(index) ?? new Page(index, this.chunkSizeBytes, this.#sectorSize);
+    this.#clean.delete(index);
+    this.#dirty.set(index, page);
+    this.#dirtiedAtMs.set(index, this.#clock.nowMs());
+    this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyBytes());
+    return page;
   }
 
   #afterModify(): void {
@@ -314,6 +326,7 @@ export class PageCache {
 
   /** Queue uploads: due pages, or every dirty page when urgent. */
   #kick(): void {
+    if (this.#closed) return;
     this.#cancelTimer?.();
     this.#cancelTimer = undefined;
     const urgent =
@@ -329,7 +342,7 @@ export class PageCache {
 
   /** Arrange a kick when the oldest waiting dirty page falls due. */
   #armTimer(): void {
-    if (this.#cancelTimer !== undefined) return;
+    if (this.#closed || this.#cancelTimer !== undefined) return;
     let dueMs = Infinity;
     for (const [index, page] of this.#dirty) {
       if (page.upload !== undefined || page.state !== "dirty") continue;
@@ -396,7 +409,9 @@ export class PageCache {
     const waiters = this.#roomWaiters;
     this.#roomWaiters = [];
     for (const waiter of waiters) {
-      waiter.reject(new WritebackError(`write-back failed: ${failure.message}`, { cause: failure }));
+      waiter.reject(
+        new WritebackError(`write-back failed: ${failure.message}`, { cause: failure }),
+      );
     }
     throw failure;
   }
@@ -436,6 +451,7 @@ export class PageCache {
 
   /** Stop the write-back timer. Dirty pages stay as they are. */
   close(): void {
+    this.#closed = true;
     this.#cancelTimer?.();
     this.#cancelTimer = undefined;
   }

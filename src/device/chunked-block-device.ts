@@ -161,6 +161,21 @@ export class ChunkedBlockDevice implements BlockDevice {
     return result;
   }
 
+  /**
+   * Stop at once, as a crash would but tidily: refuse new operations, upload nothing more, wait
+   * for requests already sent, and close the store. Returns the dirty bytes that were dropped.
+   */
+  async abort(): Promise<{ lostDirtyBytes: number }> {
+    const lostDirtyBytes = this.#cache.stats().dirtyBytes;
+    this.#connected = false;
+    this.#cache.close();
+    this.#chunks.fence(new Error("device aborted"));
+    await Promise.allSettled([...this.#inFlight]);
+    await this.#chunks.drain();
+    await this.#store.close();
+    return { lostDirtyBytes };
+  }
+
   /** Whether chunk `index` may have an object: false means it reads as zeros. */
   isChunkAllocated(index: number): boolean {
     return this.#chunks.isAllocated(index);

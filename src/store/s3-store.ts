@@ -70,7 +70,8 @@ export class S3Store implements ObjectStore {
     this.#bucket = options.bucket;
     this.description = `s3://${options.bucket}${endpoint === undefined ? "" : ` at ${endpoint}`}`;
     this.#client = new S3Client({
-      region: options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? "us-east-1",
+      region:
+        options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? "us-east-1",
       ...(endpoint === undefined ? {} : { endpoint, forcePathStyle: true }),
       ...(options.credentials === undefined ? {} : { credentials: options.credentials }),
       maxAttempts: 1,
@@ -242,7 +243,9 @@ function isStatus(error: unknown, status: number): boolean {
 
 function isNotFound(error: unknown): boolean {
   const name = (error as Error | undefined)?.name;
-  return name === "NoSuchKey" || name === "NotFound" || (isStatus(error, 404) && name !== "NoSuchBucket");
+  return (
+    name === "NoSuchKey" || name === "NotFound" || (isStatus(error, 404) && name !== "NoSuchBucket")
+  );
 }
 
 const TRANSIENT_NAMES = new Set([
@@ -281,10 +284,17 @@ function translateError(error: unknown, what: string): StoreError {
     return new StoreError("PreconditionFailed", message, { cause: error });
   }
   if (name === "CredentialsProviderError") {
-    return new StoreError("AccessDenied", `${what}: no S3 credentials: ${detail}`, { cause: error });
+    return new StoreError("AccessDenied", `${what}: no S3 credentials: ${detail}`, {
+      cause: error,
+    });
   }
   if (name === "NoSuchBucket") return new StoreError("NoSuchBucket", message, { cause: error });
-  if (status === 403 || name === "AccessDenied" || name === "InvalidAccessKeyId" || name === "SignatureDoesNotMatch") {
+  if (
+    status === 403 ||
+    name === "AccessDenied" ||
+    name === "InvalidAccessKeyId" ||
+    name === "SignatureDoesNotMatch"
+  ) {
     return new StoreError("AccessDenied", message, { cause: error });
   }
   const transient =

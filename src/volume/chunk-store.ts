@@ -52,6 +52,7 @@ export class ChunkStore {
   readonly #prefix: string;
   readonly #queue: PQueue;
   readonly #allocated: Bitmap;
+  #fenced: Error | undefined;
 
   private constructor(options: ChunkStoreOptions, allocated: Bitmap) {
     this.superblock = options.superblock;
@@ -94,10 +95,17 @@ export class ChunkStore {
     });
   }
 
-  async #get(index: number, offsetBytes: number, lengthBytes: number): Promise<Uint8Array | undefined> {
+  async #get(
+    index: number,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Uint8Array | undefined> {
     const key = chunkKey(this.#prefix, index);
     const whole = offsetBytes === 0 && lengthBytes === this.superblock.chunkSizeBytes;
-    const got = await this.#store.get(key, whole ? undefined : { range: { offsetBytes, lengthBytes } });
+    const got = await this.#store.get(
+      key,
+      whole ? undefined : { range: { offsetBytes, lengthBytes } },
+    );
     if (got === undefined) return undefined;
     return verifyChunk(this.superblock, key, index, got, offsetBytes, lengthBytes);
   }
@@ -115,6 +123,7 @@ export class ChunkStore {
   ): Promise<void> {
     return this.#queue.add(
       async () => {
+        if (this.#fenced !== undefined) throw this.#fenced;
         const data = await produce(() => this.#get(index, 0, this.superblock.chunkSizeBytes));
         const key = chunkKey(this.#prefix, index);
         if (data === undefined) {
@@ -130,6 +139,14 @@ export class ChunkStore {
       },
       { priority: PRIORITY_WRITE },
     );
+  }
+
+  /**
+   * Refuse every upload that has not started: they fail with `reason`. Requests already sent
+   * finish. Used when the device is aborted (and, later, when it loses its lease).
+   */
+  fence(reason: Error): void {
+    this.#fenced = reason;
   }
 
   /** Wait for every queued request to finish. */

@@ -28,7 +28,8 @@ export const DEFAULT_CHUNK_SIZE_BYTES = 1024 * 1024;
 export const MIN_CHECK_BLOCK_BYTES = 4096;
 export const MAX_CHECK_BLOCKS_PER_CHUNK = 256;
 /** Chunk indexes are 16 hex digits; sizes must also stay exact in a JavaScript number. */
-export const MAX_SIZE_BYTES = Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % (64 * 1024 * 1024));
+export const MAX_SIZE_BYTES =
+  Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % (64 * 1024 * 1024));
 
 /** A volume's superblock. */
 export interface Superblock {
@@ -93,7 +94,9 @@ function isPowerOfTwo(n: number): boolean {
 
 function validateSuperblock(s: Superblock): void {
   if (!(SECTOR_SIZES as readonly number[]).includes(s.sectorSizeBytes)) {
-    throw new FormatError(`sector size ${s.sectorSizeBytes} is not one of ${SECTOR_SIZES.join(", ")}`);
+    throw new FormatError(
+      `sector size ${s.sectorSizeBytes} is not one of ${SECTOR_SIZES.join(", ")}`,
+    );
   }
   if (
     !isPowerOfTwo(s.chunkSizeBytes) ||
@@ -105,7 +108,9 @@ function validateSuperblock(s: Superblock): void {
     );
   }
   if (s.checkBlockBytes !== checkBlockBytesFor(s.chunkSizeBytes)) {
-    throw new FormatError(`check block size ${s.checkBlockBytes} does not fit chunk size ${s.chunkSizeBytes}`);
+    throw new FormatError(
+      `check block size ${s.checkBlockBytes} does not fit chunk size ${s.chunkSizeBytes}`,
+    );
   }
   if (!Number.isSafeInteger(s.sizeBytes) || s.sizeBytes <= 0 || s.sizeBytes > MAX_SIZE_BYTES) {
     throw new FormatError(`size ${s.sizeBytes} bytes is not between 1 and ${MAX_SIZE_BYTES} bytes`);
@@ -232,7 +237,10 @@ export function verifyChunk(
     );
   }
   if (got.body.byteLength !== lengthBytes) {
-    throw new ChunkCorruptError(key, `a read of ${lengthBytes} bytes returned ${got.body.byteLength}`);
+    throw new ChunkCorruptError(
+      key,
+      `a read of ${lengthBytes} bytes returned ${got.body.byteLength}`,
+    );
   }
   const table = Buffer.from(m[META_CRC], "base64");
   const blockBytes = superblock.checkBlockBytes;

@@ -46,7 +46,11 @@ function expectInvalid(result: Result<void, { kind: string }>, message: RegExp):
   expect(cause?.message).toMatch(message);
 }
 
-async function readSectors(device: BlockDevice, sector: number, sectors: number): Promise<Uint8Array> {
+async function readSectors(
+  device: BlockDevice,
+  sector: number,
+  sectors: number,
+): Promise<Uint8Array> {
   const out = new Uint8Array(sectors * 512);
   expectOk(await device.read(sector, [out]));
   return out;
@@ -105,7 +109,9 @@ describe.each(backends)("block device on $name", (backend) => {
     expectOk(await device.flush());
     expectOk(await device.disconnect());
     const again = await v.open();
-    expect(Buffer.from(await readSectors(again, SIZE_SECTORS - 1, 1)).equals(Buffer.from(data))).toBe(true);
+    expect(
+      Buffer.from(await readSectors(again, SIZE_SECTORS - 1, 1)).equals(Buffer.from(data)),
+    ).toBe(true);
     expectOk(await again.disconnect());
   });
 
@@ -125,7 +131,10 @@ describe.each(backends)("block device on $name", (backend) => {
 
     expectInvalid(await device.read(SIZE_SECTORS + 1, []), /past the end/);
     expectInvalid(await device.write(SIZE_SECTORS - 1, [new Uint8Array(1024)]), /end past the end/);
-    expectInvalid(await device.read(BigInt(SIZE_SECTORS), [new Uint8Array(512)]), /end past the end/);
+    expectInvalid(
+      await device.read(BigInt(SIZE_SECTORS), [new Uint8Array(512)]),
+      /end past the end/,
+    );
     expectInvalid(await device.write(0, [new Uint8Array(511)]), /not a whole number/);
     expectInvalid(await device.write(0, [new Uint8Array(512), new Uint8Array(513)]), /buffer 1/);
     expectInvalid(await device.read(-1, [new Uint8Array(512)]), /negative/);
@@ -135,7 +144,9 @@ describe.each(backends)("block device on $name", (backend) => {
     expectInvalid(await device.discard(0, -1), /negative/);
 
     // The refused write of two sectors at the last sector did not land in part.
-    expect(Buffer.from(await readSectors(device, SIZE_SECTORS - 1, 1)).equals(Buffer.from(last))).toBe(true);
+    expect(
+      Buffer.from(await readSectors(device, SIZE_SECTORS - 1, 1)).equals(Buffer.from(last)),
+    ).toBe(true);
     expect((await readSectors(device, 0, 2)).every((b) => b === 0)).toBe(true);
     expectOk(await device.disconnect());
   });
@@ -181,8 +192,12 @@ describe.each(backends)("block device on $name", (backend) => {
     expectOk(await device.flush());
     // Not disconnected: a second opener sees what the flush made durable.
     const other = await v.open({ readOnly: true });
-    expect(Buffer.from(await readSectors(other, 0, a.length / 512)).equals(Buffer.from(a))).toBe(true);
-    expect(Buffer.from(await readSectors(other, 9 * SECTORS_PER_CHUNK + 5, 11)).equals(Buffer.from(b))).toBe(true);
+    expect(Buffer.from(await readSectors(other, 0, a.length / 512)).equals(Buffer.from(a))).toBe(
+      true,
+    );
+    expect(
+      Buffer.from(await readSectors(other, 9 * SECTORS_PER_CHUNK + 5, 11)).equals(Buffer.from(b)),
+    ).toBe(true);
     expectOk(await other.disconnect());
     expectOk(await device.disconnect());
   });

@@ -52,7 +52,7 @@ async function findTarget(): Promise<S3Target | string> {
     });
   }
   if (!dockerAnswers()) {
-    return "S3_ENDPOINT is not set and no Docker engine answers for MinIO (start one with `eval \"$(bash infra/rgw-start.sh)\"`)";
+    return 'S3_ENDPOINT is not set and no Docker engine answers for MinIO (start one with `eval "$(bash infra/rgw-start.sh)"`)';
   }
   const { MinioContainer } = await import("@testcontainers/minio");
   const container = await new MinioContainer("minio/minio:RELEASE.2025-04-22T22-12-26Z").start();
@@ -79,9 +79,7 @@ function dockerAnswers(): boolean {
   }
 }
 
-async function prepare(
-  target: Omit<S3Target, "newVolumeUrl">,
-): Promise<S3Target> {
+async function prepare(target: Omit<S3Target, "newVolumeUrl">): Promise<S3Target> {
   const client = new S3Client({
     endpoint: target.endpoint,
     region: target.region,

@@ -4,7 +4,11 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { randomBytes } from "node:crypto";
-import { openStoreStack, type StoreStack, type StoreStackOptions } from "../../src/store/store-url.js";
+import {
+  openStoreStack,
+  type StoreStack,
+  type StoreStackOptions,
+} from "../../src/store/store-url.js";
 import { createVolume, openVolume } from "../../src/volume/volume.js";
 import type { DeviceOptions } from "../../src/device/chunked-block-device.js";
 import type { VolumeParameters } from "../../src/volume/format.js";
@@ -34,7 +38,11 @@ export function fileBackend(): Backend {
 }
 
 export function s3Backend(target: S3Target): Backend {
-  return { name: "s3", newUrl: (label) => target.newVolumeUrl(label), stackOptions: stackOptions(target) };
+  return {
+    name: "s3",
+    newUrl: (label) => target.newVolumeUrl(label),
+    stackOptions: stackOptions(target),
+  };
 }
 
 /** A volume on `backend`: its URL and a way to open it. */
@@ -65,7 +73,12 @@ export async function newTestVolume(
 }
 
 /** Deterministic bytes: each sector's content depends on `seed` and its absolute sector. */
-export function pattern(seed: number, firstSector: number, sectors: number, sectorSize = 512): Uint8Array {
+export function pattern(
+  seed: number,
+  firstSector: number,
+  sectors: number,
+  sectorSize = 512,
+): Uint8Array {
   const out = new Uint8Array(sectors * sectorSize);
   for (let s = 0; s < sectors; s++) {
     let x = (seed * 0x9e3779b1 + (firstSector + s) * 0x85ebca6b) >>> 0;
@@ -80,7 +93,11 @@ export function pattern(seed: number, firstSector: number, sectors: number, sect
 }
 
 /** Split `bytes` into buffers of the given sector counts (cycling). */
-export function splitSectors(bytes: Uint8Array, counts: readonly number[], sectorSize = 512): Uint8Array[] {
+export function splitSectors(
+  bytes: Uint8Array,
+  counts: readonly number[],
+  sectorSize = 512,
+): Uint8Array[] {
   const out: Uint8Array[] = [];
   let at = 0;
   for (let i = 0; at < bytes.length; i++) {
