@@ -1,0 +1,99 @@
+/**
+ * Request accounting: what the cache promises to cost in S3 requests, counted on the real
+ * store (every attempt counts). Runs on memory and on S3.
+ */
+
+import { describe, expect, it } from "vitest";
+import { requireS3 } from "../support/s3-target.js";
+import {
+  memoryBackend,
+  newTestVolume,
+  pattern,
+  s3Backend,
+  type Backend,
+} from "../support/volumes.js";
+
+const CHUNK = 256 * 1024;
+const CHUNKS = 12;
+const PARAMS = { sizeBytes: CHUNKS * CHUNK, chunkSizeBytes: CHUNK };
+
+const s3 = await requireS3("request accounting on S3");
+const backends: Backend[] = [memoryBackend, ...(s3 ? [s3Backend(s3)] : [])];
+
+describe.each(backends)("request accounting on $name", (backend) => {
+  it("writes N whole chunks sequentially for exactly N PUTs and no GET", async () => {
+    const volume = await newTestVolume(backend, "seq", PARAMS);
+    const stack = volume.stack();
+    const device = await volume.open({}, stack);
+    stack.counter.reset();
+    const n = 8;
+    // 64 KiB writes, in order, as a guest's sequential writer would send them.
+    for (let sector = 0; sector < (n * CHUNK) / 512; sector += 128) {
+      expect((await device.write(sector, [pattern(sector + 1, sector, 128)])).ok).toBe(true);
+    }
+    expect((await device.flush()).ok).toBe(true);
+    const counts = stack.counter.counts();
+    expect(counts.puts).toBe(n);
+    expect(counts.gets).toBe(0);
+    expect(counts.bytesOut).toBe(n * CHUNK);
+    await device.disconnect();
+  });
+
+  it("rewrites one 4 KiB block 1000 times for one upload", async () => {
+    const volume = await newTestVolume(backend, "rewrite", PARAMS);
+    const stack = volume.stack();
+    // Write-back would otherwise upload after 50 ms; the claim is about coalescing.
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    stack.counter.reset();
+    for (let i = 0; i < 1000; i++) {
+      expect((await device.write(24, [pattern(i + 1, 24, 8)])).ok).toBe(true);
+    }
+    expect((await device.flush()).ok).toBe(true);
+    const counts = stack.counter.counts();
+    expect(counts.puts).toBe(1);
+    // The chunk never had an object, so the upload's read-modify-write needs no GET.
+    expect(counts.gets).toBe(0);
+    await device.disconnect();
+    const check = await volume.open({ readOnly: true });
+    const out = new Uint8Array(8 * 512);
+    expect((await check.read(24, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(Buffer.from(pattern(1000, 24, 8)))).toBe(true);
+    await check.disconnect();
+  });
+
+  it("reads a never-written volume with no GET at all", async () => {
+    const volume = await newTestVolume(backend, "thin", PARAMS);
+    const stack = volume.stack();
+    const device = await volume.open({}, stack);
+    stack.counter.reset();
+    const out = new Uint8Array(CHUNK);
+    for (let i = 0; i < CHUNKS * 2; i++) {
+      expect((await device.read((i % CHUNKS) * (CHUNK / 512), [out])).ok).toBe(true);
+    }
+    expect(out.every((b) => b === 0)).toBe(true);
+    expect(stack.counter.counts().gets).toBe(0);
+    await device.disconnect();
+  });
+
+  it("fetches a partly written chunk once, at upload, and a cached chunk never again", async () => {
+    const volume = await newTestVolume(backend, "rmw", PARAMS);
+    const first = await volume.open();
+    expect((await first.write(0, [pattern(1, 0, CHUNK / 512)])).ok).toBe(true);
+    await first.disconnect();
+
+    const stack = volume.stack();
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    stack.counter.reset();
+    expect((await device.write(8, [pattern(2, 8, 8)])).ok).toBe(true);
+    expect(stack.counter.counts().gets).toBe(0); // acknowledged without fetching
+    expect((await device.flush()).ok).toBe(true);
+    expect(stack.counter.counts()).toMatchObject({ gets: 1, puts: 1 });
+    const out = new Uint8Array(CHUNK);
+    expect((await device.read(0, [out])).ok).toBe(true);
+    expect(stack.counter.counts().gets).toBe(1);
+    const expected = Buffer.from(pattern(1, 0, CHUNK / 512));
+    Buffer.from(pattern(2, 8, 8)).copy(expected, 8 * 512);
+    expect(Buffer.from(out).equals(expected)).toBe(true);
+    await device.disconnect();
+  });
+});

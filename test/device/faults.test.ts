@@ -1,0 +1,209 @@
+/**
+ * Backpressure, retries and integrity, on the in-memory store with fault and delay layers.
+ */
+
+import { describe, expect, it } from "vitest";
+import { ChunkCorruptError } from "../../src/volume/format.js";
+import { FaultStore } from "../../src/store/fault-store.js";
+import type { ObjectStore } from "../../src/store/object-store.js";
+import { MemoryStore } from "../../src/store/memory-store.js";
+import {
+  chunkKey,
+  superblockKey,
+  encodeSuperblock,
+  newSuperblock,
+} from "../../src/volume/format.js";
+import { memoryBackend, newTestVolume, pattern } from "../support/volumes.js";
+import { openVolume } from "../../src/volume/volume.js";
+
+const CHUNK = 64 * 1024;
+const PARAMS = { sizeBytes: 256 * CHUNK, chunkSizeBytes: CHUNK };
+
+/** A store whose PUTs take a while, so that write-back falls behind a writer. */
+function slowPuts(inner: ObjectStore, ms: number): ObjectStore {
+  return new Proxy(inner, {
+    get(target, prop, receiver) {
+      if (prop === "put") {
+        return async (...args: Parameters<ObjectStore["put"]>) => {
+          await new Promise((r) => setTimeout(r, ms));
+          return target.put(...args);
+        };
+      }
+      const value = Reflect.get(target, prop, receiver);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}
+
+describe("backpressure", () => {
+  it("completes a burst 32x the dirty bound without ever passing the bound", async () => {
+    const volume = await newTestVolume(memoryBackend, "burst", PARAMS);
+    const maxDirtyBytes = 4 * CHUNK;
+    const device = await volume.open(
+      { maxDirtyBytes, concurrency: 2 },
+      volume.stack({ wrap: (s) => slowPuts(s, 2) }),
+    );
+    const sectors = (128 * CHUNK) / 512;
+    // Many writers at once, as a queue-depth-16 guest would.
+    const writers = Array.from({ length: 16 }, async (_, w) => {
+      for (let sector = w * 128; sector < sectors; sector += 16 * 128) {
+        expect((await device.write(sector, [pattern(sector + 1, sector, 128)])).ok).toBe(true);
+      }
+    });
+    await Promise.all(writers);
+    const stats = device.cacheStats();
+    expect(stats.backpressureWaits).toBeGreaterThan(0);
+    expect(stats.peakDirtyBytes).toBeLessThanOrEqual(maxDirtyBytes);
+    expect((await device.disconnect()).ok).toBe(true);
+
+    const check = await volume.open({ readOnly: true });
+    const out = new Uint8Array(128 * 512);
+    for (let sector = 0; sector < sectors; sector += 128) {
+      expect((await check.read(sector, [out])).ok).toBe(true);
+      expect(Buffer.from(out).equals(Buffer.from(pattern(sector + 1, sector, 128)))).toBe(true);
+    }
+    await check.disconnect();
+  });
+});
+
+describe("retries", () => {
+  it("rides through transient failures invisibly", async () => {
+    const volume = await newTestVolume(memoryBackend, "transient", PARAMS);
+    let fault: FaultStore | undefined;
+    const stack = volume.stack({ wrap: (s) => (fault = new FaultStore(s)) });
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    fault?.inject({ operations: ["put"], times: 3 });
+    fault?.inject({ operations: ["get"], times: 2 });
+    expect((await device.write(0, [pattern(1, 0, 256)])).ok).toBe(true);
+    expect((await device.flush()).ok).toBe(true);
+    // Three attempts failed in the fault layer; then each of the two chunks reached the store.
+    expect(fault?.injected).toBe(3);
+    expect(stack.counter.counts().puts).toBe(2);
+    await device.disconnect();
+
+    const again = await volume.open({}, volume.stack({ wrap: (s) => (fault = new FaultStore(s)) }));
+    fault?.inject({ operations: ["get"], times: 2 });
+    const out = new Uint8Array(256 * 512);
+    expect((await again.read(0, [out])).ok).toBe(true);
+    expect(fault?.injected).toBe(2);
+    expect(Buffer.from(out).equals(Buffer.from(pattern(1, 0, 256)))).toBe(true);
+    await again.disconnect();
+  });
+
+  it("keeps data dirty when retries are exhausted, and a later flush lands it", async () => {
+    const volume = await newTestVolume(memoryBackend, "outage", PARAMS);
+    let fault: FaultStore | undefined;
+    const stack = volume.stack({
+      wrap: (s) => (fault = new FaultStore(s)),
+      retry: { maxAttempts: 3, baseDelayMs: 1 },
+    });
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    const data = pattern(2, 100, 300);
+    expect((await device.write(100, [data])).ok).toBe(true);
+    fault?.outage();
+    const failed = await device.flush();
+    expect(failed.ok).toBe(false);
+    if (!failed.ok) {
+      expect(failed.error.kind).toBe("Io");
+      expect(String((failed.error as { cause: Error }).cause.message)).toMatch(
+        /gave up after 3 attempts/,
+      );
+    }
+    // Four chunks, three attempts each, none reached the store.
+    expect(fault?.injected).toBe(12);
+    expect(stack.counter.counts().puts).toBe(0);
+    expect(device.cacheStats().dirtyBytes).toBeGreaterThan(0);
+    // Reads of the dirty data still work during the outage.
+    const out = new Uint8Array(data.length);
+    expect((await device.read(100, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
+
+    fault?.heal();
+    expect((await device.flush()).ok).toBe(true);
+    expect(device.cacheStats().dirtyBytes).toBe(0);
+    await device.disconnect();
+    const again = await volume.open();
+    expect((await again.read(100, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
+    await again.disconnect();
+  });
+
+  it("does not retry a permanent failure", async () => {
+    const volume = await newTestVolume(memoryBackend, "permanent", PARAMS);
+    let fault: FaultStore | undefined;
+    const stack = volume.stack({ wrap: (s) => (fault = new FaultStore(s)) });
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    fault?.inject({ operations: ["put"], code: "AccessDenied" });
+    expect((await device.write(0, [pattern(3, 0, 1)])).ok).toBe(true);
+    expect((await device.flush()).ok).toBe(false);
+    expect(fault?.injected).toBe(1);
+    await device.abort();
+  });
+});
+
+describe("integrity", () => {
+  async function storedVolume() {
+    const store = new MemoryStore();
+    const superblock = newSuperblock(PARAMS);
+    await store.put(superblockKey(""), encodeSuperblock(superblock));
+    const writer = await openVolume(store, "");
+    expect((await writer.write(0, [pattern(4, 0, (3 * CHUNK) / 512)])).ok).toBe(true);
+    await writer.disconnect();
+    return store;
+  }
+
+  async function readError(store: MemoryStore, sector: number, sectors = 8): Promise<Error> {
+    const device = await openVolume(store, "", { wholeChunkReadBytes: CHUNK });
+    const result = await device.read(sector, [new Uint8Array(sectors * 512)]);
+    await device.disconnect();
+    expect(result.ok).toBe(false);
+    if (result.ok || result.error.kind !== "Io") throw new Error("expected an I/O error");
+    return result.error.cause;
+  }
+
+  it("reports a flipped bit as an I/O error naming the chunk", async () => {
+    const store = await storedVolume();
+    store.corrupt(chunkKey("", 1), (b) => {
+      b[5000] = (b[5000] ?? 0) ^ 0x10;
+      return b;
+    });
+    const cause = await readError(store, (CHUNK + 4096) / 512);
+    expect(cause).toBeInstanceOf(ChunkCorruptError);
+    expect(cause.message).toMatch(
+      /chunks\/0000000000000001.*checksum mismatch in bytes 4096\.\.8192/,
+    );
+    // The untouched chunks still read.
+    const device = await openVolume(store, "");
+    expect((await device.read(0, [new Uint8Array(CHUNK)])).ok).toBe(true);
+    await device.disconnect();
+  });
+
+  it("reports a truncated object", async () => {
+    const store = await storedVolume();
+    store.corrupt(chunkKey("", 0), (b) => b.subarray(0, 1000));
+    expect((await readError(store, 0)).message).toMatch(/truncated/);
+  });
+
+  it("reports an object copied under another chunk's key", async () => {
+    const store = await storedVolume();
+    const other = await store.get(chunkKey("", 0));
+    if (other === undefined) throw new Error("missing chunk");
+    await store.put(chunkKey("", 2), other.body, { metadata: other.metadata });
+    expect((await readError(store, (2 * CHUNK) / 512)).message).toMatch(/wrong key/);
+  });
+
+  it("reports a foreign object under a chunk key", async () => {
+    const store = await storedVolume();
+    await store.put(chunkKey("", 1), new Uint8Array(CHUNK).fill(7));
+    expect((await readError(store, CHUNK / 512)).message).toMatch(/no s3blk metadata/);
+  });
+
+  it("refuses a superblock of a newer format, naming the version", async () => {
+    const store = new MemoryStore();
+    const superblock = { ...newSuperblock(PARAMS), formatVersion: 2 };
+    await store.put(superblockKey(""), encodeSuperblock(superblock));
+    await expect(openVolume(store, "")).rejects.toThrow(
+      /format version 2.*reads version 1 only \(upgrade s3blk\)/,
+    );
+  });
+});
