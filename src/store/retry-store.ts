@@ -102,7 +102,7 @@ export class RetryStore implements ObjectStore {
         if (n >= this.policy.maxAttempts || elapsedMs + delayMs > this.policy.budgetMs) {
           throw new StoreError(
             "Transient",
-            `${error.message} (gave up after ${n} attempts in ${elapsedMs} ms)`,
+            `${error.message} (gave up after ${n} attempts in ${Math.round(elapsedMs)} ms)`,
             { cause: error },
           );
         }

@@ -278,7 +278,13 @@ function translateError(error: unknown, what: string): StoreError {
   const name = (error as Error | undefined)?.name ?? "";
   const code = (error as NodeJS.ErrnoException | undefined)?.code ?? "";
   const status = statusOf(error);
-  const detail = (error as Error | undefined)?.message || name || String(error);
+  const rawMessage = (error as Error | undefined)?.message ?? "";
+  const detail =
+    rawMessage === "" || rawMessage === "UnknownError" || rawMessage === name
+      ? name || String(error)
+      : name === "" || name === "Error" || rawMessage.includes(name)
+        ? rawMessage
+        : `${name}: ${rawMessage}`;
   const message = `${what}: ${status === undefined ? "" : `HTTP ${status} `}${detail}`;
   if (status === 412 || name === "PreconditionFailed") {
     return new StoreError("PreconditionFailed", message, { cause: error });

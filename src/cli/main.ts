@@ -1,0 +1,230 @@
+#!/usr/bin/env node
+/**
+ * The `s3blk` command line. Each command is a small function over the library; this module only
+ * parses arguments and turns failures into one clear line and a non-zero exit code. A stack trace
+ * is printed only for a bug (an error we did not expect).
+ */
+
+import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
+import { createInterface } from "node:readline/promises";
+import { ppWriteError } from "../block/block-device.js";
+import { StoreError } from "../store/object-store.js";
+import { openStoreStack, StoreUrlError, type StoreStackOptions } from "../store/store-url.js";
+import { FormatError } from "../volume/format.js";
+import {
+  createVolume,
+  deleteVolume,
+  describeVolume,
+  openVolume,
+  VolumeError,
+} from "../volume/volume.js";
+import { formatSize, parseSize } from "./sizes.js";
+
+/** The AWS SDK warns on every start under Node 20, which we support on purpose. */
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
+
+/** A mistake of the user's: printed as one line, exit code 1. */
+export class UserError extends Error {
+  override readonly name = "UserError";
+}
+
+/** Where `npm start` keeps its volume. */
+export const DEFAULT_LOCAL_VOLUME = ".s3blk/volumes/default";
+
+interface GlobalOptions {
+  endpoint?: string;
+}
+
+function sizeOption(value: string): number {
+  const bytes = parseSize(value);
+  if (bytes instanceof Error) throw new InvalidArgumentError(bytes.message);
+  return bytes;
+}
+
+function stackFor(url: string, program: Command) {
+  const { endpoint } = program.opts<GlobalOptions>();
+  const options: StoreStackOptions = endpoint === undefined ? {} : { endpoint };
+  return openStoreStack(url, options);
+}
+
+export function buildProgram(out: (line: string) => void = console.log): Command {
+  const program = new Command("s3blk")
+    .description("A virtual block device whose sectors live in S3-compatible object storage.")
+    .option(
+      "--endpoint <url>",
+      "S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)",
+    )
+    .exitOverride()
+    .showHelpAfterError("(run with --help for usage)")
+    .configureOutput({
+      outputError: (text, write) => write(`s3blk: ${text.replace(/^error: /, "")}`),
+    });
+
+  program
+    .command("create")
+    .description("Create a volume: s3://bucket/prefix, file:///path, or a local directory path")
+    .argument("<url>", "where the volume lives")
+    .requiredOption("--size <size>", "size, with K/M/G/T suffixes (binary)", sizeOption)
+    .addOption(
+      new Option("--chunk-size <size>", "bytes per chunk object, a power of two from 64K to 64M")
+        .argParser(sizeOption)
+        .default(1024 * 1024, "1M"),
+    )
+    .addOption(
+      new Option("--sector-size <bytes>", "512 or 4096").argParser(sizeOption).default(512),
+    )
+    .action(
+      async (url: string, options: { size: number; chunkSize: number; sectorSize: number }) => {
+        const stack = stackFor(url, program);
+        try {
+          const superblock = await createVolume(stack.store, stack.prefix, {
+            sizeBytes: options.size,
+            chunkSizeBytes: options.chunkSize,
+            sectorSizeBytes: options.sectorSize,
+          });
+          out(
+            `created ${stack.url}: ${formatSize(superblock.sizeBytes)}, ` +
+              `${superblock.sectorSizeBytes}-byte sectors, ${formatSize(superblock.chunkSizeBytes)} chunks, ` +
+              `volume id ${superblock.volumeId}`,
+          );
+        } finally {
+          await stack.store.close();
+        }
+      },
+    );
+
+  program
+    .command("info")
+    .description("Show a volume's parameters and how much of it is stored")
+    .argument("<url>", "the volume")
+    .option("--json", "print JSON")
+    .action(async (url: string, options: { json?: boolean }) => {
+      const stack = stackFor(url, program);
+      try {
+        const { superblock, storedChunks, storedBytes } = await describeVolume(
+          stack.store,
+          stack.prefix,
+        );
+        if (options.json) {
+          out(
+            JSON.stringify({ url: stack.url, ...superblock, storedChunks, storedBytes }, null, 2),
+          );
+          return;
+        }
+        const chunks = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
+        out(`volume        ${stack.url}`);
+        out(`id            ${superblock.volumeId}`);
+        out(`format        ${superblock.format} v${superblock.formatVersion}`);
+        out(`size          ${formatSize(superblock.sizeBytes)} (${superblock.sizeBytes} bytes)`);
+        out(`sector size   ${superblock.sectorSizeBytes} bytes`);
+        out(`chunk size    ${formatSize(superblock.chunkSizeBytes)}`);
+        out(`stored        ${storedChunks} of ${chunks} chunks, ${formatSize(storedBytes)}`);
+        out(`created       ${superblock.createdAt}`);
+      } finally {
+        await stack.store.close();
+      }
+    });
+
+  program
+    .command("delete")
+    .description("Delete a volume and every chunk it stores")
+    .argument("<url>", "the volume")
+    .option("-y, --yes", "do not ask for confirmation")
+    .action(async (url: string, options: { yes?: boolean }) => {
+      const stack = stackFor(url, program);
+      try {
+        if (!options.yes) {
+          if (!process.stdin.isTTY) {
+            throw new UserError(`refusing to delete ${stack.url} without --yes`);
+          }
+          const rl = createInterface({ input: process.stdin, output: process.stdout });
+          const answer = await rl.question(`delete ${stack.url} and all its data? [y/N] `);
+          rl.close();
+          if (!/^y(es)?$/i.test(answer.trim())) throw new UserError("not deleted");
+        }
+        const objects = await deleteVolume(stack.store, stack.prefix);
+        out(`deleted ${stack.url} (${objects} object${objects === 1 ? "" : "s"})`);
+      } finally {
+        await stack.store.close();
+      }
+    });
+
+  program
+    .command("demo")
+    .description("Create a local volume if needed, write and read it back, and show it")
+    .argument("[url]", "the volume", DEFAULT_LOCAL_VOLUME)
+    .action(async (url: string) => {
+      const stack = stackFor(url, program);
+      try {
+        await createVolume(stack.store, stack.prefix, { sizeBytes: 1024 ** 3 }).then(
+          () => out(`created ${stack.url} (1 GiB)`),
+          (error: unknown) => {
+            if (!(error instanceof VolumeError)) throw error;
+          },
+        );
+        const device = await openVolume(stack.store, stack.prefix);
+        const message = Buffer.alloc(4096);
+        message.write(`hello from s3blk at ${new Date().toISOString()}\n`);
+        const written = await device.write(2048, [message], { fua: true });
+        if (!written.ok) throw new UserError(ppWriteError(written.error));
+        const back = Buffer.alloc(4096);
+        const read = await device.read(2048, [back]);
+        if (!read.ok) throw new UserError(ppWriteError(read.error));
+        const closed = await device.disconnect();
+        if (!closed.ok) throw new UserError(ppWriteError(closed.error));
+        out(`wrote and read back sector 2048: ${back.toString("utf8").replace(/\0+$/, "").trim()}`);
+        out(`stored chunks: ${(await describeVolume(stack.store, stack.prefix)).storedChunks}`);
+        out(`next: s3blk info ${url}`);
+      } finally {
+        await stack.store.close();
+      }
+    });
+
+  return program;
+}
+
+/** One line for an expected failure, or undefined for a bug. */
+export function describeFailure(error: unknown): string | undefined {
+  if (error instanceof StoreError) {
+    const hint =
+      error.code === "NoSuchBucket"
+        ? " (create the bucket first)"
+        : error.code === "AccessDenied"
+          ? " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+          : "";
+    return `${error.message}${hint}`;
+  }
+  if (
+    error instanceof UserError ||
+    error instanceof VolumeError ||
+    error instanceof FormatError ||
+    error instanceof StoreUrlError
+  ) {
+    return error.message;
+  }
+  return undefined;
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync([...argv], { from: "user" });
+    return 0;
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      return error.exitCode === 0 ? 0 : 2;
+    }
+    const line = describeFailure(error);
+    if (line === undefined) {
+      console.error("s3blk: internal error (a bug; please report it):");
+      console.error(error);
+      return 70;
+    }
+    console.error(`s3blk: ${line}`);
+    return 1;
+  }
+}
+
+if (import.meta.url === `file://${process.argv[1]}` || process.argv[1]?.endsWith("/s3blk")) {
+  process.exitCode = await main(process.argv.slice(2));
+}

@@ -1,0 +1,138 @@
+/**
+ * The CLI as a user meets it: the built `s3blk` run as a process. Errors must be one line on
+ * stderr with a non-zero exit code, never a stack trace.
+ */
+
+import { execFile } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import { describe, expect, it } from "vitest";
+import { parseSize } from "../../src/cli/sizes.js";
+import { requireS3 } from "../support/s3-target.js";
+
+const CLI = path.resolve("dist/cli/main.js");
+const run = promisify(execFile);
+
+async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}) {
+  try {
+    const { stdout, stderr } = await run("node", [CLI, ...args], {
+      cwd: work,
+      env: { ...process.env, ...env },
+    });
+    return { code: 0, stdout, stderr };
+  } catch (error) {
+    const e = error as { code: number; stdout: string; stderr: string };
+    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+  }
+}
+
+const work = mkdtempSync(path.join(tmpdir(), "s3blk-cli-"));
+
+function expectOneLineError(result: { code: number; stderr: string }, pattern: RegExp, code = 1) {
+  expect(result.code).toBe(code);
+  const lines = result.stderr.trim().split("\n");
+  expect(lines[0]).toMatch(/^s3blk: /);
+  expect(lines[0]).toMatch(pattern);
+  expect(result.stderr).not.toMatch(/\n\s+at /); // no stack trace
+}
+
+describe("sizes", () => {
+  it("parses binary suffixes and rejects junk", () => {
+    expect(parseSize("10G")).toBe(10 * 1024 ** 3);
+    expect(parseSize("512")).toBe(512);
+    expect(parseSize("4KiB")).toBe(4096);
+    expect(parseSize("1.5T")).toBe(1.5 * 1024 ** 4);
+    expect(parseSize("64m")).toBe(64 * 1024 ** 2);
+    expect(parseSize("10X")).toBeInstanceOf(Error);
+    expect(parseSize("0.3K")).toBeInstanceOf(Error);
+    expect(parseSize("")).toBeInstanceOf(Error);
+  });
+});
+
+describe("s3blk on a local directory", () => {
+  it("creates, describes and deletes a volume", async () => {
+    const created = await s3blk(["create", "vol", "--size", "2G", "--chunk-size", "4M"]);
+    expect(created.code).toBe(0);
+    expect(created.stdout).toMatch(
+      /created file:\/\/.*\/vol: 2 GiB, 512-byte sectors, 4 MiB chunks/,
+    );
+    const info = await s3blk(["info", "vol", "--json"]);
+    expect(info.code).toBe(0);
+    expect(JSON.parse(info.stdout)).toMatchObject({
+      sizeBytes: 2 * 1024 ** 3,
+      chunkSizeBytes: 4 * 1024 ** 2,
+      sectorSizeBytes: 512,
+      formatVersion: 1,
+      storedChunks: 0,
+    });
+    expectOneLineError(await s3blk(["create", "vol", "--size", "1G"]), /already exists/);
+    expectOneLineError(await s3blk(["delete", "vol"]), /without --yes/);
+    expect((await s3blk(["delete", "--yes", "vol"])).stdout).toMatch(/deleted .*vol \(1 object\)/);
+    expectOneLineError(await s3blk(["info", "vol"]), /no volume at/);
+  });
+
+  it("runs the demo twice on the default volume", async () => {
+    const first = await s3blk(["demo"]);
+    expect(first.code).toBe(0);
+    expect(first.stdout).toMatch(/created .*\.s3blk\/volumes\/default \(1 GiB\)/);
+    expect(first.stdout).toMatch(/wrote and read back sector 2048: hello from s3blk/);
+    const second = await s3blk(["demo"]);
+    expect(second.stdout).not.toMatch(/created/);
+    expect(second.stdout).toMatch(/stored chunks: 1/);
+  });
+
+  it("answers bad input with one clear line", async () => {
+    expectOneLineError(await s3blk(["create", "x", "--size", "10X"]), /"10X" is not a size/, 2);
+    expectOneLineError(await s3blk(["create", "x"]), /--size/, 2);
+    expectOneLineError(
+      await s3blk(["create", "x", "--size", "1000"]),
+      /not a multiple of the 512-byte sector size/,
+    );
+    expectOneLineError(
+      await s3blk(["create", "x", "--size", "1G", "--chunk-size", "3M"]),
+      /chunk size 3145728 is not a power of two/,
+    );
+    expectOneLineError(
+      await s3blk(["create", "x", "--size", "1G", "--sector-size", "1024"]),
+      /sector size 1024/,
+    );
+    expectOneLineError(await s3blk(["info", "bogus://x"]), /unknown scheme "bogus"/);
+    expectOneLineError(await s3blk(["info", "file://relative"]), /absolute path/);
+    expectOneLineError(await s3blk(["frobnicate"]), /unknown command/, 2);
+  });
+});
+
+const s3 = await requireS3("CLI against S3");
+
+describe.skipIf(s3 === undefined)("s3blk against S3", () => {
+  const env = () => ({
+    AWS_ENDPOINT_URL: s3?.endpoint,
+    AWS_ACCESS_KEY_ID: s3?.credentials.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: s3?.credentials.secretAccessKey,
+    AWS_REGION: s3?.region,
+  });
+
+  it("creates, describes and deletes a volume in a bucket", async () => {
+    const url = s3?.newVolumeUrl("cli") ?? "";
+    expect((await s3blk(["create", url, "--size", "1G"], env())).code).toBe(0);
+    expect((await s3blk(["demo", url], env())).stdout).toMatch(/stored chunks: 1/);
+    expect((await s3blk(["info", url], env())).stdout).toMatch(/stored\s+1 of 1024 chunks, 1 MiB/);
+    expect((await s3blk(["delete", "-y", url], env())).stdout).toMatch(/\(2 objects\)/);
+  });
+
+  it("names a missing bucket and wrong credentials in one line", async () => {
+    expectOneLineError(
+      await s3blk(["create", "s3://no-such-bucket-s3blk/v", "--size", "1G"], env()),
+      /NoSuchBucket \(create the bucket first\)/,
+    );
+    expectOneLineError(
+      await s3blk(["info", s3?.newVolumeUrl("creds") ?? ""], {
+        ...env(),
+        AWS_SECRET_ACCESS_KEY: "wrong",
+      }),
+      /HTTP 403 .*check AWS_ACCESS_KEY_ID/,
+    );
+  });
+});
