@@ -1,0 +1,152 @@
+/**
+ * The ObjectStore contract, on every implementation: memory, local directory, and S3 on a real
+ * server (RGW in CI), including the conditional PUTs that leases will need.
+ */
+
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { FileStore } from "../../src/store/file-store.js";
+import { MemoryStore } from "../../src/store/memory-store.js";
+import {
+  deletePrefix,
+  listAll,
+  StoreError,
+  type ObjectStore,
+} from "../../src/store/object-store.js";
+import { S3Store } from "../../src/store/s3-store.js";
+import { requireS3 } from "../support/s3-target.js";
+
+const s3 = await requireS3("object store contract on S3");
+
+interface Subject {
+  name: string;
+  make(): { store: ObjectStore; prefix: string };
+}
+
+let n = 0;
+const subjects: Subject[] = [
+  { name: "memory", make: () => ({ store: new MemoryStore(), prefix: "p" }) },
+  {
+    name: "file",
+    make: () => ({
+      store: new FileStore(mkdtempSync(path.join(tmpdir(), "s3blk-store-"))),
+      prefix: "p",
+    }),
+  },
+  ...(s3 === undefined
+    ? []
+    : [
+        {
+          name: "s3",
+          make: () => ({
+            store: new S3Store({
+              bucket: s3.bucket,
+              endpoint: s3.endpoint,
+              region: s3.region,
+              credentials: s3.credentials,
+            }),
+            prefix: s3.newVolumeUrl(`store${n++}`).replace(`s3://${s3.bucket}/`, ""),
+          }),
+        },
+      ]),
+];
+
+const bytes = (text: string) => new Uint8Array(Buffer.from(text));
+const text = (b: Uint8Array | undefined) =>
+  b === undefined ? undefined : Buffer.from(b).toString();
+
+async function rejectsWith(promise: Promise<unknown>, code: StoreError["code"]) {
+  const error = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(error).toBeInstanceOf(StoreError);
+  expect((error as StoreError).code).toBe(code);
+}
+
+describe.each(subjects)("object store: $name", (subject) => {
+  it("puts, gets whole and ranged, with metadata, and misses cleanly", async () => {
+    const { store, prefix } = subject.make();
+    const key = `${prefix}/a/obj`;
+    expect(await store.get(key)).toBeUndefined();
+    await store.put(key, bytes("0123456789"), { metadata: { "s3blk-x": "abc" } });
+    const whole = await store.get(key);
+    expect(text(whole?.body)).toBe("0123456789");
+    expect(whole?.metadata["s3blk-x"]).toBe("abc");
+    expect(whole?.objectSizeBytes).toBe(10);
+    const part = await store.get(key, { range: { offsetBytes: 3, lengthBytes: 4 } });
+    expect(text(part?.body)).toBe("3456");
+    expect(part?.objectSizeBytes).toBe(10);
+    expect(part?.metadata["s3blk-x"]).toBe("abc");
+    const tail = await store.get(key, { range: { offsetBytes: 8, lengthBytes: 10 } });
+    expect(text(tail?.body)).toBe("89");
+    await store.close();
+  });
+
+  it("honours If-None-Match: * and If-Match with an unquoted entity tag", async () => {
+    const { store, prefix } = subject.make();
+    const key = `${prefix}/lease`;
+    const first = await store.put(key, bytes("one"), { ifNoneMatch: "*" });
+    expect(first.etag).not.toMatch(/"/);
+    await rejectsWith(store.put(key, bytes("two"), { ifNoneMatch: "*" }), "PreconditionFailed");
+    await rejectsWith(
+      store.put(key, bytes("two"), { ifMatch: "0123456789abcdef0123456789abcdef" }),
+      "PreconditionFailed",
+    );
+    const second = await store.put(key, bytes("three"), { ifMatch: first.etag });
+    expect(second.etag).not.toBe(first.etag);
+    await rejectsWith(store.put(key, bytes("four"), { ifMatch: first.etag }), "PreconditionFailed");
+    expect(text((await store.get(key))?.body)).toBe("three");
+    await store.close();
+  });
+
+  it("lists in key order, deletes one and many, and deleting a missing key succeeds", async () => {
+    const { store, prefix } = subject.make();
+    const keys = ["c", "a", "b/x", "b/y", "d"].map((k) => `${prefix}/l/${k}`);
+    for (const key of keys) await store.put(key, bytes(key));
+    await store.put(`${prefix}/other`, bytes("x"));
+    const listed: string[] = [];
+    for await (const entry of listAll(store, `${prefix}/l/`)) listed.push(entry.key);
+    expect(listed).toEqual([...keys].sort());
+    await store.delete(`${prefix}/l/a`);
+    await store.delete(`${prefix}/l/never-was`);
+    await store.deleteMany([`${prefix}/l/b/x`, `${prefix}/l/b/y`, `${prefix}/l/missing`]);
+    const left: string[] = [];
+    for await (const entry of listAll(store, `${prefix}/l/`)) left.push(entry.key);
+    expect(left).toEqual([`${prefix}/l/c`, `${prefix}/l/d`]);
+    expect(await deletePrefix(store, `${prefix}/`)).toBe(3);
+    expect(await store.get(`${prefix}/other`)).toBeUndefined();
+    await store.close();
+  });
+});
+
+describe("file store", () => {
+  it("never shows a temporary file as an object", async () => {
+    const root = mkdtempSync(path.join(tmpdir(), "s3blk-store-"));
+    const store = new FileStore(root);
+    await Promise.all(
+      Array.from({ length: 20 }, (_, i) => store.put(`v/k${i % 3}`, bytes(`value ${i}`))),
+    );
+    const keys: string[] = [];
+    for await (const entry of listAll(store, "v/")) keys.push(entry.key);
+    expect(keys).toEqual(["v/k0", "v/k1", "v/k2"]);
+  });
+
+  it("lets exactly one of many concurrent create-only PUTs win", async () => {
+    const store = new FileStore(mkdtempSync(path.join(tmpdir(), "s3blk-store-")));
+    const results = await Promise.allSettled(
+      Array.from({ length: 10 }, (_, i) =>
+        store.put("lease", bytes(`holder ${i}`), { ifNoneMatch: "*" }),
+      ),
+    );
+    expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+  });
+
+  it("refuses keys that would escape its root", async () => {
+    const store = new FileStore(mkdtempSync(path.join(tmpdir(), "s3blk-store-")));
+    await rejectsWith(store.put("../escape", bytes("x")), "Permanent");
+    await rejectsWith(store.put("a//b", bytes("x")), "Permanent");
+  });
+});
