@@ -68,6 +68,13 @@ export class WritebackError extends Error {
   override readonly name = "WritebackError";
 }
 
+/** A run of bytes that either holds data or certainly reads as zeros. */
+export interface Extent {
+  readonly offsetBytes: number;
+  lengthBytes: number;
+  readonly allocated: boolean;
+}
+
 /** Figures for tests and the benchmark. */
 export interface CacheStats {
   dirtyBytes: number;
@@ -228,6 +235,45 @@ export class PageCache {
       // A failed readahead is forgotten: the page stays unfilled and a real read retries.
       this.#fillWhole(this.#newCleanPage(i)).catch(() => {});
     }
+  }
+
+  /**
+   * Load the chunks overlapping `[offsetBytes, +lengthBytes)` into the cache, whole, without
+   * copying them anywhere: NBD_CMD_CACHE.
+   */
+  async prefetch(offsetBytes: number, lengthBytes: number): Promise<void> {
+    const first = Math.floor(offsetBytes / this.chunkSizeBytes);
+    const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / this.chunkSizeBytes);
+    const loads: Promise<void>[] = [];
+    for (let index = first; index <= last; index++) {
+      const page = this.#lookup(index);
+      if (page === undefined && !this.#chunks.isAllocated(index)) continue;
+      const target = page ?? this.#newCleanPage(index);
+      if (!target.fullyValid) loads.push(this.#load(target, 0, this.chunkSizeBytes, true));
+    }
+    await Promise.all(loads);
+  }
+
+  /**
+   * Which parts of `[offsetBytes, +lengthBytes)` hold data, in runs: `allocated: false` means
+   * the range certainly reads as zeros (no object and no page with data). Chunk-granular.
+   */
+  allocationMap(offsetBytes: number, lengthBytes: number): Extent[] {
+    const extents: Extent[] = [];
+    const end = offsetBytes + lengthBytes;
+    let at = offsetBytes;
+    while (at < end) {
+      const index = Math.floor(at / this.chunkSizeBytes);
+      const next = Math.min(end, (index + 1) * this.chunkSizeBytes);
+      const page = this.#dirty.get(index) ?? this.#clean.peek(index);
+      const allocated =
+        page !== undefined && page.isDirty ? !page.isAllZero : this.#chunks.isAllocated(index);
+      const last = extents.at(-1);
+      if (last !== undefined && last.allocated === allocated) last.lengthBytes += next - at;
+      else extents.push({ offsetBytes: at, lengthBytes: next - at, allocated });
+      at = next;
+    }
+    return extents;
   }
 
   // ---- writes ------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ export class Page {
     return this.#validCount === this.#valid.length;
   }
 
+  /** True when the page is known to be all zeros without looking at its bytes. */
+  get isAllZero(): boolean {
+    return this.#zero;
+  }
+
   get isDirty(): boolean {
     return this.state !== "clean";
   }

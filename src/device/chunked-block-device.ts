@@ -26,7 +26,7 @@ import {
   InvalidArgumentError,
 } from "../block/block-device.js";
 import { checkRange, checkRequest } from "../block/validate.js";
-import { PageCache, type CacheStats } from "../cache/page-cache.js";
+import { PageCache, type CacheStats, type Extent } from "../cache/page-cache.js";
 import type { ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { ChunkStore } from "../volume/chunk-store.js";
@@ -174,6 +174,25 @@ export class ChunkedBlockDevice implements BlockDevice {
     await this.#chunks.drain();
     await this.#store.close();
     return { lostDirtyBytes };
+  }
+
+  /** Warm the cache with the chunks under `sectors` sectors from `sectorStart`. */
+  prefetch(sectorStart: Sector, sectors: Sector): Promise<Result<void, BlockError>> {
+    return this.#run<BlockError>(false, async () => {
+      const range = checkRange(this.#info, sectorStart, sectors);
+      if (range instanceof InvalidArgumentError) return err(ioError(range));
+      await this.#cache.prefetch(range.offsetBytes, range.lengthBytes);
+      return ok;
+    });
+  }
+
+  /**
+   * Which bytes of `[offsetBytes, +lengthBytes)` hold data: runs of `allocated: true`, or
+   * `false` where the range certainly reads as zeros. Chunk-granular. The range must be inside
+   * the device.
+   */
+  allocationMap(offsetBytes: number, lengthBytes: number): Extent[] {
+    return this.#cache.allocationMap(offsetBytes, lengthBytes);
   }
 
   /** Whether chunk `index` may have an object: false means it reads as zeros. */
