@@ -16,9 +16,13 @@ import {
   deleteVolume,
   describeVolume,
   openVolume,
+  readSuperblock,
   VolumeError,
 } from "../volume/volume.js";
 import { formatSize, parseSize } from "./sizes.js";
+import { progressBar } from "./progress.js";
+import { exportVolume, importFile, TransferError } from "../transfer/import-export.js";
+import { stat } from "node:fs/promises";
 
 /** The AWS SDK warns on every start under Node 20, which we support on purpose. */
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
@@ -150,6 +154,74 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     });
 
   program
+    .command("import")
+    .description("Copy a raw image file into a volume (created to fit if it does not exist)")
+    .argument("<file>", "the image file")
+    .argument("<url>", "the volume")
+    .addOption(
+      new Option("--chunk-size <size>", "chunk size, if the volume is created")
+        .argParser(sizeOption)
+        .default(1024 * 1024, "1M"),
+    )
+    .action(async (file: string, url: string, options: { chunkSize: number }) => {
+      const stack = stackFor(url, program);
+      try {
+        let created = false;
+        try {
+          await readSuperblock(stack.store, stack.prefix);
+        } catch (error) {
+          if (!(error instanceof VolumeError)) throw error;
+          const fileBytes = await fileSize(file);
+          await createVolume(stack.store, stack.prefix, {
+            sizeBytes: Math.max(512, Math.ceil(fileBytes / 512) * 512),
+            chunkSizeBytes: options.chunkSize,
+          });
+          created = true;
+          out(`created ${stack.url} (${formatSize(fileBytes)})`);
+        }
+        const device = await openVolume(stack.store, stack.prefix);
+        const bar = progressBar("import");
+        try {
+          const result = await importFile(file, device, created, { onProgress: bar.update });
+          bar.done();
+          out(
+            `imported ${file} into ${stack.url}: ${formatSize(result.totalBytes)}, ` +
+              `${formatSize(result.dataBytes)} of data`,
+          );
+        } finally {
+          await device.disconnect();
+        }
+      } finally {
+        await stack.store.close();
+      }
+    });
+
+  program
+    .command("export")
+    .description("Copy a volume into a raw image file, leaving holes where the volume has none")
+    .argument("<url>", "the volume")
+    .argument("<file>", "the image file, created or truncated")
+    .action(async (url: string, file: string) => {
+      const stack = stackFor(url, program);
+      try {
+        const device = await openVolume(stack.store, stack.prefix, { readOnly: true });
+        const bar = progressBar("export");
+        try {
+          const result = await exportVolume(device, file, { onProgress: bar.update });
+          bar.done();
+          out(
+            `exported ${stack.url} to ${file}: ${formatSize(result.totalBytes)}, ` +
+              `${formatSize(result.dataBytes)} of data`,
+          );
+        } finally {
+          await device.disconnect();
+        }
+      } finally {
+        await stack.store.close();
+      }
+    });
+
+  program
     .command("demo")
     .description("Create a local volume if needed, write and read it back, and show it")
     .argument("[url]", "the volume", DEFAULT_LOCAL_VOLUME)
@@ -183,6 +255,10 @@ export function buildProgram(out: (line: string) => void = console.log): Command
   return program;
 }
 
+async function fileSize(file: string): Promise<number> {
+  return (await stat(file)).size;
+}
+
 /** One line for an expected failure, or undefined for a bug. */
 export function describeFailure(error: unknown): string | undefined {
   if (error instanceof StoreError) {
@@ -198,9 +274,14 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof UserError ||
     error instanceof VolumeError ||
     error instanceof FormatError ||
-    error instanceof StoreUrlError
+    error instanceof StoreUrlError ||
+    error instanceof TransferError
   ) {
     return error.message;
+  }
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  if (code === "ENOENT" || code === "EACCES" || code === "EISDIR" || code === "ENOSPC") {
+    return (error as Error).message;
   }
   return undefined;
 }

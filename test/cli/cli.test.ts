@@ -4,7 +4,8 @@
  */
 
 import { execFile } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { randomFillSync } from "node:crypto";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -71,6 +72,41 @@ describe("s3blk on a local directory", () => {
     expectOneLineError(await s3blk(["delete", "vol"]), /without --yes/);
     expect((await s3blk(["delete", "--yes", "vol"])).stdout).toMatch(/deleted .*vol \(1 object\)/);
     expectOneLineError(await s3blk(["info", "vol"]), /no volume at/);
+  });
+
+  it("imports and exports an image, sparse both ways", async () => {
+    const image = path.join(work, "image.raw");
+    const data = Buffer.alloc(20 * 1024 * 1024);
+    randomFillSync(data, 5 * 1024 * 1024, 3 * 1024 * 1024);
+    data.write("last bytes", data.length - 100);
+    writeFileSync(image, data);
+    const imported = await s3blk(["import", image, "imported"]);
+    expect(imported.code).toBe(0);
+    expect(imported.stdout).toMatch(/imported .*: 20 MiB, 3.06 MiB of data/);
+    expect(imported.stderr).toBe(""); // no progress bar without a terminal
+    const info = JSON.parse((await s3blk(["info", "--json", "imported"])).stdout);
+    expect(info.sizeBytes).toBe(data.length);
+    expect(info.storedChunks).toBe(4); // three data chunks and the last one
+    const exported = path.join(work, "exported.raw");
+    expect((await s3blk(["export", "imported", exported])).code).toBe(0);
+    expect(readFileSync(exported).equals(data)).toBe(true);
+    // The export is as sparse as the volume: about the 3 MiB of data, not 20 MiB.
+    expect(statSync(exported).blocks * 512).toBeLessThan(5 * 1024 * 1024);
+
+    // Importing over existing data replaces it, zeros included.
+    const zeros = path.join(work, "zeros.raw");
+    writeFileSync(zeros, Buffer.alloc(20 * 1024 * 1024));
+    expect((await s3blk(["import", zeros, "imported"])).code).toBe(0);
+    expect(JSON.parse((await s3blk(["info", "--json", "imported"])).stdout).storedChunks).toBe(0);
+    expectOneLineError(
+      await s3blk(["import", path.join(work, "nothing.raw"), "imported"]),
+      /ENOENT/,
+    );
+    writeFileSync(path.join(work, "big.raw"), Buffer.alloc(21 * 1024 * 1024));
+    expectOneLineError(
+      await s3blk(["import", path.join(work, "big.raw"), "imported"]),
+      /larger than the volume/,
+    );
   });
 
   it("runs the demo twice on the default volume", async () => {
