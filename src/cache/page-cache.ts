@@ -57,6 +57,11 @@ export interface PageCacheOptions {
   readonly writebackThresholdBytes?: number;
   /** A read miss needing at least this many bytes of a chunk fetches all of it. Default chunk/4. */
   readonly wholeChunkReadBytes?: number;
+  /**
+   * The smallest span a ranged GET asks for, aligned: a power of two, at least the check block.
+   * Default 64 KiB.
+   */
+  readonly minRangedReadBytes?: number;
   /** Chunks fetched ahead of a sequential reader. Default 4. */
   readonly readaheadChunks?: number;
   /** Told of write-back failures. */
@@ -104,6 +109,7 @@ export class PageCache {
   readonly #writebackThresholdBytes: number;
   readonly #wholeChunkReadBytes: number;
   readonly #readaheadChunks: number;
+  readonly #minRangedReadBytes: number;
   readonly #onWritebackError: ((error: Error) => void) | undefined;
   readonly #zeroChunk: Buffer;
 
@@ -137,6 +143,10 @@ export class PageCache {
     this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 4;
     this.#wholeChunkReadBytes = options.wholeChunkReadBytes ?? this.chunkSizeBytes / 4;
     this.#readaheadChunks = options.readaheadChunks ?? 4;
+    this.#minRangedReadBytes = Math.min(
+      this.chunkSizeBytes,
+      Math.max(options.chunks.superblock.checkBlockBytes, options.minRangedReadBytes ?? 64 * 1024),
+    );
     this.#onWritebackError = options.onWritebackError;
     this.#zeroChunk = Buffer.alloc(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
@@ -194,20 +204,29 @@ export class PageCache {
     }
   }
 
-  /** Make `[offset, +length)` of `page` valid, sharing whole-chunk fetches. */
+  /**
+   * Make `[offset, +length)` of `page` valid. Large or sequential misses, and a second miss in
+   * the same chunk, fetch the whole chunk (shared by every reader that needs it meanwhile);
+   * small random misses fetch an aligned span of at least `minRangedReadBytes`, since on S3 a
+   * 64 KiB ranged GET costs no more than a 4 KiB one.
+   */
   async #load(page: Page, offsetBytes: number, lengthBytes: number, sequential: boolean) {
     while (!page.isValid(offsetBytes, lengthBytes)) {
       if (page.fill !== undefined) {
         await page.fill;
         continue;
       }
-      if (sequential || lengthBytes >= this.#wholeChunkReadBytes) {
+      if (sequential || lengthBytes >= this.#wholeChunkReadBytes || page.rangedReads > 0) {
         await this.#fillWhole(page);
         continue;
       }
-      const block = this.#chunks.superblock.checkBlockBytes;
-      const start = Math.floor(offsetBytes / block) * block;
-      const end = Math.ceil((offsetBytes + lengthBytes) / block) * block;
+      const span = this.#minRangedReadBytes;
+      const start = Math.floor(offsetBytes / span) * span;
+      const end = Math.min(
+        this.chunkSizeBytes,
+        Math.ceil((offsetBytes + lengthBytes) / span) * span,
+      );
+      page.rangedReads++;
       const bytes = await this.#chunks.read(page.index, start, end - start);
       page.fillFrom(start, bytes, end - start);
     }

@@ -45,6 +45,8 @@ export interface DeviceOptions {
   readonly concurrency?: number;
   /** A read miss of at least this many bytes of a chunk fetches the whole chunk. */
   readonly wholeChunkReadBytes?: number;
+  /** The smallest span a ranged GET asks for. Default 64 KiB. */
+  readonly minRangedReadBytes?: number;
   readonly clock?: Clock;
   readonly onWritebackError?: (error: Error) => void;
 }
@@ -74,6 +76,9 @@ export class ChunkedBlockDevice implements BlockDevice {
       ...(options.wholeChunkReadBytes === undefined
         ? {}
         : { wholeChunkReadBytes: options.wholeChunkReadBytes }),
+      ...(options.minRangedReadBytes === undefined
+        ? {}
+        : { minRangedReadBytes: options.minRangedReadBytes }),
       ...(options.onWritebackError === undefined
         ? {}
         : { onWritebackError: options.onWritebackError }),

@@ -96,4 +96,32 @@ describe.each(backends)("request accounting on $name", (backend) => {
     expect(Buffer.from(out).equals(expected)).toBe(true);
     await device.disconnect();
   });
+
+  it("serves a small random miss with one 64 KiB ranged GET, and a second miss with the whole chunk", async () => {
+    const volume = await newTestVolume(backend, "ranged", PARAMS);
+    const writer = await volume.open();
+    expect((await writer.write(0, [pattern(5, 0, (2 * CHUNK) / 512)])).ok).toBe(true);
+    await writer.disconnect();
+
+    const stack = volume.stack();
+    const device = await volume.open({}, stack);
+    stack.counter.reset();
+    const out = new Uint8Array(4096);
+    // 4 KiB at 100 KiB into chunk 0: the aligned 64 KiB span [64 KiB, 128 KiB).
+    expect((await device.read(200, [out])).ok).toBe(true);
+    expect(stack.counter.counts()).toMatchObject({ gets: 1, bytesIn: 64 * 1024 });
+    expect(Buffer.from(out).equals(Buffer.from(pattern(5, 200, 8)))).toBe(true);
+    // Inside the span already fetched: no request.
+    expect((await device.read(136, [out])).ok).toBe(true);
+    expect(stack.counter.counts().gets).toBe(1);
+    // A second miss in the chunk fetches all of it.
+    expect((await device.read(8, [out])).ok).toBe(true);
+    expect(stack.counter.counts()).toMatchObject({ gets: 2, bytesIn: 64 * 1024 + CHUNK });
+    expect(Buffer.from(out).equals(Buffer.from(pattern(5, 8, 8)))).toBe(true);
+    // A large read (a quarter of a chunk or more) fetches the whole chunk at once.
+    const big = new Uint8Array(CHUNK / 4);
+    expect((await device.read(CHUNK / 512, [big])).ok).toBe(true);
+    expect(stack.counter.counts()).toMatchObject({ gets: 3, bytesIn: 64 * 1024 + 2 * CHUNK });
+    await device.disconnect();
+  });
 });

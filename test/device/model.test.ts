@@ -111,6 +111,7 @@ async function run(ops: Op[], faults: boolean): Promise<void> {
         maxDirtyBytes: 3 * CHUNK,
         writebackDelayMs: 2,
         wholeChunkReadBytes: CHUNK / 2,
+        minRangedReadBytes: 4096,
       },
       stack,
     );

@@ -55,7 +55,10 @@ async function findTarget(): Promise<S3Target | string> {
     return 'S3_ENDPOINT is not set and no Docker engine answers for MinIO (start one with `eval "$(bash infra/rgw-start.sh)"`)';
   }
   const { MinioContainer } = await import("@testcontainers/minio");
-  const container = await new MinioContainer("minio/minio:RELEASE.2025-04-22T22-12-26Z").start();
+  const container = await new MinioContainer(
+    // The official images left Docker Hub in September 2026; this is the community build.
+    process.env.MINIO_IMAGE ?? "pgsty/minio:RELEASE.2026-08-04T00-00-00Z",
+  ).start();
   return await prepare({
     endpoint: container.getConnectionUrl(),
     bucket: "s3blk-test",
