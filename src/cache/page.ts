@@ -104,19 +104,42 @@ export class Page {
    */
   fillFrom(offsetBytes: number, source: Uint8Array | undefined, lengthBytes: number): void {
     if (this.fullyValid) return;
+    if (
+      this.#validCount === 0 &&
+      this.#data === null &&
+      offsetBytes === 0 &&
+      lengthBytes === this.chunkSizeBytes &&
+      source !== undefined &&
+      Buffer.isBuffer(source)
+    ) {
+      // A whole chunk fetched into an empty page: adopt the buffer rather than copy it.
+      this.#data = source;
+      this.#valid.fill(1);
+      this.#validCount = this.#valid.length;
+      return;
+    }
+    // Copy runs of unknown sectors at once; known sectors keep their (newer) data.
     const first = offsetBytes / this.sectorSize;
     const end = (offsetBytes + lengthBytes) / this.sectorSize;
-    for (let s = first; s < end; s++) {
-      if (this.#valid[s] === 1) continue;
+    let s = first;
+    while (s < end) {
+      if (this.#valid[s] === 1) {
+        s++;
+        continue;
+      }
+      let runEnd = s + 1;
+      while (runEnd < end && this.#valid[runEnd] === 0) runEnd++;
       const at = s * this.sectorSize;
+      const bytes = (runEnd - s) * this.sectorSize;
       if (source === undefined) {
-        this.#buffer().fill(0, at, at + this.sectorSize);
+        this.#buffer().fill(0, at, at + bytes);
       } else {
         const from = at - offsetBytes;
-        this.#buffer().set(source.subarray(from, from + this.sectorSize), at);
+        this.#buffer().set(source.subarray(from, from + bytes), at);
       }
-      this.#valid[s] = 1;
-      this.#validCount++;
+      this.#valid.fill(1, s, runEnd);
+      this.#validCount += runEnd - s;
+      s = runEnd;
     }
   }
 

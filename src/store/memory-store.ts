@@ -39,7 +39,8 @@ export class MemoryStore implements ObjectStore {
     const object = this.#objects.get(key);
     if (object === undefined) return undefined;
     return {
-      body: sliceRange(object.body, options?.range).slice(),
+      // Buffer.from copies (a Buffer's slice() would be a view of the stored bytes).
+      body: Buffer.from(sliceRange(object.body, options?.range)),
       metadata: { ...object.metadata },
       etag: object.etag,
       objectSizeBytes: object.body.byteLength,
@@ -55,7 +56,7 @@ export class MemoryStore implements ObjectStore {
       throw new StoreError("PreconditionFailed", `${key} does not have etag ${options.ifMatch}`);
     }
     const etag = createHash("md5").update(body).digest("hex");
-    this.#objects.set(key, { body: body.slice(), metadata: { ...options?.metadata }, etag });
+    this.#objects.set(key, { body: Buffer.from(body), metadata: { ...options?.metadata }, etag });
     return { etag };
   }
 
@@ -91,7 +92,7 @@ export class MemoryStore implements ObjectStore {
   corrupt(key: string, mutate: (body: Uint8Array) => Uint8Array): void {
     const object = this.#objects.get(key);
     if (object === undefined) throw new Error(`no object ${key}`);
-    this.#objects.set(key, { ...object, body: mutate(object.body.slice()) });
+    this.#objects.set(key, { ...object, body: Buffer.from(mutate(Buffer.from(object.body))) });
   }
 }
 

@@ -150,3 +150,16 @@ describe("file store", () => {
     await rejectsWith(store.put("a//b", bytes("x")), "Permanent");
   });
 });
+
+describe("memory store", () => {
+  it("keeps its own copy: neither the caller's buffer nor a returned body aliases it", async () => {
+    const store = new MemoryStore();
+    const body = Buffer.from("original");
+    await store.put("k", body);
+    body.write("CHANGED!");
+    const got = await store.get("k");
+    expect(text(got?.body)).toBe("original");
+    got?.body.fill(0);
+    expect(text((await store.get("k"))?.body)).toBe("original");
+  });
+});
