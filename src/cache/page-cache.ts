@@ -31,8 +31,9 @@
  *
  * ## Write-back
  *
- * A dirty page is uploaded once it has been dirty for `writebackDelayMs`, or at once when dirty
- * bytes pass `writebackThresholdBytes`, when a writer is waiting for room, or on `flush`.
+ * A dirty page is uploaded once it has been dirty for `writebackDelayMs`; the oldest pages are
+ * uploaded at once while dirty bytes exceed `writebackThresholdBytes`, when a writer is waiting
+ * for room, and every page on `flush`.
  * Rewriting a dirty page before then costs nothing more, so rewriting one sector a thousand times
  * costs one upload.
  */
@@ -53,7 +54,7 @@ export interface PageCacheOptions {
   readonly maxDirtyBytes?: number;
   /** Upload a dirty page after this long. Default 1000 ms. */
   readonly writebackDelayMs?: number;
-  /** Upload at once past this many dirty bytes. Default a quarter of `maxDirtyBytes`. */
+  /** Upload the oldest pages past this many dirty bytes. Default half of `maxDirtyBytes`. */
   readonly writebackThresholdBytes?: number;
   /** A read miss needing at least this many bytes of a chunk fetches all of it. Default chunk/4. */
   readonly wholeChunkReadBytes?: number;
@@ -119,6 +120,8 @@ export class PageCache {
   #roomWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
   #cancelTimer: (() => void) | undefined;
   #retryDelayMs = 0;
+  /** Pages whose upload is queued or in flight. */
+  #uploadingPages = 0;
   #lastReadEndBytes = -1;
   #closed = false;
   #stats: CacheStats = {
@@ -140,7 +143,7 @@ export class PageCache {
       options.maxDirtyBytes ?? 128 * 1024 * 1024,
     );
     this.#writebackDelayMs = options.writebackDelayMs ?? 1000;
-    this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 4;
+    this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 2;
     this.#wholeChunkReadBytes = options.wholeChunkReadBytes ?? this.chunkSizeBytes / 4;
     this.#readaheadChunks = options.readaheadChunks ?? 4;
     this.#minRangedReadBytes = Math.min(
@@ -366,7 +369,7 @@ export class PageCache {
   }
 
   #afterModify(): void {
-    if (this.#dirtyBytes() >= this.#writebackThresholdBytes) this.#kick();
+    if (this.#idleDirtyBytes() > this.#writebackThresholdBytes) this.#kick();
     else this.#armTimer();
   }
 
@@ -389,20 +392,35 @@ export class PageCache {
     if (failed !== undefined) throw failed.reason;
   }
 
-  /** Queue uploads: due pages, or every dirty page when urgent. */
+  /**
+   * Queue uploads, oldest dirty pages first: every page dirty for `writebackDelayMs`, plus as
+   * many more as the dirty bytes not yet being uploaded exceed the background threshold, plus
+   * one for each writer waiting for room that no upload in flight will serve. Pages beyond that
+   * stay dirty, so rewrites of them cost nothing.
+   */
   #kick(): void {
     if (this.#closed) return;
     this.#cancelTimer?.();
     this.#cancelTimer = undefined;
-    const urgent =
-      this.#roomWaiters.length > 0 || this.#dirtyBytes() >= this.#writebackThresholdBytes;
     const nowMs = this.#clock.nowMs();
+    let excessBytes = Math.max(
+      this.#idleDirtyBytes() - this.#writebackThresholdBytes,
+      (this.#roomWaiters.length - this.#uploadingPages) * this.chunkSizeBytes,
+    );
     for (const [index, page] of this.#dirty) {
       if (page.upload !== undefined || page.state !== "dirty") continue;
-      const dueMs = (this.#dirtiedAtMs.get(index) ?? 0) + this.#writebackDelayMs;
-      if (urgent || dueMs <= nowMs) this.#startUpload(page).catch(() => {});
+      const due = (this.#dirtiedAtMs.get(index) ?? 0) + this.#writebackDelayMs <= nowMs;
+      // The map is in the order pages became dirty: once one is not due, few later ones are.
+      if (!due && excessBytes <= 0) break;
+      this.#startUpload(page).catch(() => {});
+      excessBytes -= this.chunkSizeBytes;
     }
     this.#armTimer();
+  }
+
+  /** Bytes of dirty pages with no upload queued or in flight. */
+  #idleDirtyBytes(): number {
+    return (this.#dirty.size - this.#uploadingPages) * this.chunkSizeBytes;
   }
 
   /** Arrange a kick when the oldest waiting dirty page falls due. */
@@ -440,9 +458,11 @@ export class PageCache {
       )
       .finally(() => {
         page.upload = undefined;
+        this.#uploadingPages--;
         this.#armTimer();
       });
     page.upload = upload;
+    this.#uploadingPages++;
     return upload;
   }
 
