@@ -31,6 +31,7 @@ import type { ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { ChunkStore } from "../volume/chunk-store.js";
 import type { Superblock } from "../volume/format.js";
+import type { Lease } from "../volume/lease.js";
 
 export interface DeviceOptions {
   /** Refuse writes, discards and flushes with `Is_read_only`. Default false. */
@@ -58,12 +59,20 @@ export class ChunkedBlockDevice implements BlockDevice {
   readonly #cache: PageCache;
   readonly #info: Info;
   readonly #inFlight = new Set<Promise<unknown>>();
+  readonly #lease: Lease | undefined;
   #connected = true;
 
-  private constructor(store: ObjectStore, chunks: ChunkStore, options: DeviceOptions) {
+  /** `lease`: the volume's lease, held by a writable open and released on disconnect. */
+  private constructor(
+    store: ObjectStore,
+    chunks: ChunkStore,
+    options: DeviceOptions,
+    lease: Lease | undefined,
+  ) {
     this.superblock = chunks.superblock;
     this.#store = store;
     this.#chunks = chunks;
+    this.#lease = lease;
     this.#cache = new PageCache({
       chunks,
       sectorSize: this.superblock.sectorSizeBytes,
@@ -96,6 +105,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     prefix: string,
     superblock: Superblock,
     options: DeviceOptions = {},
+    lease?: Lease,
   ): Promise<ChunkedBlockDevice> {
     const chunks = await ChunkStore.open({
       store,
@@ -103,7 +113,7 @@ export class ChunkedBlockDevice implements BlockDevice {
       superblock,
       ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
     });
-    return new ChunkedBlockDevice(store, chunks, options);
+    return new ChunkedBlockDevice(store, chunks, options, lease);
   }
 
   async getInfo(): Promise<Info> {
@@ -162,6 +172,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     }
     this.#cache.close();
     await this.#chunks.drain();
+    await this.#lease?.release();
     await this.#store.close();
     return result;
   }
@@ -175,6 +186,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     this.#connected = false;
     this.#cache.close();
     this.#chunks.fence(new Error("device aborted"));
+    this.#lease?.abandon();
     await Promise.allSettled([...this.#inFlight]);
     await this.#chunks.drain();
     await this.#store.close();
@@ -221,6 +233,8 @@ export class ChunkedBlockDevice implements BlockDevice {
   ): Promise<Result<void, E>> {
     if (!this.#connected) return err(disconnected as E);
     if (modifies && !this.#info.readWrite) return err(isReadOnly as E);
+    const lost = this.#lease?.lost;
+    if (lost !== undefined) return err(ioError(lost) as E);
     const running = operation().catch((error: unknown) => err(ioError(error) as E));
     this.#inFlight.add(running);
     try {

@@ -67,6 +67,8 @@ export type StoreErrorCode =
   /** The bucket, the directory, or the credentials are wrong: retrying will not help. */
   | "NoSuchBucket"
   | "AccessDenied"
+  /** A write refused because this process no longer holds the volume's lease. */
+  | "Fenced"
   /** Worth retrying: 5xx, SlowDown, a reset connection, a timeout. */
   | "Transient"
   /** Anything else. */

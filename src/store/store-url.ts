@@ -5,13 +5,15 @@
  *     file:///path/to/dir    a local directory (also a plain path)
  *     memory://name          this process's memory, for tests
  *
- * The stack, bottom up: the real store, a request counter, then retries.
+ * The stack, bottom up: the real store, a request counter, [a test layer], the lease fence,
+ * then retries (so each attempt of a write is fenced).
  */
 
 import path from "node:path";
 import type { Clock } from "../util/clock.js";
 import { systemClock } from "../util/clock.js";
 import { CountingStore } from "./counting-store.js";
+import { Fence, FencedStore } from "./fenced-store.js";
 import { FileStore } from "./file-store.js";
 import { namedMemoryStore } from "./memory-store.js";
 import type { ObjectStore } from "./object-store.js";
@@ -34,6 +36,8 @@ export interface StoreStack {
   readonly store: ObjectStore;
   /** The counter on the real store. */
   readonly counter: CountingStore;
+  /** Armed by the volume's lease: refuses writes the lease does not cover. */
+  readonly fence: Fence;
   /** The volume's key prefix inside the store ("" for the whole store). */
   readonly prefix: string;
   /** A canonical form of the URL, for messages. */
@@ -49,11 +53,12 @@ export function openStoreStack(url: string, options: StoreStackOptions = {}): St
   const { base, prefix, canonical } = baseStore(url, options);
   const counter = new CountingStore(base);
   const middle = options.wrap?.(counter) ?? counter;
-  const store = new RetryStore(middle, {
+  const fence = new Fence();
+  const store = new RetryStore(new FencedStore(middle, fence), {
     clock: options.clock ?? systemClock,
     ...(options.retry === undefined ? {} : { policy: options.retry }),
   });
-  return { store, counter, prefix, url: canonical };
+  return { store, counter, fence, prefix, url: canonical };
 }
 
 function baseStore(

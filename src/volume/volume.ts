@@ -9,6 +9,9 @@
 
 import { ChunkedBlockDevice, type DeviceOptions } from "../device/chunked-block-device.js";
 import { StoreError, deletePrefix, listAll, type ObjectStore } from "../store/object-store.js";
+import { Fence, FencedStore } from "../store/fenced-store.js";
+import { systemClock } from "../util/clock.js";
+import { Lease, type LeaseOptions } from "./lease.js";
 import {
   chunkPrefix,
   decodeSuperblock,
@@ -51,13 +54,45 @@ export async function readSuperblock(store: ObjectStore, prefix: string): Promis
   return decodeSuperblock(got.body, key);
 }
 
+export interface OpenOptions extends DeviceOptions {
+  /** The lease of a writable open; `false` for none (tests of other things). Default: taken. */
+  readonly lease?: LeaseOptions | false;
+  /** The store stack's fence (see store-url.ts); one is added on top of `store` if absent. */
+  readonly fence?: Fence;
+}
+
+/**
+ * Open the volume as a block device. A writable open first takes the volume's lease (see
+ * lease.ts) and fences every write of the store with it; `disconnect` releases it.
+ */
 export async function openVolume(
   store: ObjectStore,
   prefix: string,
-  options: DeviceOptions = {},
+  options: OpenOptions = {},
 ): Promise<ChunkedBlockDevice> {
   const superblock = await readSuperblock(store, prefix);
-  return ChunkedBlockDevice.open(store, prefix, superblock, options);
+  if (options.readOnly || options.lease === false) {
+    return ChunkedBlockDevice.open(store, prefix, superblock, options);
+  }
+  let fenced = store;
+  let fence = options.fence;
+  if (fence === undefined) {
+    fence = new Fence();
+    fenced = new FencedStore(store, fence);
+  }
+  const lease = await Lease.acquire(
+    fenced,
+    prefix,
+    fence,
+    options.clock ?? systemClock,
+    options.lease,
+  );
+  try {
+    return await ChunkedBlockDevice.open(fenced, prefix, superblock, options, lease);
+  } catch (error) {
+    await lease.release();
+    throw error;
+  }
 }
 
 export interface VolumeDescription {

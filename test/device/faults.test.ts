@@ -72,6 +72,7 @@ describe("retries", () => {
     let fault: FaultStore | undefined;
     const stack = volume.stack({ wrap: (s) => (fault = new FaultStore(s)) });
     const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    stack.counter.reset(); // the lease's PUT at open is not what this test counts
     fault?.inject({ operations: ["put"], times: 3 });
     fault?.inject({ operations: ["get"], times: 2 });
     expect((await device.write(0, [pattern(1, 0, 256)])).ok).toBe(true);
@@ -98,6 +99,7 @@ describe("retries", () => {
       retry: { maxAttempts: 3, baseDelayMs: 1 },
     });
     const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    stack.counter.reset();
     const data = pattern(2, 100, 300);
     expect((await device.write(100, [data])).ok).toBe(true);
     fault?.outage();

@@ -10,7 +10,7 @@ import {
   type StoreStackOptions,
 } from "../../src/store/store-url.js";
 import { createVolume, openVolume } from "../../src/volume/volume.js";
-import type { DeviceOptions } from "../../src/device/chunked-block-device.js";
+import type { OpenOptions } from "../../src/volume/volume.js";
 import type { VolumeParameters } from "../../src/volume/format.js";
 import { stackOptions, type S3Target } from "./s3-target.js";
 
@@ -49,7 +49,7 @@ export function s3Backend(target: S3Target): Backend {
 export interface TestVolume {
   readonly url: string;
   stack(options?: StoreStackOptions): StoreStack;
-  open(options?: DeviceOptions, stack?: StoreStack): ReturnType<typeof openVolume>;
+  open(options?: OpenOptions, stack?: StoreStack): ReturnType<typeof openVolume>;
 }
 
 export async function newTestVolume(
@@ -67,7 +67,11 @@ export async function newTestVolume(
     stack,
     open: (options, s) => {
       const opened = s ?? stack();
-      return openVolume(opened.store, opened.prefix, { writebackDelayMs: 50, ...options });
+      return openVolume(opened.store, opened.prefix, {
+        writebackDelayMs: 50,
+        fence: opened.fence,
+        ...options,
+      });
     },
   };
 }

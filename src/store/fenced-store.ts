@@ -1,0 +1,76 @@
+/**
+ * A store layer that refuses writes when the volume's lease no longer covers them. It sits below
+ * the retry layer, so every attempt of every write is checked, not just the first: a retry loop
+ * cannot carry a write past the moment the lease stops covering it.
+ *
+ * The fence starts open (a read-only open, or a store with no lease, is never fenced); the lease
+ * arms it with a check that throws while writes are not allowed.
+ */
+
+import {
+  StoreError,
+  type GetOptions,
+  type GetResult,
+  type ListPage,
+  type ObjectStore,
+  type PutOptions,
+  type PutResult,
+} from "./object-store.js";
+
+/** Decides whether a write may be sent now. */
+export class Fence {
+  #check: (() => StoreError | undefined) | undefined;
+  #exemptKeys = new Set<string>();
+
+  /** Refuse writes whenever `check` returns an error; `key` (the lease itself) stays writable. */
+  arm(check: () => StoreError | undefined, exemptKey: string): void {
+    this.#check = check;
+    this.#exemptKeys.add(exemptKey);
+  }
+
+  /** Throw if a write of `key` may not be sent now. */
+  assertWritable(key: string): void {
+    if (this.#check === undefined || this.#exemptKeys.has(key)) return;
+    const refusal = this.#check();
+    if (refusal !== undefined) throw refusal;
+  }
+}
+
+export class FencedStore implements ObjectStore {
+  readonly description: string;
+  readonly #inner: ObjectStore;
+  readonly #fence: Fence;
+
+  constructor(inner: ObjectStore, fence: Fence) {
+    this.#inner = inner;
+    this.#fence = fence;
+    this.description = inner.description;
+  }
+
+  get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
+    return this.#inner.get(key, options);
+  }
+
+  async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+    this.#fence.assertWritable(key);
+    return this.#inner.put(key, body, options);
+  }
+
+  async delete(key: string): Promise<void> {
+    this.#fence.assertWritable(key);
+    return this.#inner.delete(key);
+  }
+
+  async deleteMany(keys: readonly string[]): Promise<void> {
+    for (const key of keys) this.#fence.assertWritable(key);
+    return this.#inner.deleteMany(keys);
+  }
+
+  listPage(prefix: string, continuation?: string): Promise<ListPage> {
+    return this.#inner.listPage(prefix, continuation);
+  }
+
+  close(): Promise<void> {
+    return this.#inner.close();
+  }
+}
