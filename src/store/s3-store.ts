@@ -47,7 +47,10 @@ export interface S3StoreOptions {
   readonly credentials?: { accessKeyId: string; secretAccessKey: string };
   /** Sockets in the pool. Default 64. */
   readonly maxSockets?: number;
-  /** A request with no response for this long fails (and is retried above us). Default 30 s. */
+  /**
+   * A request not answered this long after it was sent fails (and is retried above us). Default
+   * 15 s: it must not exceed the lease's `requestTimeoutMs`, which fences writes by it.
+   */
   readonly requestTimeoutMs?: number;
   /** Connecting for longer than this fails. Default 5 s. */
   readonly connectionTimeoutMs?: number;
@@ -80,7 +83,11 @@ export class S3Store implements ObjectStore {
       requestHandler: new NodeHttpHandler({
         httpAgent: new http.Agent(agentOptions as http.AgentOptions),
         httpsAgent: new https.Agent(agentOptions as https.AgentOptions),
-        requestTimeout: options.requestTimeoutMs ?? 30_000,
+        // A whole request, sent to answered, must finish within the timeout (the lease's fence
+        // counts on it), and this version of the handler only warns unless told to throw.
+        requestTimeout: options.requestTimeoutMs ?? 15_000,
+        throwOnRequestTimeout: true,
+        socketTimeout: options.requestTimeoutMs ?? 15_000,
         connectionTimeout: options.connectionTimeoutMs ?? 5_000,
       }),
     });

@@ -25,6 +25,8 @@ export interface StoreStackOptions {
   readonly endpoint?: string;
   readonly credentials?: S3StoreOptions["credentials"];
   readonly region?: string;
+  /** S3: a request idle this long fails (and is retried). Default 15 s. */
+  readonly requestTimeoutMs?: number;
   readonly retry?: Partial<RetryPolicy>;
   readonly clock?: Clock;
   /** Put a layer (fault injection, say) between the counter and the retries. */
@@ -85,6 +87,9 @@ function baseStore(
         ...(options.endpoint === undefined ? {} : { endpoint: options.endpoint }),
         ...(options.region === undefined ? {} : { region: options.region }),
         ...(options.credentials === undefined ? {} : { credentials: options.credentials }),
+        ...(options.requestTimeoutMs === undefined
+          ? {}
+          : { requestTimeoutMs: options.requestTimeoutMs }),
       });
       return { base, prefix, canonical: `s3://${bucket}/${prefix}` };
     }

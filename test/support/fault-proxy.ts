@@ -1,0 +1,155 @@
+/**
+ * An HTTP proxy between s3blk and the real S3 server that injects the failures S3 shows in
+ * production: 500 InternalError, 503 SlowDown, connection resets, stalls longer than our
+ * timeouts, and outages. Tests point s3blk's endpoint at it (in process, or a spawned `s3blk
+ * serve --endpoint`), and steer it with rules while a workload runs.
+ */
+
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+
+export type FaultKind = "500" | "503" | "reset" | "stall";
+
+export interface ProxyRule {
+  readonly kind: FaultKind;
+  /** Only these methods. Default: all. */
+  readonly methods?: readonly string[];
+  /** Only paths containing this. Default: all. */
+  readonly pathIncludes?: string;
+  /** Fire this many times, then retire. Default: unlimited. */
+  readonly times?: number;
+  /** Fire with this probability. Default 1. */
+  readonly probability?: number;
+  /** For "stall": hold the request this long, then drop the connection. Default 60 s. */
+  readonly stallMs?: number;
+}
+
+export interface ProxyCounts {
+  requests: number;
+  forwarded: number;
+  injected: Record<FaultKind, number>;
+}
+
+const BODIES: Record<"500" | "503", string> = {
+  "500":
+    '<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>injected</Message></Error>',
+  "503":
+    '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>injected</Message></Error>',
+};
+
+export class FaultProxy {
+  readonly #upstream: URL;
+  readonly #server: http.Server;
+  readonly #agent = new http.Agent({ keepAlive: true, maxSockets: 128 });
+  #rules: { rule: ProxyRule; remaining: number }[] = [];
+  #random: () => number;
+  readonly counts: ProxyCounts = {
+    requests: 0,
+    forwarded: 0,
+    injected: { "500": 0, "503": 0, reset: 0, stall: 0 },
+  };
+
+  private constructor(upstream: string, random: () => number) {
+    this.#upstream = new URL(upstream);
+    this.#random = random;
+    this.#server = http.createServer((req, res) => this.#handle(req, res));
+    this.#server.keepAliveTimeout = 5000;
+  }
+
+  /** Start on 127.0.0.1 with an ephemeral port. */
+  static async start(upstream: string, random: () => number = Math.random): Promise<FaultProxy> {
+    const proxy = new FaultProxy(upstream, random);
+    await new Promise<void>((resolve) => proxy.#server.listen(0, "127.0.0.1", resolve));
+    return proxy;
+  }
+
+  get endpoint(): string {
+    const { port } = this.#server.address() as AddressInfo;
+    return `http://127.0.0.1:${port}`;
+  }
+
+  inject(rule: ProxyRule): void {
+    this.#rules.push({ rule, remaining: rule.times ?? Infinity });
+  }
+
+  /** Every request fails, alternating resets and 503s, until `heal`. */
+  outage(): void {
+    this.inject({ kind: "reset", probability: 0.5 });
+    this.inject({ kind: "503" });
+  }
+
+  heal(): void {
+    this.#rules = [];
+  }
+
+  totalInjected(): number {
+    return Object.values(this.counts.injected).reduce((a, b) => a + b, 0);
+  }
+
+  async stop(): Promise<void> {
+    this.heal();
+    this.#server.closeAllConnections();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    this.#agent.destroy();
+  }
+
+  #pick(req: http.IncomingMessage): ProxyRule | undefined {
+    for (const entry of this.#rules) {
+      const { rule } = entry;
+      if (entry.remaining <= 0) continue;
+      if (rule.methods !== undefined && !rule.methods.includes(req.method ?? "")) continue;
+      if (rule.pathIncludes !== undefined && !(req.url ?? "").includes(rule.pathIncludes)) continue;
+      if (rule.probability !== undefined && this.#random() >= rule.probability) continue;
+      entry.remaining--;
+      return rule;
+    }
+    return undefined;
+  }
+
+  #handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    this.counts.requests++;
+    const rule = this.#pick(req);
+    if (rule !== undefined) {
+      this.counts.injected[rule.kind]++;
+      switch (rule.kind) {
+        case "reset":
+          req.socket.destroy();
+          return;
+        case "stall": {
+          const timer = setTimeout(() => req.socket.destroy(), rule.stallMs ?? 60_000);
+          req.socket.once("close", () => clearTimeout(timer));
+          req.resume();
+          return;
+        }
+        case "500":
+        case "503": {
+          const status = rule.kind;
+          // Drain the body first, as a real server would, then answer.
+          req.resume();
+          req.once("end", () => {
+            res.writeHead(Number(status), { "content-type": "application/xml" });
+            res.end(BODIES[status]);
+          });
+          return;
+        }
+      }
+    }
+    this.counts.forwarded++;
+    const upstream = http.request(
+      {
+        host: this.#upstream.hostname,
+        port: this.#upstream.port,
+        method: req.method,
+        path: req.url,
+        headers: req.headers,
+        agent: this.#agent,
+      },
+      (answer) => {
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    upstream.on("error", () => req.socket.destroy());
+    req.pipe(upstream);
+  }
+}
