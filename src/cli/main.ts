@@ -23,6 +23,7 @@ import { formatSize, parseSize } from "./sizes.js";
 import { progressBar } from "./progress.js";
 import { exportVolume, importFile, TransferError } from "../transfer/import-export.js";
 import { stat } from "node:fs/promises";
+import { DEFAULT_LISTEN, serve, ServeError } from "./serve.js";
 
 /** The AWS SDK warns on every start under Node 20, which we support on purpose. */
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
@@ -252,7 +253,77 @@ export function buildProgram(out: (line: string) => void = console.log): Command
       }
     });
 
+  program
+    .command("serve")
+    .description(
+      "Serve volumes over NBD, each as the export named after its URL's last segment (or name=URL)",
+    )
+    .argument("<volume-url...>", "the volumes; the first is also the default export")
+    .option("--listen <host:port>", `TCP address (default ${DEFAULT_LISTEN} unless --socket)`)
+    .option("--socket <path>", "also, or only, listen on this unix socket")
+    .option("--cache-size <size>", "clean cache per volume (default 256M)", sizeOption)
+    .option(
+      "--dirty-size <size>",
+      "dirty data per volume before writers wait (default 128M)",
+      sizeOption,
+    )
+    .option("--read-only", "refuse writes")
+    .option("--create-size <size>", "create missing volumes with this size", sizeOption)
+    .addOption(
+      new Option("--writeback-delay <ms>", "upload a dirty chunk after this long (default 1000)")
+        .argParser((v) => {
+          const ms = Number(v);
+          if (!Number.isSafeInteger(ms) || ms < 0)
+            throw new InvalidArgumentError(`"${v}" is not a number of milliseconds`);
+          return ms;
+        })
+        .hideHelp(),
+    )
+    .option("--force", "take over a volume another process holds (waits out its lease)")
+    .option("-v, --verbose", "log connections")
+    .action(
+      async (
+        urls: string[],
+        options: {
+          listen?: string;
+          socket?: string;
+          cacheSize?: number;
+          dirtySize?: number;
+          readOnly?: boolean;
+          createSize?: number;
+          writebackDelay?: number;
+          force?: boolean;
+          verbose?: boolean;
+        },
+      ) => {
+        const code = await serve(urls, options, {
+          stackFor: (url) => stackFor(url, program),
+          out,
+          err: (line) => console.error(line),
+          waitForStop,
+        });
+        if (code !== 0) throw new UserError("some writes could not be flushed and are lost");
+      },
+    );
+
   return program;
+}
+
+/** Resolve on the first SIGTERM or SIGINT; call `onSecond` on any later one. */
+function waitForStop(onSecond: () => void): Promise<string> {
+  return new Promise((resolve) => {
+    let stopping = false;
+    const handler = (signal: NodeJS.Signals) => {
+      if (stopping) {
+        onSecond();
+        return;
+      }
+      stopping = true;
+      resolve(signal);
+    };
+    process.on("SIGTERM", handler);
+    process.on("SIGINT", handler);
+  });
 }
 
 async function fileSize(file: string): Promise<number> {
@@ -275,6 +346,7 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof VolumeError ||
     error instanceof FormatError ||
     error instanceof StoreUrlError ||
+    error instanceof ServeError ||
     error instanceof TransferError
   ) {
     return error.message;

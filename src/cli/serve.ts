@@ -1,0 +1,199 @@
+/**
+ * `s3blk serve`: open volumes, serve them as NBD exports, and stop cleanly on a signal.
+ *
+ * Each volume becomes the export named after the last segment of its URL (or the `name=` given
+ * before it); the first one is also the default export, reached with an empty name. On SIGTERM
+ * or SIGINT the server stops accepting, lets each connection answer what it admitted, then every
+ * device is disconnected, which flushes its dirty data; the command then returns (exit 0) unless a
+ * flush failed (exit 1: that data is lost, and we say so). A second signal exits at once.
+ */
+
+import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
+import { ppWriteError } from "../block/block-device.js";
+import type { StoreStack } from "../store/store-url.js";
+import { createVolume, openVolume, VolumeError, type OpenOptions } from "../volume/volume.js";
+import { LeaseHeldError } from "../volume/lease.js";
+import { NbdExport } from "../nbd/exports.js";
+import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
+import { formatSize } from "./sizes.js";
+
+/** The default `--listen`: loopback, the IANA NBD port. */
+export const DEFAULT_LISTEN = "127.0.0.1:10809";
+
+export interface ServeOptions {
+  readonly listen?: string;
+  readonly socket?: string;
+  readonly cacheSize?: number;
+  readonly dirtySize?: number;
+  readonly readOnly?: boolean;
+  readonly createSize?: number;
+  readonly writebackDelay?: number;
+  readonly force?: boolean;
+  readonly verbose?: boolean;
+}
+
+export interface ServeEnvironment {
+  readonly stackFor: (url: string) => StoreStack;
+  readonly out: (line: string) => void;
+  readonly err: (line: string) => void;
+  /** Resolves on the first stop signal; `onSecond` runs on any later one. */
+  readonly waitForStop: (onSecond: () => void) => Promise<string>;
+}
+
+/** A mistake in `serve`'s arguments, or a volume that cannot be served. */
+export class ServeError extends Error {
+  override readonly name = "ServeError";
+}
+
+/** `name=url` or `url`; the name defaults to the URL's last path segment. */
+export function parseVolumeArgument(argument: string): { name: string; url: string } {
+  const named = /^([A-Za-z0-9][A-Za-z0-9._-]*)=(.+)$/.exec(argument);
+  if (named !== null && !named[1]!.includes("/")) return { name: named[1]!, url: named[2]! };
+  const trimmed = argument.replace(/\/+$/, "");
+  const rest = trimmed.replace(/^[a-z][a-z0-9+.-]*:\/\//i, "");
+  const name = rest.slice(rest.lastIndexOf("/") + 1);
+  if (name === "") throw new ServeError(`cannot name an export after "${argument}": use name=URL`);
+  return { name, url: argument };
+}
+
+/** `HOST:PORT`, `[V6]:PORT` or `PORT`. */
+export function parseListen(text: string): { host: string; port: number } {
+  const match = /^(?:(?:\[([^\]]+)\]|([^:[\]]*)):)?(\d{1,5})$/.exec(text);
+  const port = Number(match?.[3]);
+  if (match === null || port > 65535) {
+    throw new ServeError(`--listen "${text}" is not HOST:PORT (example: ${DEFAULT_LISTEN})`);
+  }
+  const host = match[1] ?? match[2] ?? "";
+  return { host: host === "" ? "127.0.0.1" : host, port };
+}
+
+interface Opened {
+  readonly name: string;
+  readonly stack: StoreStack;
+  readonly device: ChunkedBlockDevice;
+}
+
+export async function serve(
+  volumeArguments: readonly string[],
+  options: ServeOptions,
+  env: ServeEnvironment,
+): Promise<number> {
+  const volumes = volumeArguments.map(parseVolumeArgument);
+  const names = new Set<string>();
+  for (const { name } of volumes) {
+    if (names.has(name)) {
+      throw new ServeError(`two volumes would both be served as "${name}": name them, name=URL`);
+    }
+    names.add(name);
+  }
+  const endpoints: Endpoint[] = [];
+  if (options.listen !== undefined || options.socket === undefined) {
+    endpoints.push({ kind: "tcp", ...parseListen(options.listen ?? DEFAULT_LISTEN) });
+  }
+  if (options.socket !== undefined) endpoints.push({ kind: "unix", path: options.socket });
+
+  const deviceOptions: OpenOptions = {
+    readOnly: options.readOnly ?? false,
+    lease: {
+      force: options.force ?? false,
+      log: (line) => env.err(`s3blk: lease: ${line}`),
+      onLost: (error) => env.err(`s3blk: ${error.message}; refusing further writes`),
+    },
+    ...(options.cacheSize === undefined ? {} : { cacheBytes: options.cacheSize }),
+    ...(options.dirtySize === undefined ? {} : { maxDirtyBytes: options.dirtySize }),
+    ...(options.writebackDelay === undefined ? {} : { writebackDelayMs: options.writebackDelay }),
+    onWritebackError: (error) => env.err(`s3blk: write-back failed, will retry: ${error.message}`),
+  };
+  const opened: Opened[] = [];
+  try {
+    for (const { name, url } of volumes) {
+      opened.push({ name, ...(await openOne(url, options.createSize, deviceOptions, env)) });
+    }
+  } catch (error) {
+    await Promise.all(opened.map((o) => o.device.disconnect()));
+    throw error;
+  }
+
+  const exports = await Promise.all(
+    opened.map((o) => NbdExport.create(o.name, o.device, `s3blk volume ${o.stack.url}`)),
+  );
+  const server = new NbdServer({
+    exports,
+    log: (level, line) => {
+      if (level === "warn" || options.verbose) env.err(`s3blk: ${line}`);
+    },
+  });
+  const bound: Endpoint[] = [];
+  try {
+    for (const endpoint of endpoints) bound.push(await server.listen(endpoint));
+  } catch (error) {
+    await server.close();
+    await Promise.all(opened.map((o) => o.device.disconnect()));
+    const where = endpoints[bound.length]!;
+    const place = where.kind === "tcp" ? `${where.host}:${where.port}` : where.path;
+    const code = (error as NodeJS.ErrnoException).code;
+    const why = code === "EADDRINUSE" ? "address in use" : (error as Error).message;
+    throw new ServeError(`cannot listen on ${place}: ${why}`);
+  }
+
+  for (const e of exports) {
+    env.out(
+      `serving ${e.name}: ${formatSize(e.sizeBytes)}${e.readOnly ? ", read-only" : ""}, ` +
+        `${e.description.replace(/^s3blk volume /, "")}`,
+    );
+    for (const endpoint of bound) env.out(`  ${nbdUri(endpoint, e.name)}`);
+  }
+  const first = nbdUri(bound[0]!, exports[0]!.name);
+  env.out(`connect with: qemu-img info ${first}`);
+  env.out(`stop with Ctrl-C or SIGTERM (writes are flushed first)`);
+
+  const signal = await env.waitForStop(() => {
+    env.err("s3blk: second signal: exiting without flushing");
+    process.exit(130);
+  });
+  env.err(`s3blk: ${signal}: finishing requests in flight`);
+  await server.close();
+  let failures = 0;
+  for (const o of opened) {
+    const result = await o.device.disconnect();
+    if (!result.ok) {
+      failures++;
+      env.err(
+        `s3blk: ${o.name}: flush failed, unflushed writes are lost: ${ppWriteError(result.error)}`,
+      );
+    }
+  }
+  env.err(failures === 0 ? `s3blk: flushed and stopped` : `s3blk: stopped with lost writes`);
+  return failures === 0 ? 0 : 1;
+}
+
+async function openOne(
+  url: string,
+  createSize: number | undefined,
+  deviceOptions: OpenOptions,
+  env: ServeEnvironment,
+): Promise<{ stack: StoreStack; device: ChunkedBlockDevice }> {
+  const stack = env.stackFor(url);
+  try {
+    if (createSize !== undefined) {
+      try {
+        await createVolume(stack.store, stack.prefix, { sizeBytes: createSize });
+        env.out(`created ${stack.url} (${formatSize(createSize)})`);
+      } catch (error) {
+        if (!(error instanceof VolumeError)) throw error;
+      }
+    }
+    try {
+      return { stack, device: await openVolume(stack.store, stack.prefix, deviceOptions) };
+    } catch (error) {
+      if (error instanceof VolumeError && createSize === undefined) {
+        throw new ServeError(`${error.message}; create it with --create-size SIZE`);
+      }
+      if (error instanceof LeaseHeldError) throw new ServeError(`${stack.url}: ${error.message}`);
+      throw error;
+    }
+  } catch (error) {
+    await stack.store.close();
+    throw error;
+  }
+}
