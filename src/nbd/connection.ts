@@ -117,8 +117,10 @@ interface Admission {
 
 /** A WRITE whose payload is arriving. */
 interface Receiving {
-  readonly admission: Admission;
-  /** The sector-aligned buffer, or undefined when the payload is being discarded. */
+  readonly request: NbdRequest;
+  /** The write to run once its payload is in; undefined when the payload is being discarded. */
+  readonly admission: Admission | undefined;
+  /** The sector-aligned buffer the payload goes into. */
   readonly buffer: Uint8Array | undefined;
   readonly payloadAt: number;
 }
@@ -315,15 +317,20 @@ export class Connection {
     this.#inFlight++;
     this.#inFlightBytes += admission.costBytes;
     this.#unanswered++;
-    const { checked } = admission;
-    if (admission.request.type === NBD_CMD_WRITE) {
-      this.#receiving = {
-        admission,
-        buffer: checked === undefined ? undefined : allocateWriteBuffer(checked),
-        payloadAt: checked === undefined ? 0 : writePayloadOffset(checked),
-      };
-    } else if (checked === undefined) {
+    const { request, checked } = admission;
+    if (checked === undefined) {
+      // Refused: answer now. A refused WRITE's payload (up to 4 GiB) is discarded as it comes.
+      if (request.type === NBD_CMD_WRITE) {
+        this.#receiving = { request, admission: undefined, buffer: undefined, payloadAt: 0 };
+      }
       this.#answer(admission, { kind: "failed", failure: admission.failure! });
+    } else if (request.type === NBD_CMD_WRITE) {
+      this.#receiving = {
+        request,
+        admission,
+        buffer: allocateWriteBuffer(checked),
+        payloadAt: writePayloadOffset(checked),
+      };
     } else {
       this.#run(admission, checked, undefined);
     }
@@ -331,16 +338,12 @@ export class Connection {
 
   #onWriteData(event: WriteDataEvent): void {
     const receiving = this.#receiving;
-    assert(receiving !== undefined && receiving.admission.request === event.request);
+    assert(receiving !== undefined && receiving.request === event.request);
     receiving.buffer?.set(event.data, receiving.payloadAt + event.payloadOffset);
     if (!event.final) return;
     this.#receiving = undefined;
     const { admission } = receiving;
-    if (admission.checked === undefined) {
-      this.#answer(admission, { kind: "failed", failure: admission.failure! });
-    } else {
-      this.#run(admission, admission.checked, receiving.buffer);
-    }
+    if (admission !== undefined) this.#run(admission, admission.checked!, receiving.buffer);
   }
 
   #run(admission: Admission, checked: CheckedRequest, buffer: Uint8Array | undefined): void {
@@ -437,10 +440,10 @@ export class Connection {
     this.#log("debug", reason);
     this.#phase = "draining";
     this.#held = undefined;
-    if (this.#receiving !== undefined) {
+    const admission = this.#receiving?.admission;
+    this.#receiving = undefined;
+    if (admission !== undefined) {
       // Its payload will never be complete: never run, never acknowledged.
-      const { admission } = this.#receiving;
-      this.#receiving = undefined;
       this.#unanswered--;
       this.#release(admission);
     }

@@ -75,8 +75,8 @@ export class NbdServer {
   }
 
   /** Connections open now. */
-  get connectionCount(): number {
-    return this.#connections.size;
+  get connections(): readonly Connection[] {
+    return [...this.#connections];
   }
 
   /** Start listening; resolves with the endpoint actually bound (port 0 picks a free port). */
