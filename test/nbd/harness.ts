@@ -1,0 +1,256 @@
+/**
+ * Helpers for the NBD suites: run the built `s3blk serve` as a process and real NBD clients
+ * against it, and serve memory volumes in this process for protocol-level tests.
+ */
+
+import { execFile, spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+
+import { openStoreStack } from "../../src/store/store-url.js";
+import { createVolume, openVolume } from "../../src/volume/volume.js";
+import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
+import { NbdExport, type NbdDevice } from "../../src/nbd/exports.js";
+import { NbdServer, type NbdServerOptions } from "../../src/nbd/server.js";
+import type { ConnectionLimits } from "../../src/nbd/connection.js";
+import type { S3Target } from "../support/s3-target.js";
+
+export const CLI = path.resolve("dist/cli/main.js");
+
+/**
+ * The tools missing from `names`. Missing tools skip a suite with a line saying what is missing,
+ * except under CI=true, where they fail it.
+ */
+export function missingTools(suite: string, names: readonly string[]): string[] {
+  const missing = names.filter((name) => {
+    if (name === "nbdsh") {
+      return spawnSync("/usr/bin/python3", ["-c", "import nbd"], { stdio: "ignore" }).status !== 0;
+    }
+    return spawnSync("sh", ["-c", `command -v ${name}`], { stdio: "ignore" }).status !== 0;
+  });
+  if (missing.length === 0) return [];
+  const line = `${suite}: missing ${missing.join(", ")} (apt-get install qemu-utils libnbd-bin python3-libnbd fio)`;
+  if (process.env.CI === "true") throw new Error(`CI=true but ${line}`);
+  console.warn(`SKIP ${line}`);
+  return missing;
+}
+
+export interface RunResult {
+  readonly code: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+/** Run a command to completion; never throws for a non-zero exit. */
+export function run(
+  command: string,
+  args: readonly string[],
+  options: { env?: NodeJS.ProcessEnv; cwd?: string; timeoutMs?: number } = {},
+): Promise<RunResult> {
+  return new Promise((resolve) => {
+    execFile(
+      command,
+      [...args],
+      {
+        env: { ...process.env, ...options.env },
+        cwd: options.cwd,
+        timeout: options.timeoutMs ?? 120_000,
+        maxBuffer: 64 * 1024 * 1024,
+      },
+      (error, stdout, stderr) => {
+        const code = error === null ? 0 : typeof error.code === "number" ? error.code : -1;
+        resolve({ code, stdout: String(stdout), stderr: String(stderr) });
+      },
+    );
+  });
+}
+
+/** nbdsh is the libnbd Python module run as a program. */
+export function nbdsh(uri: string, script: string, baseAllocation = true): Promise<RunResult> {
+  return run("/usr/bin/python3", [
+    "-m",
+    "nbd",
+    ...(baseAllocation ? ["--base-allocation"] : []),
+    "-u",
+    uri,
+    "-c",
+    script,
+  ]);
+}
+
+/** A running `s3blk serve`. */
+export interface ServeProcess {
+  readonly child: ChildProcess;
+  /** The NBD URIs it printed, in order. */
+  readonly uris: readonly string[];
+  stdout(): string;
+  stderr(): string;
+  /** Resolves with the exit code (or the signal's name). */
+  readonly exited: Promise<number | string>;
+  /** SIGTERM (or `signal`) and wait for the exit. */
+  stop(signal?: NodeJS.Signals): Promise<number | string>;
+}
+
+/** Where a backend's volumes live, and the environment the CLI needs to reach them. */
+export interface ServeBackend {
+  readonly name: string;
+  newUrl(label: string): string;
+  readonly env: NodeJS.ProcessEnv;
+  readonly globalArgs: readonly string[];
+}
+
+export function fileServeBackend(): ServeBackend {
+  const root = mkdtempSync(path.join(tmpdir(), "s3blk-nbd-"));
+  let n = 0;
+  return {
+    name: "file",
+    newUrl: (label) => `file://${root}/${label}-${n++}`,
+    env: {},
+    globalArgs: [],
+  };
+}
+
+export function s3ServeBackend(target: S3Target): ServeBackend {
+  return {
+    name: "s3",
+    newUrl: (label) => target.newVolumeUrl(label),
+    env: {
+      AWS_ACCESS_KEY_ID: target.credentials.accessKeyId,
+      AWS_SECRET_ACCESS_KEY: target.credentials.secretAccessKey,
+      AWS_REGION: target.region,
+    },
+    globalArgs: ["--endpoint", target.endpoint],
+  };
+}
+
+/**
+ * Start `s3blk serve` and wait until it prints its URIs (it is listening by then). `args` follow
+ * `serve`; `--listen 127.0.0.1:0` is added unless `--listen` or `--socket` is given.
+ */
+export async function startServe(
+  backend: ServeBackend,
+  args: readonly string[],
+  options: { cwd?: string } = {},
+): Promise<ServeProcess> {
+  const listen = args.includes("--listen") || args.includes("--socket");
+  const child = spawn(
+    process.execPath,
+    [CLI, ...backend.globalArgs, "serve", ...args, ...(listen ? [] : ["--listen", "127.0.0.1:0"])],
+    {
+      env: { ...process.env, ...backend.env },
+      cwd: options.cwd,
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
+  let stdout = "";
+  let stderr = "";
+  child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | string>((resolve) =>
+    child.once("exit", (code, signal) => resolve(code ?? signal ?? -1)),
+  );
+  const deadline = Date.now() + 60_000;
+  while (!/^connect with: /m.test(stdout)) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`serve exited (${child.exitCode ?? child.signalCode}): ${stderr.trim()}`);
+    }
+    if (Date.now() > deadline) {
+      child.kill("SIGKILL");
+      throw new Error(`serve did not start within 60 s: ${stderr.trim()}`);
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const uris = [...stdout.matchAll(/^ {2}(nbd(?:\+unix)?:\/\/\S+)$/gm)].map((m) => m[1]!);
+  return {
+    child,
+    uris,
+    stdout: () => stdout,
+    stderr: () => stderr,
+    exited,
+    async stop(signal: NodeJS.Signals = "SIGTERM") {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
+}
+
+/** `nbd://127.0.0.1:PORT/name` → `{ port }` for the raw client. */
+export function tcpTarget(uri: string): { port: number; host: string } {
+  const m = /^nbd:\/\/([^:/]+):(\d+)/.exec(uri);
+  if (m === null) throw new Error(`not a TCP NBD URI: ${uri}`);
+  return { host: m[1]!, port: Number(m[2]) };
+}
+
+/** An in-process server of memory volumes, for protocol-level tests. */
+export interface MemoryServer {
+  readonly server: NbdServer;
+  readonly port: number;
+  readonly devices: readonly ChunkedBlockDevice[];
+  readonly exports: readonly NbdExport[];
+  close(): Promise<void>;
+}
+
+export interface MemoryExport {
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly readOnly?: boolean;
+  readonly description?: string;
+  readonly sectorSizeBytes?: number;
+  /** Wrap the device (to slow it down, count calls...). */
+  readonly wrap?: (device: ChunkedBlockDevice) => NbdDevice;
+}
+
+let memoryVolumes = 0;
+
+export async function memoryServer(
+  exports: readonly MemoryExport[],
+  options: Partial<Omit<NbdServerOptions, "exports">> & { limits?: Partial<ConnectionLimits> } = {},
+): Promise<MemoryServer> {
+  const devices: ChunkedBlockDevice[] = [];
+  const built: NbdExport[] = [];
+  for (const e of exports) {
+    const stack = openStoreStack(`memory://nbd-test-${process.pid}-${memoryVolumes++}`);
+    await createVolume(stack.store, stack.prefix, {
+      sizeBytes: e.sizeBytes,
+      chunkSizeBytes: 256 * 1024,
+      ...(e.sectorSizeBytes === undefined ? {} : { sectorSizeBytes: e.sectorSizeBytes }),
+    });
+    if (e.readOnly) {
+      // A read-only export of a volume with some data in it.
+      const writer = await openVolume(stack.store, stack.prefix, { lease: false });
+      await writer.write(0, [Buffer.alloc(4096, 0x5a)]);
+      await writer.disconnect();
+    }
+    const device = await openVolume(openStoreStack(stack.url).store, stack.prefix, {
+      readOnly: e.readOnly ?? false,
+      lease: false,
+      writebackDelayMs: 50,
+    });
+    devices.push(device);
+    built.push(await NbdExport.create(e.name, e.wrap?.(device) ?? device, e.description ?? ""));
+  }
+  const server = new NbdServer({ exports: built, log: () => {}, ...options });
+  const endpoint = await server.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
+  if (endpoint.kind !== "tcp") throw new Error("unreachable");
+  return {
+    server,
+    port: endpoint.port,
+    devices,
+    exports: built,
+    async close() {
+      await server.close();
+      await Promise.all(devices.map((d) => d.disconnect()));
+    },
+  };
+}
+
+/** `length` bytes where byte i is a function of `seed` and `offset + i`. */
+export function bytesAt(seed: number, offset: number, length: number): Buffer {
+  const out = Buffer.allocUnsafe(length);
+  for (let i = 0; i < length; i++) {
+    const x = Math.imul((offset + i) ^ (seed * 0x9e3779b1), 0x85ebca6b);
+    out[i] = (x >>> 13) & 0xff;
+  }
+  return out;
+}
