@@ -52,7 +52,11 @@ export interface PageCacheOptions {
   readonly cacheBytes?: number;
   /** Bytes of dirty pages at most; writers wait past it. Default 128 MiB (at least 2 chunks). */
   readonly maxDirtyBytes?: number;
-  /** Upload a dirty page after this long. Default 1000 ms. */
+  /**
+   * Upload a dirty page after this long. Default 5000 ms: measured on RGW, 1 s re-uploaded every
+   * hot chunk each second and cut random 4 KiB writes from 86k to 24k IOPS; flush and FUA do not
+   * wait for it.
+   */
   readonly writebackDelayMs?: number;
   /** Upload the oldest pages past this many dirty bytes. Default half of `maxDirtyBytes`. */
   readonly writebackThresholdBytes?: number;
@@ -142,7 +146,7 @@ export class PageCache {
       2 * this.chunkSizeBytes,
       options.maxDirtyBytes ?? 128 * 1024 * 1024,
     );
-    this.#writebackDelayMs = options.writebackDelayMs ?? 1000;
+    this.#writebackDelayMs = options.writebackDelayMs ?? 5000;
     this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 2;
     this.#wholeChunkReadBytes = options.wholeChunkReadBytes ?? this.chunkSizeBytes / 4;
     this.#readaheadChunks = options.readaheadChunks ?? 4;

@@ -40,7 +40,7 @@ export interface DeviceOptions {
   readonly cacheBytes?: number;
   /** Dirty bytes at most; writers wait past it. Default 128 MiB. */
   readonly maxDirtyBytes?: number;
-  /** Upload a dirty chunk after this long. Default 1000 ms. */
+  /** Upload a dirty chunk after this long. Default 5000 ms. */
   readonly writebackDelayMs?: number;
   /** Store requests in flight. Default 32. */
   readonly concurrency?: number;
