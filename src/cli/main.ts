@@ -270,7 +270,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .option("--read-only", "refuse writes")
     .option("--create-size <size>", "create missing volumes with this size", sizeOption)
     .addOption(
-      new Option("--writeback-delay <ms>", "upload a dirty chunk after this long (default 1000)")
+      new Option("--writeback-delay <ms>", "upload a dirty chunk after this long (default 5000)")
         .argParser((v) => {
           const ms = Number(v);
           if (!Number.isSafeInteger(ms) || ms < 0)
@@ -300,7 +300,9 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           stackFor: (url) => stackFor(url, program),
           out,
           err: (line) => console.error(line),
-          waitForStop,
+          // Listen for signals from the start: one that arrives while volumes open or sockets
+          // bind must still stop the server cleanly, not kill it with the default action.
+          waitForStop: stopSignals(),
         });
         if (code !== 0) throw new UserError("some writes could not be flushed and are lost");
       },
@@ -309,21 +311,30 @@ export function buildProgram(out: (line: string) => void = console.log): Command
   return program;
 }
 
-/** Resolve on the first SIGTERM or SIGINT; call `onSecond` on any later one. */
-function waitForStop(onSecond: () => void): Promise<string> {
-  return new Promise((resolve) => {
-    let stopping = false;
-    const handler = (signal: NodeJS.Signals) => {
-      if (stopping) {
-        onSecond();
-        return;
-      }
-      stopping = true;
-      resolve(signal);
-    };
-    process.on("SIGTERM", handler);
-    process.on("SIGINT", handler);
-  });
+/**
+ * Start listening for SIGTERM and SIGINT now. The returned function resolves on the first one
+ * (at once if it already came) and calls `onSecond` on any later one.
+ */
+function stopSignals(): (onSecond: () => void) => Promise<string> {
+  let received: string | undefined;
+  let wake: ((signal: string) => void) | undefined;
+  let second: () => void = () => {};
+  const handler = (signal: NodeJS.Signals) => {
+    if (received !== undefined) {
+      second();
+      return;
+    }
+    received = signal;
+    wake?.(signal);
+  };
+  process.on("SIGTERM", handler);
+  process.on("SIGINT", handler);
+  return (onSecond) => {
+    second = onSecond;
+    return received !== undefined
+      ? Promise.resolve(received)
+      : new Promise<string>((resolve) => (wake = resolve));
+  };
 }
 
 async function fileSize(file: string): Promise<number> {

@@ -1,0 +1,72 @@
+/**
+ * Two `s3blk serve` processes on one volume: the second is refused with a line naming the first,
+ * a read-only server may join, and once the first exits cleanly the next writer gets in.
+ */
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { NbdClient } from "../support/nbd-client.js";
+
+const CLI = path.resolve("dist/cli/main.js");
+
+function start(args: string[]): {
+  child: ChildProcess;
+  output: () => string;
+  exited: Promise<number>;
+} {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  let output = "";
+  child.stdout?.on("data", (d: Buffer) => (output += d.toString()));
+  child.stderr?.on("data", (d: Buffer) => (output += d.toString()));
+  const exited = new Promise<number>((resolve) =>
+    child.once("exit", (code) => resolve(code ?? -1)),
+  );
+  return { child, output: () => output, exited };
+}
+
+async function listening(socket: string, child: ChildProcess): Promise<void> {
+  while (!existsSync(socket)) {
+    if (child.exitCode !== null) throw new Error(`serve exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describe("two serve processes on one volume", () => {
+  it("refuses the second writer by name, lets a reader in, and the next writer after a clean exit", async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "s3blk-two-"));
+    const volume = `file://${dir}/vol`;
+    expect(await start(["create", volume, "--size", "64M"]).exited).toBe(0);
+
+    const first = start(["serve", volume, "--socket", path.join(dir, "a.sock")]);
+    await listening(path.join(dir, "a.sock"), first.child);
+
+    const second = start(["serve", volume, "--socket", path.join(dir, "b.sock")]);
+    expect(await second.exited).toBe(1);
+    const lines = second.output().trim().split("\n");
+    expect(lines.at(-1)).toMatch(
+      new RegExp(
+        `volume is in use by pid ${first.child.pid} on .* \\(lease epoch 1, expires in \\d+ s\\); use --force`,
+      ),
+    );
+    expect(second.output()).not.toMatch(/\n\s+at /);
+
+    const reader = start(["serve", volume, "--read-only", "--socket", path.join(dir, "r.sock")]);
+    await listening(path.join(dir, "r.sock"), reader.child);
+    const client = await NbdClient.connect(path.join(dir, "r.sock"));
+    await expect(client.pwrite(0, new Uint8Array(512))).rejects.toBeInstanceOf(Error);
+    expect((await client.pread(0, 512)).length).toBe(512);
+    await client.close();
+    reader.child.kill("SIGTERM");
+    expect(await reader.exited).toBe(0);
+
+    first.child.kill("SIGTERM");
+    expect(await first.exited).toBe(0);
+    const third = start(["serve", volume, "--socket", path.join(dir, "c.sock")]);
+    await listening(path.join(dir, "c.sock"), third.child);
+    third.child.kill("SIGTERM");
+    expect(await third.exited).toBe(0);
+  });
+});
