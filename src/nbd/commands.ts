@@ -60,6 +60,7 @@ import {
 import { type BlockError, type Result, type WriteError } from "../block/block-device.js";
 import { nbdFailureOf, refused, type NbdFailure } from "./errors.js";
 import { MAX_PAYLOAD_BYTES, type NbdExport } from "./exports.js";
+import type { BufferPool } from "./buffer-pool.js";
 import type { RangeHold } from "./range-lock.js";
 
 /** NBD_CMD_CACHE warms at most this much per request (the command is advisory). */
@@ -95,8 +96,11 @@ export interface CheckedRequest {
 /** How a request ended. */
 export type Outcome =
   | { readonly kind: "done" }
-  /** READ: the data to send (a private buffer nobody else writes). */
-  | { readonly kind: "data"; readonly data: Uint8Array }
+  /**
+   * READ: the data to send, a view of `backing`, a buffer nobody else writes until the caller
+   * gives it back to the pool (once the socket no longer needs it).
+   */
+  | { readonly kind: "data"; readonly data: Uint8Array; readonly backing?: Uint8Array }
   | { readonly kind: "extents"; readonly extents: readonly BlockStatusExtent[] }
   | { readonly kind: "failed"; readonly failure: NbdFailure };
 
@@ -188,10 +192,11 @@ export function payloadCostBytes(checked: CheckedRequest): number {
 
 /**
  * The buffer a WRITE's payload is received into: the aligned span, with the payload going at
- * {@link writePayloadOffset}. Allocated only after the checks bounded its size.
+ * {@link writePayloadOffset}. Taken only after the checks bounded its size; give it back to the
+ * pool once {@link runRequest} has settled.
  */
-export function allocateWriteBuffer(checked: CheckedRequest): Uint8Array {
-  return Buffer.allocUnsafe(checked.spanBytes);
+export function allocateWriteBuffer(checked: CheckedRequest, pool: BufferPool): Uint8Array {
+  return pool.take(checked.spanBytes);
 }
 
 /** Where in the write buffer the payload's first byte goes. */
@@ -206,6 +211,7 @@ export function writePayloadOffset(checked: CheckedRequest): number {
 export async function runRequest(
   session: Session,
   checked: CheckedRequest,
+  pool: BufferPool,
   writeBuffer?: Uint8Array,
 ): Promise<Outcome> {
   const e = session.export;
@@ -213,7 +219,7 @@ export async function runRequest(
   const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
   switch (request.type) {
     case NBD_CMD_READ:
-      return read(e, checked);
+      return read(e, checked, pool);
     case NBD_CMD_WRITE:
       if (writeBuffer === undefined) throw new Error("WRITE without its payload");
       return write(e, checked, writeBuffer, fua);
@@ -237,19 +243,21 @@ function outcomeOf(result: Result<void, WriteError | BlockError>): Outcome {
   return result.ok ? DONE : failed(nbdFailureOf(result.error));
 }
 
-async function read(e: NbdExport, checked: CheckedRequest): Promise<Outcome> {
+async function read(e: NbdExport, checked: CheckedRequest, pool: BufferPool): Promise<Outcome> {
   const { offset, length } = checked.request;
   if (length === 0) return { kind: "data", data: new Uint8Array(0) };
-  // A fresh buffer per request: nothing else ever writes it, so it can be handed to the socket
-  // as it is, however long the reply waits to be sent (no zero-copy trap).
-  const span = Buffer.allocUnsafe(checked.spanBytes);
+  // A buffer of this request's own: nothing else writes it until the reply has been handed to
+  // the kernel and the connection gives it back, however long it waits in a backed-up socket
+  // (no zero-copy trap).
+  const span = pool.take(checked.spanBytes);
   const result = await e.device.read(checked.spanStartBytes / e.sectorSize, [span]);
-  if (!result.ok) return failed(nbdFailureOf(result.error));
+  if (!result.ok) {
+    pool.give(span);
+    return failed(nbdFailureOf(result.error));
+  }
   const at = offset - checked.spanStartBytes;
-  return {
-    kind: "data",
-    data: at === 0 && length === span.length ? span : span.subarray(at, at + length),
-  };
+  const data = at === 0 && length === span.length ? span : span.subarray(at, at + length);
+  return { kind: "data", data, backing: span };
 }
 
 async function write(

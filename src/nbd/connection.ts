@@ -71,6 +71,7 @@ import {
   type Session,
 } from "./commands.js";
 import type { NbdFailure } from "./errors.js";
+import type { BufferPool } from "./buffer-pool.js";
 import type { ExportRegistry } from "./exports.js";
 import { Negotiation } from "./negotiation.js";
 import { ReplyWriter } from "./reply-writer.js";
@@ -100,6 +101,8 @@ export type NbdLog = (level: "debug" | "warn", line: string) => void;
 /** What a connection needs from its server. */
 export interface ConnectionContext {
   readonly exports: ExportRegistry;
+  /** Where READ and WRITE buffers come from and go back to. */
+  readonly pool: BufferPool;
   readonly limits: ConnectionLimits;
   readonly log: NbdLog;
   readonly shuttingDown: () => boolean;
@@ -328,7 +331,7 @@ export class Connection {
       this.#receiving = {
         request,
         admission,
-        buffer: allocateWriteBuffer(checked),
+        buffer: allocateWriteBuffer(checked, this.#context.pool),
         payloadAt: writePayloadOffset(checked),
       };
     } else {
@@ -347,8 +350,13 @@ export class Connection {
   }
 
   #run(admission: Admission, checked: CheckedRequest, buffer: Uint8Array | undefined): void {
-    runRequest(this.#session!, checked, buffer).then(
-      (outcome) => this.#answer(admission, outcome),
+    const pool = this.#context.pool;
+    runRequest(this.#session!, checked, pool, buffer).then(
+      (outcome) => {
+        // The device holds no reference to a WRITE's buffer once its write settled.
+        if (buffer !== undefined) pool.give(buffer);
+        this.#answer(admission, outcome);
+      },
       (error: unknown) => {
         this.#log("warn", `internal error serving a request (a bug): ${String(error)}`);
         this.#answer(admission, {
@@ -363,7 +371,12 @@ export class Connection {
 
   #answer(admission: Admission, outcome: Outcome): void {
     this.#unanswered--;
-    this.#writer.send(this.#encode(admission.request, outcome), () => this.#release(admission));
+    const backing = outcome.kind === "data" ? outcome.backing : undefined;
+    this.#writer.send(this.#encode(admission.request, outcome), () => {
+      // The kernel has the bytes now: the READ buffer may be reused.
+      if (backing !== undefined) this.#context.pool.give(backing);
+      this.#release(admission);
+    });
     if (this.#phase === "draining" && this.#unanswered === 0) this.#closeAfterReplies();
   }
 
@@ -441,6 +454,7 @@ export class Connection {
     this.#phase = "draining";
     this.#held = undefined;
     const admission = this.#receiving?.admission;
+    if (this.#receiving?.buffer !== undefined) this.#context.pool.give(this.#receiving.buffer);
     this.#receiving = undefined;
     if (admission !== undefined) {
       // Its payload will never be complete: never run, never acknowledged.

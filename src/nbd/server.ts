@@ -28,6 +28,7 @@ import {
   type ConnectionLimits,
   type NbdLog,
 } from "./connection.js";
+import { BufferPool } from "./buffer-pool.js";
 import { ExportRegistry, type NbdExport } from "./exports.js";
 
 /** Where to listen. */
@@ -57,6 +58,7 @@ export class NbdServer {
   readonly #log: NbdLog;
   readonly #listeners: { server: Server; endpoint: Endpoint }[] = [];
   readonly #connections = new Set<Connection>();
+  readonly #pool = new BufferPool();
   #nextId = 1;
   #closing: Promise<void> | undefined;
 
@@ -138,6 +140,7 @@ export class NbdServer {
     // The callbacks above run only once reading starts, after this line.
     const connection = new Connection(id, socket, {
       exports: this.exports,
+      pool: this.#pool,
       limits: this.#limits,
       log: this.#log,
       shuttingDown: () => this.#closing !== undefined,
