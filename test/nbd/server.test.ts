@@ -72,6 +72,7 @@ import {
 import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
 import type { NbdDevice } from "../../src/nbd/exports.js";
 import { RangeLock } from "../../src/nbd/range-lock.js";
+import { BufferPool } from "../../src/nbd/buffer-pool.js";
 import { bytesAt, memoryServer, type MemoryServer } from "./harness.js";
 import { RawClient } from "./raw-client.js";
 
@@ -674,5 +675,31 @@ describe("range lock", () => {
     lock.release(await s3);
     expect(order).toEqual(["x", "s3"]);
     expect(() => lock.release(xh)).toThrow();
+  });
+});
+
+describe("buffer pool", () => {
+  it("reuses a buffer only once it is given back, once, and keeps at most its bound", () => {
+    const pool = new BufferPool(3 * 1024 * 1024);
+    const a = pool.take(MiB);
+    const b = pool.take(MiB - 512);
+    expect(a.length).toBe(MiB);
+    expect(b.length).toBe(MiB - 512);
+    expect(a.buffer).not.toBe(b.buffer); // both lent at once: distinct memory
+    pool.give(b.subarray(512)); // not the start of a lent buffer: ignored
+    expect(pool.retainedBytes).toBe(0);
+    pool.give(b);
+    pool.give(b); // twice: ignored
+    expect(pool.retainedBytes).toBe(MiB);
+    const c = pool.take(700 * 1024);
+    expect(c.buffer).toBe(b.buffer); // same 1 MiB class
+    expect(pool.retainedBytes).toBe(0);
+    const d = pool.take(MiB);
+    expect(d.buffer).not.toBe(b.buffer); // c still holds it
+    for (const x of [a, c, d, pool.take(MiB)]) pool.give(x);
+    expect(pool.retainedBytes).toBe(3 * MiB); // the fourth was dropped
+    pool.give(Buffer.alloc(MiB)); // never lent: ignored
+    expect(pool.retainedBytes).toBe(3 * MiB);
+    expect(pool.take(100).length).toBe(100); // small ones are not pooled
   });
 });
