@@ -219,6 +219,12 @@ export class Connection {
     return this.closed;
   }
 
+  /** Close at once: requests running finish against the device, their replies are dropped. */
+  destroy(reason: string): Promise<void> {
+    if (this.#phase !== "closed") this.#abort("warn", reason);
+    return this.closed;
+  }
+
   // ---- handshake ----------------------------------------------------------------------------
 
   #handshakeChunk(chunk: Uint8Array): boolean {

@@ -42,10 +42,15 @@ export interface NbdServerOptions {
   readonly limits?: Partial<ConnectionLimits>;
   /** Size of each connection's read buffer. Default 2 MiB. */
   readonly readBufferBytes?: number;
-  /** Connections at once; more are refused. Default 256. */
+  /** Connections at once; more are refused. Default 64. */
   readonly maxConnections?: number;
   /** Where log lines go. Default: warnings to stderr. */
   readonly log?: NbdLog;
+  /**
+   * How long `close()` waits for connections to deliver their last replies before it cuts them
+   * (a client that stops reading must not hold a shutdown forever). Default 10 s.
+   */
+  readonly drainTimeoutMs?: number;
 }
 
 export const DEFAULT_READ_BUFFER_BYTES = 2 * 1024 * 1024;
@@ -55,6 +60,7 @@ export class NbdServer {
   readonly #limits: ConnectionLimits;
   readonly #readBufferBytes: number;
   readonly #maxConnections: number;
+  readonly #drainTimeoutMs: number;
   readonly #log: NbdLog;
   readonly #listeners: { server: Server; endpoint: Endpoint }[] = [];
   readonly #connections = new Set<Connection>();
@@ -66,7 +72,8 @@ export class NbdServer {
     this.exports = new ExportRegistry(options.exports);
     this.#limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits };
     this.#readBufferBytes = options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES;
-    this.#maxConnections = options.maxConnections ?? 256;
+    this.#maxConnections = options.maxConnections ?? 64;
+    this.#drainTimeoutMs = options.drainTimeoutMs ?? 10_000;
     this.#log =
       options.log ??
       ((level, line) => {
@@ -107,7 +114,8 @@ export class NbdServer {
 
   /**
    * Stop accepting, then end every connection: those in transmission answer what they admitted
-   * first. Resolves once every socket is closed. Devices are the caller's to disconnect.
+   * first; any still open after `drainTimeoutMs` are cut. Resolves once every socket is closed.
+   * Devices are the caller's to disconnect (requests still running against them finish first).
    */
   close(): Promise<void> {
     this.#closing ??= (async () => {
@@ -116,7 +124,18 @@ export class NbdServer {
           ({ server }) => new Promise<void>((resolve) => server.close(() => resolve())),
         ),
       );
-      await Promise.all([...this.#connections].map((c) => c.shutdown()));
+      const connections = [...this.#connections];
+      let timer: NodeJS.Timeout | undefined;
+      const drained = Promise.all(connections.map((c) => c.shutdown()));
+      const late = new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), this.#drainTimeoutMs);
+      });
+      if (await Promise.race([drained.then(() => false), late])) {
+        await Promise.all(
+          connections.map((c) => c.destroy("replies not delivered in time at shutdown")),
+        );
+      }
+      clearTimeout(timer);
     })();
     return this.#closing;
   }

@@ -646,6 +646,23 @@ describe("broken connections", () => {
   });
 });
 
+describe("shutdown with a client that stops reading", () => {
+  it("cuts the connection after the drain timeout instead of waiting forever", async () => {
+    const own = await memoryServer([{ name: "x", sizeBytes: 64 * MiB }], { drainTimeoutMs: 300 });
+    const c = await RawClient.open({ port: own.port });
+    c.socket.pause();
+    for (let i = 0; i < 48; i++) c.read(i * MiB, MiB);
+    await new Promise((r) => setTimeout(r, 300));
+    const started = Date.now();
+    await own.server.close();
+    expect(Date.now() - started).toBeLessThan(3000);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(250);
+    c.socket.resume();
+    await c.closed();
+    await Promise.all(own.devices.map((d) => d.disconnect()));
+  });
+});
+
 describe("range lock", () => {
   it("lets shared holders overlap, makes exclusive ones wait, and serves waiters in order", async () => {
     const lock = new RangeLock();
