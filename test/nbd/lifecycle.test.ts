@@ -76,13 +76,13 @@ describe.each(backends)("stopping s3blk serve on $name", (backend) => {
     "a server killed mid-transfer leaves its clients with an error, never wrong data",
     async () => {
       const url = backend.newUrl("kill");
-      const server = await startServe(backend, [url, "--create-size", "4G"]);
+      const server = await startServe(backend, [url, "--create-size", "32G"]);
       const uri = server.uris[0]!;
       const fill = await run("qemu-io", ["-f", "raw", "-c", "write -P 0xab 0 16M", uri]);
       expect(fill.code).toBe(0);
 
-      // A reader checking the pattern over and over, and a copy of the whole 4 GiB, both cut off.
-      const reads = Array.from({ length: 400 }, () => ["-c", "read -P 0xab 0 16M"]).flat();
+      // A reader checking the pattern over and over, and a copy of the whole 32 GiB, both cut off.
+      const reads = Array.from({ length: 300 }, () => ["-c", "read -P 0xab 0 16M"]).flat();
       const reader = run("qemu-io", ["-f", "raw", ...reads, uri], { timeoutMs: 60_000 });
       const copy = run("nbdcopy", ["--no-extents", uri, "null:"], { timeoutMs: 60_000 });
       await new Promise((r) => setTimeout(r, 700));
