@@ -11,6 +11,7 @@ import { ppWriteError } from "../block/block-device.js";
 import { StoreError } from "../store/object-store.js";
 import { openStoreStack, StoreUrlError, type StoreStackOptions } from "../store/store-url.js";
 import { FormatError } from "../volume/format.js";
+import { LeaseHeldError } from "../volume/lease.js";
 import {
   createVolume,
   deleteVolume,
@@ -164,7 +165,8 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         .argParser(sizeOption)
         .default(1024 * 1024, "1M"),
     )
-    .action(async (file: string, url: string, options: { chunkSize: number }) => {
+    .option("--force", "take the volume over from another process (waits out its lease)")
+    .action(async (file: string, url: string, options: { chunkSize: number; force?: boolean }) => {
       const stack = stackFor(url, program);
       try {
         let created = false;
@@ -180,7 +182,10 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           created = true;
           out(`created ${stack.url} (${formatSize(fileBytes)})`);
         }
-        const device = await openVolume(stack.store, stack.prefix);
+        const device = await openVolume(stack.store, stack.prefix, {
+          fence: stack.fence,
+          lease: { force: options.force ?? false },
+        });
         const bar = progressBar("import");
         try {
           const result = await importFile(file, device, created, { onProgress: bar.update });
@@ -226,7 +231,8 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .command("demo")
     .description("Create a local volume if needed, write and read it back, and show it")
     .argument("[url]", "the volume", DEFAULT_LOCAL_VOLUME)
-    .action(async (url: string) => {
+    .option("--force", "take the volume over from another process (waits out its lease)")
+    .action(async (url: string, options: { force?: boolean }) => {
       const stack = stackFor(url, program);
       try {
         await createVolume(stack.store, stack.prefix, { sizeBytes: 1024 ** 3 }).then(
@@ -235,7 +241,10 @@ export function buildProgram(out: (line: string) => void = console.log): Command
             if (!(error instanceof VolumeError)) throw error;
           },
         );
-        const device = await openVolume(stack.store, stack.prefix);
+        const device = await openVolume(stack.store, stack.prefix, {
+          fence: stack.fence,
+          lease: { force: options.force ?? false },
+        });
         const message = Buffer.alloc(4096);
         message.write(`hello from s3blk at ${new Date().toISOString()}\n`);
         const written = await device.write(2048, [message], { fua: true });
@@ -358,7 +367,8 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof FormatError ||
     error instanceof StoreUrlError ||
     error instanceof ServeError ||
-    error instanceof TransferError
+    error instanceof TransferError ||
+    error instanceof LeaseHeldError
   ) {
     return error.message;
   }

@@ -173,62 +173,70 @@ describe.each(backends())("crash loop on $name", (backend) => {
     let writesAcknowledged = 0;
     let killsMidFlush = 0;
 
-    for (let round = 0; round <= ROUNDS; round++) {
-      const socket = path.join(socketDir, `r${round}.sock`);
-      const server = await startServer(backend, socket);
-      const exited = new Promise<void>((resolve) => server.once("exit", () => resolve()));
-      const client = await NbdClient.connect(socket);
-      bytesVerified += await verify(client, model, current);
-      if (round === ROUNDS) {
-        await client.close();
-        server.kill("SIGTERM");
-        await exited;
-        break;
-      }
-
-      // Kill at a random moment: during writes, during a flush, during uploads.
-      const killAfterMs = 50 + Math.floor(Math.random() * 1200);
-      const killer = setTimeout(() => server.kill("SIGKILL"), killAfterMs);
-      let inFlush = false;
-      try {
-        for (;;) {
-          // A batch of non-overlapping writes, 4 KiB to 128 KiB, each inside one 128 KiB slot
-          // (so inside one chunk), some of them FUA.
-          const slots = new Set<number>();
-          while (slots.size < 8) slots.add(Math.floor(Math.random() * (SECTORS / 256)));
-          const writes: Promise<void>[] = [];
-          for (const slot of slots) {
-            const sectors = 8 * (1 + Math.floor(Math.random() * 32));
-            const sector = slot * 256;
-            const v = value++;
-            const fua = Math.random() < 0.1;
-            // Until it is acknowledged, even a FUA write may or may not have landed.
-            model.wrote(sector, sectors, v, false);
-            writes.push(
-              client.pwrite(sector * SECTOR, pattern(v, sector, sectors), fua).then(() => {
-                writesAcknowledged++;
-                if (fua) model.wrote(sector, sectors, v, true);
-              }),
-            );
-          }
-          await Promise.all(writes);
-          inFlush = true;
-          await client.flush();
-          inFlush = false;
-          flushesAcknowledged++;
-          // What the model says the device holds now is durable.
-          for (const [s, values] of model.since) current[s] = [...values].at(-1) ?? current[s] ?? 0;
-          for (let s = 0; s < SECTORS; s++)
-            if (!model.since.has(s)) current[s] = model.durable[s] ?? 0;
-          model.flushed(current);
+    let live: ChildProcess | undefined;
+    try {
+      for (let round = 0; round <= ROUNDS; round++) {
+        const socket = path.join(socketDir, `r${round}.sock`);
+        const server = await startServer(backend, socket);
+        live = server;
+        const exited = new Promise<void>((resolve) => server.once("exit", () => resolve()));
+        const client = await NbdClient.connect(socket);
+        bytesVerified += await verify(client, model, current);
+        if (round === ROUNDS) {
+          await client.close();
+          server.kill("SIGTERM");
+          await exited;
+          break;
         }
-      } catch {
-        // The server is gone.
-        if (inFlush) killsMidFlush++;
+
+        // Kill at a random moment: during writes, during a flush, during uploads.
+        const killAfterMs = 50 + Math.floor(Math.random() * 1200);
+        const killer = setTimeout(() => server.kill("SIGKILL"), killAfterMs);
+        let inFlush = false;
+        try {
+          for (;;) {
+            // A batch of non-overlapping writes, 4 KiB to 128 KiB, each inside one 128 KiB slot
+            // (so inside one chunk), some of them FUA.
+            const slots = new Set<number>();
+            while (slots.size < 8) slots.add(Math.floor(Math.random() * (SECTORS / 256)));
+            const writes: Promise<void>[] = [];
+            for (const slot of slots) {
+              const sectors = 8 * (1 + Math.floor(Math.random() * 32));
+              const sector = slot * 256;
+              const v = value++;
+              const fua = Math.random() < 0.1;
+              // Until it is acknowledged, even a FUA write may or may not have landed.
+              model.wrote(sector, sectors, v, false);
+              writes.push(
+                client.pwrite(sector * SECTOR, pattern(v, sector, sectors), fua).then(() => {
+                  writesAcknowledged++;
+                  if (fua) model.wrote(sector, sectors, v, true);
+                }),
+              );
+            }
+            await Promise.all(writes);
+            inFlush = true;
+            await client.flush();
+            inFlush = false;
+            flushesAcknowledged++;
+            // What the model says the device holds now is durable.
+            for (const [s, values] of model.since)
+              current[s] = [...values].at(-1) ?? current[s] ?? 0;
+            for (let s = 0; s < SECTORS; s++)
+              if (!model.since.has(s)) current[s] = model.durable[s] ?? 0;
+            model.flushed(current);
+          }
+        } catch {
+          // The server is gone.
+          if (inFlush) killsMidFlush++;
+        }
+        clearTimeout(killer);
+        client.destroy();
+        await exited;
       }
-      clearTimeout(killer);
-      client.destroy();
-      await exited;
+    } finally {
+      // A failed check must not leave a server running behind the test.
+      if (live !== undefined && live.exitCode === null) live.kill("SIGKILL");
     }
     console.log(
       `crash loop (${backend.name}): ${ROUNDS} kill -9s (${killsMidFlush} during a flush), ` +
