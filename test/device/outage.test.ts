@@ -7,6 +7,7 @@
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
+import { chunkKey } from "../../src/volume/format.js";
 import { FaultProxy } from "../support/fault-proxy.js";
 import { requireS3 } from "../support/s3-target.js";
 import { newTestVolume, pattern, s3Backend, type TestVolume } from "../support/volumes.js";
@@ -155,5 +156,42 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
     expect(proxy.counts.injected.stall).toBe(1);
     expect(proxy.counts.forwarded).toBeGreaterThan(forwarded); // the retry went through
     await device.disconnect();
+  });
+
+  it("reports corrupt objects in the bucket as I/O errors naming the chunk", async () => {
+    const base = s3Backend(s3 ?? (undefined as never));
+    const volume = await newTestVolume(base, "corrupt", PARAMS);
+    const writer = await volume.open();
+    expect((await writer.write(0, [pattern(5, 0, 4 * SPC)])).ok).toBe(true);
+    await writer.disconnect();
+    const stack = volume.stack();
+    const key = (i: number) => chunkKey(stack.prefix, i);
+    const original = await stack.store.get(key(0));
+    if (original === undefined) throw new Error("chunk 0 missing");
+    const flipped = Buffer.from(original.body);
+    flipped[70_000] = (flipped[70_000] ?? 0) ^ 0x01;
+    await stack.store.put(key(0), flipped, { metadata: original.metadata });
+    await stack.store.put(key(1), Buffer.from(original.body).subarray(0, 1000), {
+      metadata: original.metadata,
+    });
+    await stack.store.put(key(2), new Uint8Array(CHUNK).fill(9));
+    const expectations: [number, RegExp][] = [
+      [0, /chunks\/0000000000000000 is corrupt: checksum mismatch/],
+      [1, /chunks\/0000000000000001 is corrupt: it is 1000 bytes/],
+      [2, /chunks\/0000000000000002 is corrupt: it has no s3blk metadata/],
+    ];
+    const reader = await volume.open({ readOnly: true });
+    for (const [chunk, message] of expectations) {
+      const result = await reader.read(chunk * SPC, [new Uint8Array(CHUNK)]);
+      expect(result.ok).toBe(false);
+      if (!result.ok && result.error.kind === "Io")
+        expect(result.error.cause.message).toMatch(message);
+    }
+    // The intact chunk still reads.
+    const out = new Uint8Array(CHUNK);
+    expect((await reader.read(3 * SPC, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(Buffer.from(pattern(5, 3 * SPC, SPC)))).toBe(true);
+    await reader.disconnect();
+    await stack.store.close();
   });
 });
