@@ -33,10 +33,10 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
     await proxy?.stop();
   });
 
-  async function openThroughProxy(label: string, options = {}) {
+  async function openThroughProxy(label: string, options = {}, retry = RETRY) {
     const base = s3Backend(s3 ?? (undefined as never));
     const volume: TestVolume = await newTestVolume(base, label, PARAMS);
-    const stack = volume.stack({ endpoint: proxy.endpoint, retry: RETRY, requestTimeoutMs: 2_000 });
+    const stack = volume.stack({ endpoint: proxy.endpoint, retry, requestTimeoutMs: 2_000 });
     const device = await volume.open({ writebackDelayMs: 60_000, ...options }, stack);
     return { volume, stack, device };
   }
@@ -62,7 +62,13 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
   }
 
   it("rides through 500s, SlowDowns, resets and stalls without an error reaching the caller", async () => {
-    const { volume, device } = await openThroughProxy("transient");
+    // A quarter of all requests fail here: with 4 attempts, one request in 250 would exhaust its
+    // retries, so this test gives each request 12 (one in 17 million).
+    const { volume, device } = await openThroughProxy(
+      "transient",
+      {},
+      { ...RETRY, maxAttempts: 12 },
+    );
     const model = new Model();
     const injectedBefore = proxy.totalInjected();
     proxy.inject({ kind: "500", probability: 0.1 });
@@ -72,10 +78,14 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
     for (let round = 0; round < 6; round++) {
       for (let i = 0; i < 12; i++) {
         const sector = ((round * 37 + i * 101) % (CHUNKS * SPC - 64)) & ~7;
-        expect((await device.write(sector, [pattern(value, sector, 64)])).ok).toBe(true);
+        const written = await device.write(sector, [pattern(value, sector, 64)]);
+        if (!written.ok) console.log("WRITE FAILED", written.error);
+        expect(written.ok).toBe(true);
         model.write(sector, 64, value++);
       }
-      expect((await device.flush()).ok).toBe(true);
+      const flushed = await device.flush();
+      if (!flushed.ok) console.log("FLUSH FAILED", flushed.error);
+      expect(flushed.ok).toBe(true);
     }
     proxy.heal();
     const injected = proxy.totalInjected() - injectedBefore;
@@ -171,8 +181,10 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
     const flipped = Buffer.from(original.body);
     flipped[70_000] = (flipped[70_000] ?? 0) ^ 0x01;
     await stack.store.put(key(0), flipped, { metadata: original.metadata });
-    await stack.store.put(key(1), Buffer.from(original.body).subarray(0, 1000), {
-      metadata: original.metadata,
+    const second = await stack.store.get(key(1));
+    if (second === undefined) throw new Error("chunk 1 missing");
+    await stack.store.put(key(1), Buffer.from(second.body).subarray(0, 1000), {
+      metadata: second.metadata,
     });
     await stack.store.put(key(2), new Uint8Array(CHUNK).fill(9));
     const expectations: [number, RegExp][] = [
