@@ -10,12 +10,12 @@
  * CRASH_ROUNDS (default 20) sets the number of kills per backend.
  */
 
-import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../support/nbd-client.js";
+import { runCli, startServe, type ServeProcess } from "../support/serve-process.js";
 import { requireS3, type S3Target } from "../support/s3-target.js";
 import { pattern } from "../support/volumes.js";
 
@@ -24,7 +24,6 @@ const SECTOR = 512;
 const CHUNK = 256 * 1024;
 const SIZE = 32 * 1024 * 1024;
 const SECTORS = SIZE / SECTOR;
-const CLI = path.resolve("dist/cli/main.js");
 
 const s3 = await requireS3("crash loop on S3");
 
@@ -52,32 +51,6 @@ function s3Backend(target: S3Target): Backend {
       AWS_REGION: target.region,
     },
   };
-}
-
-function cli(args: string[], env: NodeJS.ProcessEnv): Promise<number> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
-      env: { ...process.env, ...env },
-      stdio: "ignore",
-    });
-    child.once("exit", (code) => resolve(code ?? -1));
-  });
-}
-
-async function startServer(backend: Backend, socket: string): Promise<ChildProcess> {
-  const child = spawn(process.execPath, [CLI, "serve", backend.url, "--socket", socket], {
-    env: { ...process.env, ...backend.env },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  let stderr = "";
-  child.stderr?.on("data", (d: Buffer) => (stderr += d.toString()));
-  const deadline = Date.now() + 30_000;
-  while (!existsSync(socket)) {
-    if (child.exitCode !== null) throw new Error(`serve exited ${child.exitCode}: ${stderr}`);
-    if (Date.now() > deadline) throw new Error(`serve did not listen: ${stderr}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return child;
 }
 
 /** Per sector: its durable value, and values written since that may or may not have landed. */
@@ -159,7 +132,7 @@ async function verify(client: NbdClient, model: Model, current: Int32Array): Pro
 describe.each(backends())("crash loop on $name", (backend) => {
   it(`keeps every flushed byte across ${ROUNDS} kill -9s of the server`, async () => {
     expect(
-      await cli(
+      await runCli(
         ["create", backend.url, "--size", String(SIZE), "--chunk-size", String(CHUNK)],
         backend.env,
       ),
@@ -173,25 +146,24 @@ describe.each(backends())("crash loop on $name", (backend) => {
     let writesAcknowledged = 0;
     let killsMidFlush = 0;
 
-    let live: ChildProcess | undefined;
+    let live: ServeProcess | undefined;
     try {
       for (let round = 0; round <= ROUNDS; round++) {
         const socket = path.join(socketDir, `r${round}.sock`);
-        const server = await startServer(backend, socket);
+        const server = await startServe([backend.url], socket, backend.env);
         live = server;
-        const exited = new Promise<void>((resolve) => server.once("exit", () => resolve()));
+        const { exited } = server;
         const client = await NbdClient.connect(socket);
         bytesVerified += await verify(client, model, current);
         if (round === ROUNDS) {
           await client.close();
-          server.kill("SIGTERM");
-          await exited;
+          await server.stop();
           break;
         }
 
         // Kill at a random moment: during writes, during a flush, during uploads.
         const killAfterMs = 50 + Math.floor(Math.random() * 1200);
-        const killer = setTimeout(() => server.kill("SIGKILL"), killAfterMs);
+        const killer = setTimeout(() => server.child.kill("SIGKILL"), killAfterMs);
         let inFlush = false;
         try {
           for (;;) {
@@ -236,7 +208,7 @@ describe.each(backends())("crash loop on $name", (backend) => {
       }
     } finally {
       // A failed check must not leave a server running behind the test.
-      if (live !== undefined && live.exitCode === null) live.kill("SIGKILL");
+      if (live !== undefined && live.child.exitCode === null) live.child.kill("SIGKILL");
     }
     console.log(
       `crash loop (${backend.name}): ${ROUNDS} kill -9s (${killsMidFlush} during a flush), ` +

@@ -5,40 +5,32 @@
  * next FLUSH succeeds, and after a restart of the server every byte is there.
  */
 
-import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { NBD_EIO } from "../../src/nbd/protocol.js";
 import { FaultProxy } from "../support/fault-proxy.js";
 import { NbdClient } from "../support/nbd-client.js";
+import { runCli, startServe, type ServeProcess } from "../support/serve-process.js";
 import { requireS3 } from "../support/s3-target.js";
 import { pattern } from "../support/volumes.js";
 
-const CLI = path.resolve("dist/cli/main.js");
 const SIZE = 64 * 1024 * 1024;
 const s3 = await requireS3("NBD outage test (fault proxy in front of S3)");
 
 describe.skipIf(s3 === undefined)("an S3 outage under a VM-like workload, over NBD", () => {
-  const started: ChildProcess[] = [];
+  const started: ServeProcess[] = [];
   let proxy: FaultProxy | undefined;
   afterAll(async () => {
-    for (const child of started) if (child.exitCode === null) child.kill("SIGKILL");
+    for (const server of started) if (server.child.exitCode === null) server.child.kill("SIGKILL");
     await proxy?.stop();
   });
 
   async function serve(url: string, socket: string, env: NodeJS.ProcessEnv) {
-    const child = spawn(process.execPath, [CLI, "serve", url, "--socket", socket], {
-      env: { ...process.env, ...env },
-      stdio: ["ignore", "ignore", "inherit"],
-    });
-    started.push(child);
-    while (!existsSync(socket)) {
-      if (child.exitCode !== null) throw new Error(`serve exited with ${child.exitCode}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    return child;
+    const server = await startServe([url], socket, env);
+    started.push(server);
+    return server;
   }
 
   it("fails flushes during the outage, serves cached reads, and loses nothing", async () => {
@@ -52,10 +44,7 @@ describe.skipIf(s3 === undefined)("an S3 outage under a VM-like workload, over N
     };
     const direct = { ...env, AWS_ENDPOINT_URL: target.endpoint };
     const viaProxy = { ...env, AWS_ENDPOINT_URL: proxy.endpoint };
-    const create = spawn(process.execPath, [CLI, "create", url, "--size", String(SIZE)], {
-      env: { ...process.env, ...direct },
-    });
-    expect(await new Promise((r) => create.once("exit", r))).toBe(0);
+    expect(await runCli(["create", url, "--size", String(SIZE)], direct)).toBe(0);
 
     const dir = mkdtempSync(path.join(tmpdir(), "s3blk-outage-"));
     const server = await serve(url, path.join(dir, "a.sock"), viaProxy);
@@ -88,8 +77,7 @@ describe.skipIf(s3 === undefined)("an S3 outage under a VM-like workload, over N
     proxy.heal();
     await client.flush();
     await client.close();
-    server.kill("SIGTERM");
-    expect(await new Promise((r) => server.once("exit", r))).toBe(0);
+    expect(await server.stop()).toBe(0);
 
     // A new server, straight to S3: every byte is there.
     const again = await serve(url, path.join(dir, "b.sock"), direct);
@@ -99,8 +87,7 @@ describe.skipIf(s3 === undefined)("an S3 outage under a VM-like workload, over N
       Buffer.from(await check.pread(8192 * 512, during.length)).equals(Buffer.from(during)),
     ).toBe(true);
     await check.close();
-    again.kill("SIGTERM");
-    await new Promise((r) => again.once("exit", r));
+    expect(await again.stop()).toBe(0);
     console.log(
       `NBD outage: ${injected} S3 requests failed over ${outageMs} ms; FLUSH answered EIO, ` +
         `cached reads served, ${(boot.length + during.length) / 1024} KiB verified after restart`,

@@ -8,15 +8,14 @@
  * except under CI=true.
  */
 
-import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import { requireS3 } from "../support/s3-target.js";
+import { runCli, startServe } from "../support/serve-process.js";
 import { bootGuest, ensureGuest, findExecutable, type GuestImage } from "./guest.js";
 
-const CLI = path.resolve("dist/cli/main.js");
 const CI = process.env.CI === "true";
 const BOOT_TIMEOUT_MS = 150_000;
 
@@ -54,40 +53,6 @@ const backends: Backend[] = [
       ]),
 ];
 
-function run(args: string[], env: NodeJS.ProcessEnv): Promise<number> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
-      env: { ...process.env, ...env },
-      stdio: "inherit",
-    });
-    child.once("exit", (code) => resolve(code ?? -1));
-  });
-}
-
-async function serve(backend: Backend, socket: string): Promise<{ stop(): Promise<number> }> {
-  const child: ChildProcess = spawn(
-    process.execPath,
-    [CLI, "serve", backend.url, "--socket", socket],
-    {
-      env: { ...process.env, ...backend.env },
-      stdio: ["ignore", "ignore", "inherit"],
-    },
-  );
-  const exited = new Promise<number>((resolve) =>
-    child.once("exit", (code) => resolve(code ?? -1)),
-  );
-  while (!existsSync(socket)) {
-    if (child.exitCode !== null) throw new Error(`serve exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return {
-    async stop() {
-      child.kill("SIGTERM");
-      return exited;
-    },
-  };
-}
-
 describe.skipIf(missing && !CI).each(backends)("a VM on s3blk ($name)", (backend) => {
   let guest: GuestImage;
   beforeAll(async () => {
@@ -99,11 +64,11 @@ describe.skipIf(missing && !CI).each(backends)("a VM on s3blk ($name)", (backend
   it(
     "formats ext4, writes files, and finds them intact after a server restart",
     async () => {
-      expect(await run(["create", backend.url, "--size", "1G"], backend.env)).toBe(0);
+      expect(await runCli(["create", backend.url, "--size", "1G"], backend.env)).toBe(0);
 
       const label = backend.name === "S3" ? "s3" : "local";
       const firstSocket = path.join(work, `${label}-1.sock`);
-      const first = await serve(backend, firstSocket);
+      const first = await startServe([backend.url], firstSocket, backend.env);
       const format = await bootGuest({
         ...guest,
         nbdUri: `nbd+unix:///?socket=${firstSocket}`,
@@ -116,7 +81,7 @@ describe.skipIf(missing && !CI).each(backends)("a VM on s3blk ($name)", (backend
       expect(await first.stop()).toBe(0);
 
       const socket = path.join(work, `${label}-2.sock`);
-      const second = await serve(backend, socket);
+      const second = await startServe([backend.url], socket, backend.env);
       const check = await bootGuest({
         ...guest,
         nbdUri: `nbd+unix:///?socket=${socket}`,
