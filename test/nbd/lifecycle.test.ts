@@ -190,7 +190,9 @@ describe("starting s3blk serve", () => {
     const scripts = (
       JSON.parse(readFileSync("package.json", "utf8")) as { scripts: { start: string } }
     ).scripts;
-    const args = scripts.start.split(" ");
+    // `exec`, so that npm's shell is replaced by the server and a SIGTERM npm forwards reaches it.
+    expect(scripts.start).toMatch(/^exec node /);
+    const args = scripts.start.replace(/^exec /, "").split(" ");
     expect(args.slice(0, 3)).toEqual(["node", "dist/cli/main.js", "serve"]);
     const cwd = mkdtempSync(path.join(tmpdir(), "s3blk-start-"));
     const server = await startServe(file, args.slice(3), { cwd });
