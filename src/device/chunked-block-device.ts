@@ -77,20 +77,13 @@ export class ChunkedBlockDevice implements BlockDevice {
       chunks,
       sectorSize: this.superblock.sectorSizeBytes,
       clock: options.clock ?? systemClock,
-      ...(options.cacheBytes === undefined ? {} : { cacheBytes: options.cacheBytes }),
-      ...(options.maxDirtyBytes === undefined ? {} : { maxDirtyBytes: options.maxDirtyBytes }),
-      ...(options.writebackDelayMs === undefined
-        ? {}
-        : { writebackDelayMs: options.writebackDelayMs }),
-      ...(options.wholeChunkReadBytes === undefined
-        ? {}
-        : { wholeChunkReadBytes: options.wholeChunkReadBytes }),
-      ...(options.minRangedReadBytes === undefined
-        ? {}
-        : { minRangedReadBytes: options.minRangedReadBytes }),
-      ...(options.onWritebackError === undefined
-        ? {}
-        : { onWritebackError: options.onWritebackError }),
+      // Absent options stay undefined; the cache applies its own defaults.
+      cacheBytes: options.cacheBytes,
+      maxDirtyBytes: options.maxDirtyBytes,
+      writebackDelayMs: options.writebackDelayMs,
+      wholeChunkReadBytes: options.wholeChunkReadBytes,
+      minRangedReadBytes: options.minRangedReadBytes,
+      onWritebackError: options.onWritebackError,
     });
     this.#info = Object.freeze({
       readWrite: !(options.readOnly ?? false),
@@ -111,7 +104,7 @@ export class ChunkedBlockDevice implements BlockDevice {
       store,
       prefix,
       superblock,
-      ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
+      concurrency: options.concurrency,
     });
     return new ChunkedBlockDevice(store, chunks, options, lease);
   }
