@@ -11,7 +11,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { describe, expect, it } from "vitest";
 import { parseSize } from "../../src/cli/sizes.js";
-import { requireS3 } from "../support/s3-target.js";
+import { requireS3, s3Env } from "../support/s3-target.js";
 
 const CLI = path.resolve("dist/cli/main.js");
 const run = promisify(execFile);
@@ -163,12 +163,7 @@ describe("s3blk on a local directory", () => {
 const s3 = await requireS3("CLI against S3");
 
 describe.skipIf(s3 === undefined)("s3blk against S3", () => {
-  const env = () => ({
-    AWS_ENDPOINT_URL: s3?.endpoint,
-    AWS_ACCESS_KEY_ID: s3?.credentials.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: s3?.credentials.secretAccessKey,
-    AWS_REGION: s3?.region,
-  });
+  const env = () => (s3 === undefined ? {} : s3Env(s3));
 
   it("creates, describes and deletes a volume in a bucket", async () => {
     const url = s3?.newVolumeUrl("cli") ?? "";

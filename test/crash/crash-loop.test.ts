@@ -16,8 +16,8 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../support/nbd-client.js";
 import { runCli, startServe, type ServeProcess } from "../support/serve-process.js";
-import { requireS3, type S3Target } from "../support/s3-target.js";
-import { pattern } from "../support/volumes.js";
+import { requireS3, s3Env, type S3Target } from "../support/s3-target.js";
+import { pattern, sectorValue } from "../support/volumes.js";
 
 const ROUNDS = Number(process.env.CRASH_ROUNDS ?? 20);
 const SECTOR = 512;
@@ -44,12 +44,7 @@ function s3Backend(target: S3Target): Backend {
   return {
     name: "S3",
     url: target.newVolumeUrl("crash"),
-    env: {
-      AWS_ENDPOINT_URL: target.endpoint,
-      AWS_ACCESS_KEY_ID: target.credentials.accessKeyId,
-      AWS_SECRET_ACCESS_KEY: target.credentials.secretAccessKey,
-      AWS_REGION: target.region,
-    },
+    env: s3Env(target),
   };
 }
 
@@ -88,18 +83,6 @@ class Model {
   }
 }
 
-function valueOf(
-  bytes: Uint8Array,
-  sector: number,
-  candidates: Iterable<number>,
-): number | undefined {
-  for (const value of candidates) {
-    const expected = value === 0 ? new Uint8Array(SECTOR) : pattern(value, sector, 1);
-    if (Buffer.from(bytes).equals(Buffer.from(expected))) return value;
-  }
-  return undefined;
-}
-
 /** Read the whole volume, check it against the model, and make what it holds the new truth. */
 async function verify(client: NbdClient, model: Model, current: Int32Array): Promise<number> {
   const step = 4 * 1024 * 1024;
@@ -108,7 +91,7 @@ async function verify(client: NbdClient, model: Model, current: Int32Array): Pro
     for (let i = 0; i < step / SECTOR; i++) {
       const s = offset / SECTOR + i;
       const candidates = [model.durable[s] ?? 0, ...(model.since.get(s) ?? [])];
-      const got = valueOf(data.subarray(i * SECTOR, (i + 1) * SECTOR), s, candidates);
+      const got = sectorValue(data.subarray(i * SECTOR, (i + 1) * SECTOR), s, candidates);
       if (got === undefined) {
         throw new Error(
           `sector ${s}: neither its flushed value ${model.durable[s]} nor one written since`,

@@ -13,7 +13,7 @@ import { NBD_EIO } from "../../src/nbd/protocol.js";
 import { FaultProxy } from "../support/fault-proxy.js";
 import { NbdClient } from "../support/nbd-client.js";
 import { runCli, startServe, type ServeProcess } from "../support/serve-process.js";
-import { requireS3 } from "../support/s3-target.js";
+import { requireS3, s3Env } from "../support/s3-target.js";
 import { pattern } from "../support/volumes.js";
 
 const SIZE = 64 * 1024 * 1024;
@@ -37,13 +37,8 @@ describe.skipIf(s3 === undefined)("an S3 outage under a VM-like workload, over N
     const target = s3 ?? (undefined as never);
     proxy = await FaultProxy.start(target.endpoint);
     const url = target.newVolumeUrl("nbd-outage");
-    const env = {
-      AWS_ACCESS_KEY_ID: target.credentials.accessKeyId,
-      AWS_SECRET_ACCESS_KEY: target.credentials.secretAccessKey,
-      AWS_REGION: target.region,
-    };
-    const direct = { ...env, AWS_ENDPOINT_URL: target.endpoint };
-    const viaProxy = { ...env, AWS_ENDPOINT_URL: proxy.endpoint };
+    const direct = s3Env(target);
+    const viaProxy = s3Env(target, proxy.endpoint);
     expect(await runCli(["create", url, "--size", String(SIZE)], direct)).toBe(0);
 
     const dir = mkdtempSync(path.join(tmpdir(), "s3blk-outage-"));

@@ -12,7 +12,13 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
 import { FaultStore } from "../../src/store/fault-store.js";
-import { memoryBackend, newTestVolume, pattern, splitSectors } from "../support/volumes.js";
+import {
+  memoryBackend,
+  newTestVolume,
+  pattern,
+  sectorValue,
+  splitSectors,
+} from "../support/volumes.js";
 
 const SECTOR = 512;
 const CHUNK = 64 * 1024;
@@ -76,18 +82,6 @@ class Model {
     this.durable.set(this.current);
     this.since = new Array(SIZE_SECTORS);
   }
-}
-
-function sectorValue(
-  bytes: Uint8Array,
-  sector: number,
-  candidates: Iterable<number>,
-): number | undefined {
-  for (const value of candidates) {
-    const expected = value === 0 ? new Uint8Array(SECTOR) : pattern(value, sector, 1);
-    if (Buffer.from(bytes).equals(Buffer.from(expected))) return value;
-  }
-  return undefined;
 }
 
 async function run(ops: Op[], faults: boolean): Promise<void> {

@@ -111,3 +111,13 @@ async function prepare(target: Omit<S3Target, "newVolumeUrl">): Promise<S3Target
 export function stackOptions(target: S3Target) {
   return { endpoint: target.endpoint, region: target.region, credentials: target.credentials };
 }
+
+/** The environment a spawned `s3blk` needs to reach the target (through `endpoint` if given). */
+export function s3Env(target: S3Target, endpoint = target.endpoint): NodeJS.ProcessEnv {
+  return {
+    AWS_ENDPOINT_URL: endpoint,
+    AWS_ACCESS_KEY_ID: target.credentials.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: target.credentials.secretAccessKey,
+    AWS_REGION: target.region,
+  };
+}

@@ -96,6 +96,24 @@ export function pattern(
   return out;
 }
 
+/**
+ * Which of `candidates` one sector's bytes are: a value v > 0 is `pattern(v, sector, 1)`, 0 is
+ * zeros. Undefined if none.
+ */
+export function sectorValue(
+  bytes: Uint8Array,
+  sector: number,
+  candidates: Iterable<number>,
+  sectorSize = 512,
+): number | undefined {
+  for (const value of candidates) {
+    const expected =
+      value === 0 ? new Uint8Array(sectorSize) : pattern(value, sector, 1, sectorSize);
+    if (Buffer.from(bytes).equals(Buffer.from(expected))) return value;
+  }
+  return undefined;
+}
+
 /** Split `bytes` into buffers of the given sector counts (cycling). */
 export function splitSectors(
   bytes: Uint8Array,

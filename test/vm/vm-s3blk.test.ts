@@ -12,7 +12,7 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
-import { requireS3 } from "../support/s3-target.js";
+import { requireS3, s3Env } from "../support/s3-target.js";
 import { runCli, startServe } from "../support/serve-process.js";
 import { bootGuest, ensureGuest, findExecutable, type GuestImage } from "./guest.js";
 
@@ -43,12 +43,7 @@ const backends: Backend[] = [
         {
           name: "S3",
           url: s3.newVolumeUrl("vm"),
-          env: {
-            AWS_ENDPOINT_URL: s3.endpoint,
-            AWS_ACCESS_KEY_ID: s3.credentials.accessKeyId,
-            AWS_SECRET_ACCESS_KEY: s3.credentials.secretAccessKey,
-            AWS_REGION: s3.region,
-          },
+          env: s3Env(s3),
         },
       ]),
 ];
