@@ -3,8 +3,8 @@
  * stderr with a non-zero exit code, never a stack trace.
  */
 
-import { execFile, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { execFile } from "node:child_process";
+import { mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { randomFillSync } from "node:crypto";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -12,8 +12,8 @@ import { promisify } from "node:util";
 import { describe, expect, it } from "vitest";
 import { parseSize } from "../../src/cli/sizes.js";
 import { requireS3, s3Env } from "../support/s3-target.js";
+import { CLI, startServe } from "../support/serve-process.js";
 
-const CLI = path.resolve("dist/cli/main.js");
 const run = promisify(execFile);
 
 async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}) {
@@ -112,20 +112,16 @@ describe("s3blk on a local directory", () => {
   it("refuses to import into a volume another process is serving, in one line", async () => {
     expect((await s3blk(["create", "busy", "--size", "16M"])).code).toBe(0);
     const socket = path.join(work, "busy.sock");
-    const server = spawn(process.execPath, [CLI, "serve", "busy", "--socket", socket], {
-      cwd: work,
-    });
+    const server = await startServe(["busy", "--socket", socket], { cwd: work });
     try {
-      while (!existsSync(socket)) await new Promise((r) => setTimeout(r, 20));
       const image = path.join(work, "small.raw");
       writeFileSync(image, Buffer.alloc(4096, 1));
       expectOneLineError(
         await s3blk(["import", image, "busy"]),
-        new RegExp(`volume is in use by pid ${server.pid} on .*use --force`),
+        new RegExp(`volume is in use by pid ${server.child.pid} on .*use --force`),
       );
     } finally {
-      server.kill("SIGTERM");
-      await new Promise((r) => server.once("exit", r));
+      await server.stop();
     }
   });
 

@@ -133,7 +133,7 @@ describe.each(backends())("crash loop on $name", (backend) => {
     try {
       for (let round = 0; round <= ROUNDS; round++) {
         const socket = path.join(socketDir, `r${round}.sock`);
-        const server = await startServe([backend.url], socket, backend.env);
+        const server = await startServe([backend.url, "--socket", socket], { env: backend.env });
         live = server;
         const { exited } = server;
         const client = await NbdClient.connect(socket);

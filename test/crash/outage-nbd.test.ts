@@ -28,7 +28,7 @@ describe.skipIf(s3 === undefined)("an S3 outage under a VM-like workload, over N
   });
 
   async function serve(url: string, socket: string, env: NodeJS.ProcessEnv) {
-    const server = await startServe([url], socket, env);
+    const server = await startServe([url, "--socket", socket], { env });
     started.push(server);
     return server;
   }

@@ -4,13 +4,12 @@
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../support/nbd-client.js";
-
-const CLI = path.resolve("dist/cli/main.js");
+import { CLI, startServe } from "../support/serve-process.js";
 
 function start(args: string[]): {
   child: ChildProcess;
@@ -27,21 +26,13 @@ function start(args: string[]): {
   return { child, output: () => output, exited };
 }
 
-async function listening(socket: string, child: ChildProcess): Promise<void> {
-  while (!existsSync(socket)) {
-    if (child.exitCode !== null) throw new Error(`serve exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 describe("two serve processes on one volume", () => {
   it("refuses the second writer by name, lets a reader in, and the next writer after a clean exit", async () => {
     const dir = mkdtempSync(path.join(tmpdir(), "s3blk-two-"));
     const volume = `file://${dir}/vol`;
     expect(await start(["create", volume, "--size", "64M"]).exited).toBe(0);
 
-    const first = start(["serve", volume, "--socket", path.join(dir, "a.sock")]);
-    await listening(path.join(dir, "a.sock"), first.child);
+    const first = await startServe([volume, "--socket", path.join(dir, "a.sock")]);
 
     const second = start(["serve", volume, "--socket", path.join(dir, "b.sock")]);
     expect(await second.exited).toBe(1);
@@ -53,20 +44,15 @@ describe("two serve processes on one volume", () => {
     );
     expect(second.output()).not.toMatch(/\n\s+at /);
 
-    const reader = start(["serve", volume, "--read-only", "--socket", path.join(dir, "r.sock")]);
-    await listening(path.join(dir, "r.sock"), reader.child);
+    const reader = await startServe([volume, "--read-only", "--socket", path.join(dir, "r.sock")]);
     const client = await NbdClient.connect(path.join(dir, "r.sock"));
     await expect(client.pwrite(0, new Uint8Array(512))).rejects.toBeInstanceOf(Error);
     expect((await client.pread(0, 512)).length).toBe(512);
     await client.close();
-    reader.child.kill("SIGTERM");
-    expect(await reader.exited).toBe(0);
+    expect(await reader.stop()).toBe(0);
 
-    first.child.kill("SIGTERM");
-    expect(await first.exited).toBe(0);
-    const third = start(["serve", volume, "--socket", path.join(dir, "c.sock")]);
-    await listening(path.join(dir, "c.sock"), third.child);
-    third.child.kill("SIGTERM");
-    expect(await third.exited).toBe(0);
+    expect(await first.stop()).toBe(0);
+    const third = await startServe([volume, "--socket", path.join(dir, "c.sock")]);
+    expect(await third.stop()).toBe(0);
   });
 });

@@ -7,9 +7,9 @@
  * client working throughout is never disturbed; memory stays bounded; nothing crashes.
  */
 
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -34,12 +34,12 @@ import {
   parseOptionReply,
 } from "../../src/nbd/protocol/client.js";
 import { NbdClient, NbdRequestError } from "../support/nbd-client.js";
+import { CLI, startServe, type ServeProcess } from "../support/serve-process.js";
 import { pattern } from "../support/volumes.js";
 
-const CLI = path.resolve("dist/cli/main.js");
 const SIZE = 64 * 1024 * 1024;
 
-let server: ChildProcess;
+let server: ServeProcess;
 let socket: string;
 let healthy: NbdClient;
 let healthyRunning = true;
@@ -92,13 +92,7 @@ beforeAll(async () => {
   const volume = `file://${dir}/vol`;
   const create = spawn(process.execPath, [CLI, "create", volume, "--size", String(SIZE)]);
   await new Promise((r) => create.once("exit", r));
-  server = spawn(process.execPath, [CLI, "serve", volume, "--socket", socket], {
-    stdio: ["ignore", "ignore", "inherit"],
-  });
-  while (!existsSync(socket)) {
-    if (server.exitCode !== null) throw new Error(`serve exited with ${server.exitCode}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  server = await startServe([volume, "--socket", socket]);
   healthy = await NbdClient.connect(socket);
   // A well-behaved client writes and verifies throughout the abuse.
   healthyLoop = (async () => {
@@ -121,10 +115,7 @@ afterAll(async () => {
   healthyRunning = false;
   await healthyLoop?.catch(() => 0);
   await healthy?.close().catch(() => {});
-  if (server?.exitCode === null) {
-    server.kill("SIGTERM");
-    await new Promise((r) => server.once("exit", r));
-  }
+  await server?.stop();
 });
 
 describe("hostile input against s3blk serve", () => {
@@ -143,7 +134,7 @@ describe("hostile input against s3blk serve", () => {
         fc.array(fc.nat(400), { maxLength: 5 }),
         async (bytes, cuts) => {
           await raw(splitAt(bytes, cuts), 30);
-          expect(server.exitCode).toBeNull();
+          expect(server.child.exitCode).toBeNull();
         },
       ),
       { numRuns: 60 },
@@ -203,11 +194,11 @@ describe("hostile input against s3blk serve", () => {
       const errno = replies.readUInt32BE(4);
       expect(closed || errno === NBD_EINVAL).toBe(true);
     }
-    expect(server.exitCode).toBeNull();
+    expect(server.child.exitCode).toBeNull();
   });
 
   it("does not allocate what a 4 GiB WRITE header claims", async () => {
-    const before = rssBytes(server.pid ?? 0);
+    const before = rssBytes(server.child.pid ?? 0);
     const header = encodeRequest({
       flags: 0,
       type: NBD_CMD_WRITE,
@@ -218,9 +209,9 @@ describe("hostile input against s3blk serve", () => {
     await Promise.all(
       Array.from({ length: 4 }, () => raw([...handshake(), header, randomBytes(65536)], 300)),
     );
-    const after = rssBytes(server.pid ?? 0);
+    const after = rssBytes(server.child.pid ?? 0);
     expect(after - before).toBeLessThan(256 * 1024 * 1024);
-    expect(server.exitCode).toBeNull();
+    expect(server.child.exitCode).toBeNull();
   });
 
   it("survives payloads shorter than announced and clients that vanish mid-request", async () => {
@@ -247,7 +238,7 @@ describe("hostile input against s3blk serve", () => {
       }),
     );
     await raw([...handshake(), ...reads], 0);
-    expect(server.exitCode).toBeNull();
+    expect(server.child.exitCode).toBeNull();
   });
 
   it("serves a WRITE split at every kind of byte boundary", async () => {
@@ -275,8 +266,8 @@ describe("hostile input against s3blk serve", () => {
     healthyRunning = false;
     const rounds = await healthyLoop;
     expect(rounds).toBeGreaterThan(10);
-    expect(rssBytes(server.pid ?? 0)).toBeLessThan(1024 * 1024 * 1024);
-    expect(server.exitCode).toBeNull();
+    expect(rssBytes(server.child.pid ?? 0)).toBeLessThan(1024 * 1024 * 1024);
+    expect(server.child.exitCode).toBeNull();
     console.log(
       `hostile input: healthy client completed ${rounds} verified write+read rounds meanwhile`,
     );

@@ -3,7 +3,7 @@
  * against it, and serve memory volumes in this process for protocol-level tests.
  */
 
-import { execFile, spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { execFile, spawnSync } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -15,8 +15,9 @@ import { NbdExport, type NbdDevice } from "../../src/nbd/exports.js";
 import { NbdServer, type NbdServerOptions } from "../../src/nbd/server.js";
 import type { ConnectionLimits } from "../../src/nbd/connection.js";
 import type { S3Target } from "../support/s3-target.js";
+import { startServe as startServeProcess, type ServeProcess } from "../support/serve-process.js";
 
-export const CLI = path.resolve("dist/cli/main.js");
+export { CLI, type ServeProcess } from "../support/serve-process.js";
 
 /**
  * The tools missing from `names`. Missing tools skip a suite with a line saying what is missing,
@@ -79,19 +80,6 @@ export function nbdsh(uri: string, script: string, baseAllocation = true): Promi
   ]);
 }
 
-/** A running `s3blk serve`. */
-export interface ServeProcess {
-  readonly child: ChildProcess;
-  /** The NBD URIs it printed, in order. */
-  readonly uris: readonly string[];
-  stdout(): string;
-  stderr(): string;
-  /** Resolves with the exit code (or the signal's name). */
-  readonly exited: Promise<number | string>;
-  /** SIGTERM (or `signal`) and wait for the exit. */
-  stop(signal?: NodeJS.Signals): Promise<number | string>;
-}
-
 /** Where a backend's volumes live, and the environment the CLI needs to reach them. */
 export interface ServeBackend {
   readonly name: string;
@@ -125,54 +113,20 @@ export function s3ServeBackend(target: S3Target): ServeBackend {
 }
 
 /**
- * Start `s3blk serve` and wait until it prints its URIs (it is listening by then). `args` follow
- * `serve`; `--listen 127.0.0.1:0` is added unless `--listen` or `--socket` is given.
+ * Start `s3blk serve` on a backend. `args` follow `serve`; `--listen 127.0.0.1:0` is added unless
+ * `--listen` or `--socket` is given.
  */
-export async function startServe(
+export function startServe(
   backend: ServeBackend,
   args: readonly string[],
   options: { cwd?: string } = {},
 ): Promise<ServeProcess> {
   const listen = args.includes("--listen") || args.includes("--socket");
-  const child = spawn(
-    process.execPath,
-    [CLI, ...backend.globalArgs, "serve", ...args, ...(listen ? [] : ["--listen", "127.0.0.1:0"])],
-    {
-      env: { ...process.env, ...backend.env },
-      cwd: options.cwd,
-      stdio: ["ignore", "pipe", "pipe"],
-    },
-  );
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
-  child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<number | string>((resolve) =>
-    child.once("exit", (code, signal) => resolve(code ?? signal ?? -1)),
-  );
-  const deadline = Date.now() + 60_000;
-  while (!/^connect with: /m.test(stdout)) {
-    if (child.exitCode !== null || child.signalCode !== null) {
-      throw new Error(`serve exited (${child.exitCode ?? child.signalCode}): ${stderr.trim()}`);
-    }
-    if (Date.now() > deadline) {
-      child.kill("SIGKILL");
-      throw new Error(`serve did not start within 60 s: ${stderr.trim()}`);
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  const uris = [...stdout.matchAll(/^ {2}(nbd(?:\+unix)?:\/\/\S+)$/gm)].map((m) => m[1]!);
-  return {
-    child,
-    uris,
-    stdout: () => stdout,
-    stderr: () => stderr,
-    exited,
-    async stop(signal: NodeJS.Signals = "SIGTERM") {
-      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-      return exited;
-    },
-  };
+  return startServeProcess([...args, ...(listen ? [] : ["--listen", "127.0.0.1:0"])], {
+    env: backend.env,
+    globalArgs: backend.globalArgs,
+    ...options,
+  });
 }
 
 /** `nbd://127.0.0.1:PORT/name` → `{ port }` for the raw client. */

@@ -1,51 +1,74 @@
 /**
  * `s3blk serve` as a child process, for black-box tests: started from the built CLI, ready once
- * its unix socket exists, stopped by PID.
+ * it prints "connect with:" (after every listener is bound *and* listening), stopped by signal.
+ *
+ * Readiness is the printed line, not the socket file: a unix socket's file appears at bind(2),
+ * before listen(2), and a client that connects in between is refused.
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
 import path from "node:path";
 
 export const CLI = path.resolve("dist/cli/main.js");
 
-export interface ServeProcess {
-  readonly child: ChildProcess;
-  /** Resolves with the exit code (-1 if killed by a signal). */
-  readonly exited: Promise<number>;
-  /** SIGTERM, then the exit code: 0 means everything was flushed. */
-  stop(): Promise<number>;
+export interface ServeOptions {
+  /** Added to this process's environment. */
+  readonly env?: NodeJS.ProcessEnv;
+  readonly cwd?: string;
+  /** Options that go before `serve` (`--endpoint URL`). */
+  readonly globalArgs?: readonly string[];
 }
 
-/** Start `s3blk serve <args...> --socket <socket>` and wait until it listens. */
+/** A running `s3blk serve`. */
+export interface ServeProcess {
+  readonly child: ChildProcess;
+  /** The NBD URIs it printed, in order. */
+  readonly uris: readonly string[];
+  stdout(): string;
+  stderr(): string;
+  /** Resolves with the exit code, or the name of the signal that ended it. */
+  readonly exited: Promise<number | string>;
+  /** SIGTERM (or `signal`), then the exit: 0 after SIGTERM means everything was flushed. */
+  stop(signal?: NodeJS.Signals): Promise<number | string>;
+}
+
+/** Start `s3blk [globalArgs] serve <args...>` and wait until it listens. */
 export async function startServe(
   args: readonly string[],
-  socket: string,
-  env: NodeJS.ProcessEnv = {},
+  options: ServeOptions = {},
 ): Promise<ServeProcess> {
-  const child = spawn(process.execPath, [CLI, "serve", ...args, "--socket", socket], {
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "ignore", "pipe"],
+  const child = spawn(process.execPath, [CLI, ...(options.globalArgs ?? []), "serve", ...args], {
+    env: { ...process.env, ...options.env },
+    cwd: options.cwd,
+    stdio: ["ignore", "pipe", "pipe"],
   });
+  let stdout = "";
   let stderr = "";
-  child.stderr?.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
-  const exited = new Promise<number>((resolve) =>
-    child.once("exit", (code) => resolve(code ?? -1)),
+  child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_000)));
+  const exited = new Promise<number | string>((resolve) =>
+    child.once("exit", (code, signal) => resolve(code ?? signal ?? -1)),
   );
-  const deadline = Date.now() + 30_000;
-  while (!existsSync(socket)) {
-    if (child.exitCode !== null) throw new Error(`serve exited with ${child.exitCode}: ${stderr}`);
+  const deadline = Date.now() + 60_000;
+  while (!/^connect with: /m.test(stdout)) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`serve exited (${child.exitCode ?? child.signalCode}): ${stderr.trim()}`);
+    }
     if (Date.now() > deadline) {
       child.kill("SIGKILL");
-      throw new Error(`serve did not listen on ${socket} within 30 s: ${stderr}`);
+      throw new Error(`serve did not start within 60 s: ${stderr.trim()}`);
     }
     await new Promise((r) => setTimeout(r, 20));
   }
+  const uris = [...stdout.matchAll(/^ {2}(nbd(?:\+unix)?:\/\/\S+)$/gm)].map((m) => m[1]!);
   return {
     child,
+    uris,
+    stdout: () => stdout,
+    stderr: () => stderr,
     exited,
-    stop() {
-      if (child.exitCode === null) child.kill("SIGTERM");
+    stop(signal: NodeJS.Signals = "SIGTERM") {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
       return exited;
     },
   };

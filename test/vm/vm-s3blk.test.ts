@@ -63,7 +63,7 @@ describe.skipIf(missing && !CI).each(backends)("a VM on s3blk ($name)", (backend
 
       const label = backend.name === "S3" ? "s3" : "local";
       const firstSocket = path.join(work, `${label}-1.sock`);
-      const first = await startServe([backend.url], firstSocket, backend.env);
+      const first = await startServe([backend.url, "--socket", firstSocket], { env: backend.env });
       const format = await bootGuest({
         ...guest,
         nbdUri: `nbd+unix:///?socket=${firstSocket}`,
@@ -76,7 +76,7 @@ describe.skipIf(missing && !CI).each(backends)("a VM on s3blk ($name)", (backend
       expect(await first.stop()).toBe(0);
 
       const socket = path.join(work, `${label}-2.sock`);
-      const second = await startServe([backend.url], socket, backend.env);
+      const second = await startServe([backend.url, "--socket", socket], { env: backend.env });
       const check = await bootGuest({
         ...guest,
         nbdUri: `nbd+unix:///?socket=${socket}`,
