@@ -15,25 +15,34 @@
  *
  * ## Partial pages
  *
- * A page tracks which sectors it knows. A write lands in the page at once, without fetching the
- * chunk; a read of sectors the page does not know fetches them (a ranged GET, or the whole chunk
- * when the request is large or sequential). The read-modify-write happens only at upload time,
- * and only for a page that is not fully known, so a chunk overwritten whole costs no GET.
+ * A page tracks which sectors it knows, and stores only the 4 KiB spans it holds (page.ts). A
+ * write lands in the page at once, without fetching the chunk; a read of sectors the page does
+ * not know fetches them (a ranged GET, or the whole chunk when the request is large or
+ * sequential). The read-modify-write happens only at upload time, and only for a page that is
+ * not fully known, so a chunk overwritten whole costs no GET. It builds the upload's image from
+ * the fetched chunk without growing the page; the image then becomes the page's storage if the
+ * page is clean after the upload, or if the dirty bound has room for it.
  *
- * ## Memory
+ * ## Memory, and the two dirty bounds
  *
- * Clean pages live in an LRU bounded by `cacheBytes`. Dirty pages live outside it, bounded by
- * `maxDirtyBytes`: a write that needs a new dirty page while the bound is reached waits for
- * write-back (backpressure), and fails if write-back fails meanwhile. Uploads take their
- * snapshot only when their turn in the request queue comes, so snapshots are bounded by the
- * queue's concurrency. Peak memory is thus about `cacheBytes + maxDirtyBytes + concurrency *
- * chunkSizeBytes`, whatever the workload.
+ * Every page is charged for the memory it keeps alive: its spans, plus its bookkeeping in the
+ * clean LRU. Clean pages live in an LRU bounded by `cacheBytes`. Dirty pages live outside it,
+ * under two bounds:
+ *
+ * - `maxDirtyBytes`, the memory dirty pages hold, which bounds memory;
+ * - `maxDirtyChunks`, the number of dirty pages, which bounds the work of a flush (one upload,
+ *   and for a partial page one GET, per dirty chunk).
+ *
+ * A write that would pass either waits for write-back (backpressure), and fails if write-back
+ * fails meanwhile. Uploads take their image only when their turn in the request queue comes, so
+ * images are bounded by the queue's concurrency. Peak memory is thus about `cacheBytes +
+ * maxDirtyBytes + concurrency * chunkSizeBytes`, whatever the workload.
  *
  * ## Write-back
  *
  * A dirty page is uploaded once it has been dirty for `writebackDelayMs`; the oldest pages are
- * uploaded at once while dirty bytes exceed `writebackThresholdBytes`, when a writer is waiting
- * for room, and every page on `flush`.
+ * uploaded at once while dirty bytes or dirty chunks not yet uploading exceed half their bound,
+ * when a writer is waiting for room, and every page on `flush`.
  * Rewriting a dirty page before then costs nothing more, so rewriting one sector a thousand times
  * costs one upload.
  */
@@ -42,7 +51,7 @@ import assert from "node:assert/strict";
 import { LRUCache } from "lru-cache";
 import type { ChunkStore } from "../volume/chunk-store.js";
 import type { Clock } from "../util/clock.js";
-import { Page } from "./page.js";
+import { Page, type Fetched } from "./page.js";
 
 export interface PageCacheOptions {
   readonly chunks: ChunkStore;
@@ -50,15 +59,24 @@ export interface PageCacheOptions {
   readonly clock: Clock;
   /** Bytes of clean pages kept. Default 256 MiB. */
   readonly cacheBytes?: number;
-  /** Bytes of dirty pages at most; writers wait past it. Default 128 MiB (at least 2 chunks). */
+  /** Memory held by dirty pages at most; writers wait past it. Default 128 MiB (at least 2 chunks). */
   readonly maxDirtyBytes?: number;
+  /**
+   * Dirty pages at most; writers wait past it. It bounds a flush's work: at most this many
+   * uploads, each with a GET when the page is partial. Default 1024: with 1 MiB chunks, about
+   * 4 s of read-modify-write at the ~270 per second RGW gives on this 2-core machine.
+   */
+  readonly maxDirtyChunks?: number;
   /**
    * Upload a dirty page after this long. Default 5000 ms: measured on RGW, 1 s re-uploaded every
    * hot chunk each second and cut random 4 KiB writes from 86k to 24k IOPS; flush and FUA do not
    * wait for it.
    */
   readonly writebackDelayMs?: number;
-  /** Upload the oldest pages past this many dirty bytes. Default half of `maxDirtyBytes`. */
+  /**
+   * Upload the oldest pages past this many dirty bytes not yet uploading. Default half of
+   * `maxDirtyBytes`. (The same holds for dirty chunks, at half of `maxDirtyChunks`.)
+   */
   readonly writebackThresholdBytes?: number;
   /** A read miss needing at least this many bytes of a chunk fetches all of it. Default chunk/4. */
   readonly wholeChunkReadBytes?: number;
@@ -87,8 +105,11 @@ export interface Extent {
 
 /** Figures for tests and the benchmark. */
 export interface CacheStats {
+  /** Memory held by dirty pages. */
   dirtyBytes: number;
   peakDirtyBytes: number;
+  dirtyChunks: number;
+  peakDirtyChunks: number;
   cleanBytes: number;
   uploads: number;
   uploadFailures: number;
@@ -110,8 +131,10 @@ export class PageCache {
   readonly #sectorSize: number;
   readonly #clock: Clock;
   readonly #maxDirtyBytes: number;
+  readonly #maxDirtyChunks: number;
   readonly #writebackDelayMs: number;
   readonly #writebackThresholdBytes: number;
+  readonly #writebackThresholdChunks: number;
   readonly #wholeChunkReadBytes: number;
   readonly #readaheadChunks: number;
   readonly #minRangedReadBytes: number;
@@ -124,13 +147,18 @@ export class PageCache {
   #roomWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
   #cancelTimer: (() => void) | undefined;
   #retryDelayMs = 0;
-  /** Pages whose upload is queued or in flight. */
+  /** Memory held by dirty pages. */
+  #dirtyMemory = 0;
+  /** Pages whose upload is queued or in flight, and the memory they hold. */
   #uploadingPages = 0;
+  #uploadingMemory = 0;
   #lastReadEndBytes = -1;
   #closed = false;
   #stats: CacheStats = {
     dirtyBytes: 0,
     peakDirtyBytes: 0,
+    dirtyChunks: 0,
+    peakDirtyChunks: 0,
     cleanBytes: 0,
     uploads: 0,
     uploadFailures: 0,
@@ -146,8 +174,10 @@ export class PageCache {
       2 * this.chunkSizeBytes,
       options.maxDirtyBytes ?? 128 * 1024 * 1024,
     );
+    this.#maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
     this.#writebackDelayMs = options.writebackDelayMs ?? 5000;
     this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 2;
+    this.#writebackThresholdChunks = Math.floor(this.#maxDirtyChunks / 2);
     this.#wholeChunkReadBytes = options.wholeChunkReadBytes ?? this.chunkSizeBytes / 4;
     this.#readaheadChunks = options.readaheadChunks ?? 4;
     this.#minRangedReadBytes = Math.min(
@@ -158,21 +188,35 @@ export class PageCache {
     this.#zeroChunk = Buffer.alloc(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
       maxSize: Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024),
-      sizeCalculation: () => this.chunkSizeBytes,
+      sizeCalculation: (page) => page.memoryBytes + page.overheadBytes,
     });
   }
 
   stats(): CacheStats {
     return {
       ...this.#stats,
-      dirtyBytes: this.#dirtyBytes(),
+      dirtyBytes: this.#dirtyMemory,
+      dirtyChunks: this.#dirty.size,
       cleanBytes: this.#clean.calculatedSize,
     };
   }
 
-  /** Bytes of dirty pages now. */
-  #dirtyBytes(): number {
-    return this.#dirty.size * this.chunkSizeBytes;
+  /**
+   * Change `page`'s contents through `change`, keeping the accounts of the memory it holds: the
+   * dirty and uploading totals, or its size in the clean LRU.
+   */
+  #resize(page: Page, change: () => void): void {
+    const before = page.memoryBytes;
+    change();
+    const delta = page.memoryBytes - before;
+    if (delta === 0) return;
+    if (page.upload !== undefined) this.#uploadingMemory += delta;
+    if (this.#dirty.get(page.index) === page) {
+      this.#dirtyMemory += delta;
+      this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyMemory);
+    } else if (this.#clean.peek(page.index) === page) {
+      this.#clean.set(page.index, page); // sizes it again
+    }
   }
 
   // ---- reads -------------------------------------------------------------------------------
@@ -182,8 +226,11 @@ export class PageCache {
     const byChunk = this.#split(offsetBytes, buffers);
     const sequential = offsetBytes === this.#lastReadEndBytes;
     this.#lastReadEndBytes = offsetBytes + sumLengths(buffers);
-    const loads: Promise<void>[] = [];
-    const ready: { page: Page | undefined; pieces: Piece[] }[] = [];
+    const ready: {
+      page: Page | undefined;
+      pieces: Piece[];
+      load?: Promise<Fetched | undefined>;
+    }[] = [];
     for (const [index, pieces] of byChunk) {
       const page = this.#lookup(index);
       if (page === undefined && !this.#chunks.isAllocated(index)) {
@@ -191,24 +238,34 @@ export class PageCache {
         continue;
       }
       const target = page ?? this.#newCleanPage(index);
-      const first = pieces[0];
-      const last = pieces.at(-1);
-      assert(first !== undefined && last !== undefined);
-      const start = first.chunkOffsetBytes;
-      const end = last.chunkOffsetBytes + last.bytes.byteLength;
-      if (!target.isValid(start, end - start)) {
-        loads.push(this.#load(target, start, end - start, sequential));
-      }
-      ready.push({ page: target, pieces });
+      const { start, end } = extentOf(pieces);
+      if (target.isValid(start, end - start)) ready.push({ page: target, pieces });
+      else
+        ready.push({
+          page: target,
+          pieces,
+          load: this.#load(target, start, end - start, sequential),
+        });
     }
     if (sequential) this.#readahead(byChunk);
-    await Promise.all(loads);
-    for (const { page, pieces } of ready) {
+    const fetched = await Promise.all(ready.map((r) => r.load));
+    // From here on synchronously, so every piece sees the page as it is now.
+    ready.forEach(({ page, pieces }, i) => {
+      const scratch = fetched[i];
       for (const piece of pieces) {
-        if (page === undefined) piece.bytes.fill(0);
-        else page.copyOut(piece.chunkOffsetBytes, piece.bytes);
+        if (page === undefined) {
+          piece.bytes.fill(0);
+        } else if (scratch === undefined) {
+          page.copyOut(piece.chunkOffsetBytes, piece.bytes);
+        } else {
+          // The page could not keep what was fetched: fetched bytes, then what the page knows.
+          const from = piece.chunkOffsetBytes - scratch.offsetBytes;
+          if (scratch.bytes === undefined) piece.bytes.fill(0);
+          else piece.bytes.set(scratch.bytes.subarray(from, from + piece.bytes.byteLength));
+          page.copyKnownOut(piece.chunkOffsetBytes, piece.bytes);
+        }
       }
-    }
+    });
   }
 
   /**
@@ -216,39 +273,72 @@ export class PageCache {
    * the same chunk, fetch the whole chunk (shared by every reader that needs it meanwhile);
    * small random misses fetch an aligned span of at least `minRangedReadBytes`, since on S3 a
    * 64 KiB ranged GET costs no more than a 4 KiB one.
+   *
+   * Resolves with the fetched bytes when the page could not keep them (see `#keep`); the
+   * caller then reads from those, overlaid with what the page knows.
    */
-  async #load(page: Page, offsetBytes: number, lengthBytes: number, sequential: boolean) {
+  async #load(
+    page: Page,
+    offsetBytes: number,
+    lengthBytes: number,
+    sequential: boolean,
+  ): Promise<Fetched | undefined> {
     while (!page.isValid(offsetBytes, lengthBytes)) {
-      if (page.fill !== undefined) {
-        await page.fill;
-        continue;
+      if (page.fill === undefined) {
+        if (!(sequential || lengthBytes >= this.#wholeChunkReadBytes || page.rangedReads > 0)) {
+          const fetched = await this.#fetchRange(page, offsetBytes, lengthBytes);
+          if (fetched !== undefined) return fetched;
+          continue;
+        }
+        this.#fillWhole(page);
       }
-      if (sequential || lengthBytes >= this.#wholeChunkReadBytes || page.rangedReads > 0) {
-        await this.#fillWhole(page);
-        continue;
-      }
-      const span = this.#minRangedReadBytes;
-      const start = Math.floor(offsetBytes / span) * span;
-      const end = Math.min(
-        this.chunkSizeBytes,
-        Math.ceil((offsetBytes + lengthBytes) / span) * span,
-      );
-      page.rangedReads++;
-      const bytes = await this.#chunks.read(page.index, start, end - start);
-      page.fillFrom(start, bytes, end - start);
+      const fetched = await page.fill;
+      if (fetched !== undefined) return fetched;
     }
+    return undefined;
   }
 
-  #fillWhole(page: Page): Promise<void> {
-    if (page.fill === undefined) {
-      page.fill = this.#chunks
-        .read(page.index, 0, this.chunkSizeBytes)
-        .then((bytes) => page.fillFrom(0, bytes, this.chunkSizeBytes))
-        .finally(() => {
-          page.fill = undefined;
-        });
-    }
+  /** One ranged GET, of whole aligned spans, for a small miss. */
+  async #fetchRange(
+    page: Page,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Fetched | undefined> {
+    const span = this.#minRangedReadBytes;
+    const start = Math.floor(offsetBytes / span) * span;
+    const end = Math.min(this.chunkSizeBytes, Math.ceil((offsetBytes + lengthBytes) / span) * span);
+    page.rangedReads++;
+    const bytes = await this.#chunks.read(page.index, start, end - start);
+    return this.#keep(page, start, bytes, end - start);
+  }
+
+  /** Fetch the whole chunk into `page`, once for every reader that needs it meanwhile. */
+  #fillWhole(page: Page): Promise<Fetched | undefined> {
+    page.fill ??= this.#chunks
+      .read(page.index, 0, this.chunkSizeBytes)
+      .then((bytes) => this.#keep(page, 0, bytes, this.chunkSizeBytes))
+      .finally(() => {
+        page.fill = undefined;
+      });
     return page.fill;
+  }
+
+  /**
+   * Put fetched bytes into `page`, unless it is dirty and they would pass the dirty bound:
+   * then hand them back, for the reader to use once.
+   */
+  #keep(
+    page: Page,
+    offsetBytes: number,
+    bytes: Uint8Array | undefined,
+    lengthBytes: number,
+  ): Fetched | undefined {
+    const growth = bytes === undefined ? 0 : page.growthFor(offsetBytes, lengthBytes);
+    if (this.#dirty.get(page.index) === page && !this.#hasRoomFor(growth)) {
+      return { offsetBytes, bytes };
+    }
+    this.#resize(page, () => page.fillFrom(offsetBytes, bytes, lengthBytes));
+    return undefined;
   }
 
   /** Start fetching the chunks after a sequential read, if they are stored and not cached. */
@@ -270,7 +360,7 @@ export class PageCache {
   async prefetch(offsetBytes: number, lengthBytes: number): Promise<void> {
     const first = Math.floor(offsetBytes / this.chunkSizeBytes);
     const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / this.chunkSizeBytes);
-    const loads: Promise<void>[] = [];
+    const loads: Promise<unknown>[] = [];
     for (let index = first; index <= last; index++) {
       const page = this.#lookup(index);
       if (page === undefined && !this.#chunks.isAllocated(index)) continue;
@@ -311,9 +401,14 @@ export class PageCache {
   async write(offsetBytes: number, buffers: readonly Uint8Array[], durable = false): Promise<void> {
     const touched: Page[] = [];
     for (const [index, pieces] of this.#split(offsetBytes, buffers)) {
-      const page = await this.#pageForWrite(index, (p) => {
-        for (const piece of pieces) p.write(piece.chunkOffsetBytes, piece.bytes);
-      });
+      const { start, end } = extentOf(pieces);
+      const page = await this.#pageForWrite(
+        index,
+        (p) => p.growthFor(start, end - start),
+        (p) => {
+          for (const piece of pieces) p.write(piece.chunkOffsetBytes, piece.bytes);
+        },
+      );
       touched.push(page);
     }
     this.#afterModify();
@@ -330,7 +425,11 @@ export class PageCache {
       const pieceBytes = Math.min(end - at, this.chunkSizeBytes - chunkOffsetBytes);
       // A chunk with no object and no page is zeros already.
       if (this.#lookup(index) !== undefined || this.#chunks.isAllocated(index)) {
-        await this.#pageForWrite(index, (p) => p.zero(chunkOffsetBytes, pieceBytes));
+        await this.#pageForWrite(
+          index,
+          () => 0,
+          (p) => p.zero(chunkOffsetBytes, pieceBytes),
+        );
       }
       at += pieceBytes;
     }
@@ -338,18 +437,23 @@ export class PageCache {
   }
 
   /**
-   * The page for chunk `index`, in the dirty map and out of the LRU, ready for a write; waits
-   * for room when a new dirty page would pass the dirty bound.
+   * Modify the page for chunk `index` with `modify`, in the dirty map and out of the LRU; waits
+   * for room while the memory `growth` says the change needs, or a new dirty page, would pass a
+   * dirty bound.
    *
    * The page must be modified synchronously with its return from `#tryPageForWrite`: across an
    * `await`, an upload could finish and move it back to the clean LRU, and a write to it then
    * would be lost. Hence the split into a synchronous try and a separate wait.
    */
-  async #pageForWrite(index: number, modify: (page: Page) => void): Promise<Page> {
+  async #pageForWrite(
+    index: number,
+    growth: (page: Page) => number,
+    modify: (page: Page) => void,
+  ): Promise<Page> {
     for (;;) {
-      const page = this.#tryPageForWrite(index);
+      const page = this.#tryPageForWrite(index, growth);
       if (page !== undefined) {
-        modify(page);
+        this.#resize(page, () => modify(page));
         return page;
       }
       this.#stats.backpressureWaits++;
@@ -360,21 +464,41 @@ export class PageCache {
     }
   }
 
-  #tryPageForWrite(index: number): Page | undefined {
+  #tryPageForWrite(index: number, growth: (page: Page) => number): Page | undefined {
     const dirty = this.#dirty.get(index);
-    if (dirty !== undefined) return dirty;
-    if (this.#dirtyBytes() + this.chunkSizeBytes > this.#maxDirtyBytes) return undefined;
-    const page = this.#clean.get(index) ?? new Page(index, this.chunkSizeBytes, this.#sectorSize);
+    if (dirty !== undefined) {
+      return this.#hasRoomFor(growth(dirty)) ? dirty : undefined;
+    }
+    if (this.#dirty.size >= this.#maxDirtyChunks) return undefined;
+    const page = this.#clean.peek(index) ?? new Page(index, this.chunkSizeBytes, this.#sectorSize);
+    if (!this.#hasRoomFor(page.memoryBytes + growth(page))) return undefined;
     this.#clean.delete(index);
     this.#dirty.set(index, page);
     this.#dirtiedAtMs.set(index, this.#clock.nowMs());
-    this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyBytes());
+    this.#dirtyMemory += page.memoryBytes;
+    this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyMemory);
+    this.#stats.peakDirtyChunks = Math.max(this.#stats.peakDirtyChunks, this.#dirty.size);
     return page;
   }
 
+  /** Whether dirty pages may hold `bytes` more; a cache with nothing dirty always may. */
+  #hasRoomFor(bytes: number): boolean {
+    return (
+      bytes === 0 || this.#dirtyMemory === 0 || this.#dirtyMemory + bytes <= this.#maxDirtyBytes
+    );
+  }
+
   #afterModify(): void {
-    if (this.#idleDirtyBytes() > this.#writebackThresholdBytes) this.#kick();
+    if (this.#pastThreshold()) this.#kick();
     else this.#armTimer();
+  }
+
+  /** True when the dirty pages not yet uploading pass half of either dirty bound. */
+  #pastThreshold(): boolean {
+    return (
+      this.#dirtyMemory - this.#uploadingMemory > this.#writebackThresholdBytes ||
+      this.#dirty.size - this.#uploadingPages > this.#writebackThresholdChunks
+    );
   }
 
   // ---- write-back --------------------------------------------------------------------------
@@ -398,33 +522,29 @@ export class PageCache {
 
   /**
    * Queue uploads, oldest dirty pages first: every page dirty for `writebackDelayMs`, plus as
-   * many more as the dirty bytes not yet being uploaded exceed the background threshold, plus
-   * one for each writer waiting for room that no upload in flight will serve. Pages beyond that
-   * stay dirty, so rewrites of them cost nothing.
+   * many more as the dirty pages not yet being uploaded exceed the background thresholds (in
+   * bytes, and in chunks), plus one for each writer waiting for room that no upload in flight
+   * will serve. Pages beyond that stay dirty, so rewrites of them cost nothing.
    */
   #kick(): void {
     if (this.#closed) return;
     this.#cancelTimer?.();
     this.#cancelTimer = undefined;
     const nowMs = this.#clock.nowMs();
-    let excessBytes = Math.max(
-      this.#idleDirtyBytes() - this.#writebackThresholdBytes,
-      (this.#roomWaiters.length - this.#uploadingPages) * this.chunkSizeBytes,
-    );
+    let excessBytes = this.#dirtyMemory - this.#uploadingMemory - this.#writebackThresholdBytes;
+    let excessChunks = this.#dirty.size - this.#uploadingPages - this.#writebackThresholdChunks;
+    let unservedWaiters = this.#roomWaiters.length - this.#uploadingPages;
     for (const [index, page] of this.#dirty) {
       if (page.upload !== undefined || page.state !== "dirty") continue;
       const due = (this.#dirtiedAtMs.get(index) ?? 0) + this.#writebackDelayMs <= nowMs;
       // The map is in the order pages became dirty: once one is not due, few later ones are.
-      if (!due && excessBytes <= 0) break;
+      if (!due && excessBytes <= 0 && excessChunks <= 0 && unservedWaiters <= 0) break;
+      excessBytes -= page.memoryBytes;
+      excessChunks--;
+      unservedWaiters--;
       this.#startUpload(page).catch(() => {});
-      excessBytes -= this.chunkSizeBytes;
     }
     this.#armTimer();
-  }
-
-  /** Bytes of dirty pages with no upload queued or in flight. */
-  #idleDirtyBytes(): number {
-    return (this.#dirty.size - this.#uploadingPages) * this.chunkSizeBytes;
   }
 
   /** Arrange a kick when the oldest waiting dirty page falls due. */
@@ -446,31 +566,50 @@ export class PageCache {
   #startUpload(page: Page): Promise<void> {
     assert(page.upload === undefined && page.isDirty);
     let seq: number | undefined;
+    let image: Buffer | undefined;
     const upload = this.#chunks
       .write(page.index, async (readWhole) => {
-        if (!page.fullyValid) {
-          const base = this.#chunks.isAllocated(page.index) ? await readWhole() : undefined;
-          page.fillFrom(0, base, this.chunkSizeBytes);
+        let base: Buffer | undefined;
+        if (!page.fullyValid && this.#chunks.isAllocated(page.index)) {
+          const stored = await readWhole();
+          if (stored !== undefined) base = asBuffer(stored);
         }
+        // From here to the return, synchronously: the image is the page as of `seq`.
         seq = page.writeSeq;
         page.state = "writing";
-        return page.snapshot(this.#zeroChunk);
+        image = page.image(base, this.#zeroChunk);
+        return image;
       })
       .then(
-        () => this.#uploaded(page, seq),
-        (error: unknown) => this.#uploadFailed(page, error),
+        () => {
+          this.#uploadEnded(page);
+          this.#uploaded(page, seq, image);
+        },
+        (error: unknown) => {
+          this.#uploadEnded(page);
+          this.#uploadFailed(page, error);
+        },
       )
-      .finally(() => {
-        page.upload = undefined;
-        this.#uploadingPages--;
-        this.#armTimer();
-      });
+      .finally(() => this.#armTimer());
     page.upload = upload;
     this.#uploadingPages++;
+    this.#uploadingMemory += page.memoryBytes;
     return upload;
   }
 
-  #uploaded(page: Page, seq: number | undefined): void {
+  #uploadEnded(page: Page): void {
+    page.upload = undefined;
+    this.#uploadingPages--;
+    this.#uploadingMemory -= page.memoryBytes;
+  }
+
+  /**
+   * The store holds `image` (undefined: no object) as of `seq`. A page written meanwhile stays
+   * dirty; otherwise it is clean. Either way its unknown sectors may now be taken from the
+   * image: a clean page adopts it (the LRU bounds it), a dirty one only while dirty memory
+   * stays under the write-back threshold.
+   */
+  #uploaded(page: Page, seq: number | undefined, image: Buffer | undefined): void {
     assert(seq !== undefined);
     this.#stats.uploads++;
     this.#retryDelayMs = 0;
@@ -479,6 +618,8 @@ export class PageCache {
       page.state = "clean";
       this.#dirty.delete(page.index);
       this.#dirtiedAtMs.delete(page.index);
+      this.#dirtyMemory -= page.memoryBytes;
+      page.fillFrom(0, image, this.chunkSizeBytes);
       this.#clean.set(page.index, page);
       const waiters = this.#roomWaiters;
       this.#roomWaiters = [];
@@ -486,6 +627,12 @@ export class PageCache {
     } else {
       page.state = "dirty";
       this.#dirtiedAtMs.set(page.index, this.#clock.nowMs());
+      // Keep the image only while dirty memory stays under the write-back threshold, so that
+      // pages kept whole never crowd out new writes.
+      const growth = image === undefined ? 0 : page.growthFor(0, this.chunkSizeBytes);
+      if (growth === 0 || this.#dirtyMemory + growth <= this.#writebackThresholdBytes) {
+        this.#resize(page, () => page.fillFrom(0, image, this.chunkSizeBytes));
+      }
     }
   }
 
@@ -546,8 +693,23 @@ export class PageCache {
   }
 }
 
+/** The bytes of a chunk that a run of consecutive pieces covers. */
+function extentOf(pieces: readonly Piece[]): { start: number; end: number } {
+  const first = pieces[0];
+  const last = pieces.at(-1);
+  assert(first !== undefined && last !== undefined);
+  return { start: first.chunkOffsetBytes, end: last.chunkOffsetBytes + last.bytes.byteLength };
+}
+
 function sumLengths(buffers: readonly Uint8Array[]): number {
   let n = 0;
   for (const b of buffers) n += b.byteLength;
   return n;
+}
+
+/** A `Buffer` over the same memory as `bytes`, without copying. */
+function asBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes)
+    ? bytes
+    : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }

@@ -1,7 +1,22 @@
 /**
- * One cached chunk: its bytes (or the knowledge that they are all zeros), which sectors of it
- * hold known data, and where it stands in write-back. The state machine is described and driven
- * by page-cache.ts; this class only keeps the facts consistent.
+ * One cached chunk: the bytes it holds, which sectors of it are known, and where it stands in
+ * write-back. The state machine is described and driven by page-cache.ts; this class only keeps
+ * the facts consistent.
+ *
+ * ## Sparse storage
+ *
+ * A page stores its bytes in spans of `SPAN_BYTES`, allocated only when a write or a fetch needs
+ * them, so a page holding one 4 KiB write costs 4 KiB, not a whole chunk. The invariant:
+ *
+ * - a sector that is not *valid* has no meaning, whatever its span holds;
+ * - a valid sector whose span is absent reads as zeros;
+ * - a valid sector whose span is present reads as the span's bytes.
+ *
+ * Spans allocated together share one buffer, and a chunk fetched whole is adopted as the
+ * spans' buffer, so copies in and out of a page run over contiguous memory, not span by span.
+ * Spans are added as writes and fetches need them, each run in a buffer of exactly its size, and
+ * dropped only all together, so `memoryBytes` (present spans times `SPAN_BYTES`) is exactly the
+ * memory the page keeps alive.
  */
 
 import assert from "node:assert/strict";
@@ -16,6 +31,15 @@ export type PageState =
   /** An upload is in flight and the page was written since its snapshot. */
   | "writing-redirtied";
 
+/** Bytes fetched for a page: chunk bytes from `offsetBytes`, or `undefined` for zeros. */
+export interface Fetched {
+  readonly offsetBytes: number;
+  readonly bytes: Uint8Array | undefined;
+}
+
+/** The unit of a page's storage: the largest sector size, so a sector never straddles spans. */
+export const SPAN_BYTES = 4096;
+
 export class Page {
   state: PageState = "clean";
   /** Bumped by every modification. */
@@ -26,13 +50,19 @@ export class Page {
   upload: Promise<void> | undefined;
   /** Ranged GETs made for this page: a second miss fetches the whole chunk instead. */
   rangedReads = 0;
-  /** A whole-chunk fetch in flight, shared by every reader that needs one. */
-  fill: Promise<void> | undefined;
+  /**
+   * A whole-chunk fetch in flight, shared by every reader that needs one. It resolves with the
+   * bytes when the page could not keep them (the cache decides), else `undefined`.
+   */
+  fill: Promise<Fetched | undefined> | undefined;
 
-  /** The chunk's bytes; `null` while no sector is held or the page is all zeros. */
-  #data: Buffer | null = null;
-  /** True when the whole chunk is known to be zeros and `#data` is null. */
-  #zero = false;
+  /**
+   * Per span: the buffer that holds it (shared by spans allocated or adopted together), or
+   * `undefined` where nothing is stored; and where in that buffer the span starts.
+   */
+  readonly #spans: (Buffer | undefined)[];
+  readonly #spanOffsets: Uint32Array;
+  #spanCount = 0;
   /** One byte per sector: 1 where the sector's contents are known. */
   readonly #valid: Uint8Array;
   #validCount = 0;
@@ -42,7 +72,20 @@ export class Page {
     readonly chunkSizeBytes: number,
     readonly sectorSize: number,
   ) {
+    assert(sectorSize <= SPAN_BYTES && chunkSizeBytes % SPAN_BYTES === 0);
+    this.#spans = new Array<Buffer | undefined>(chunkSizeBytes / SPAN_BYTES).fill(undefined);
+    this.#spanOffsets = new Uint32Array(chunkSizeBytes / SPAN_BYTES);
     this.#valid = new Uint8Array(chunkSizeBytes / sectorSize);
+  }
+
+  /** Bytes of data this page keeps alive. */
+  get memoryBytes(): number {
+    return this.#spanCount * SPAN_BYTES;
+  }
+
+  /** Bytes of bookkeeping per page, whatever it holds. */
+  get overheadBytes(): number {
+    return this.#valid.byteLength + this.#spans.length * 12;
   }
 
   get fullyValid(): boolean {
@@ -51,7 +94,7 @@ export class Page {
 
   /** True when the page is known to be all zeros without looking at its bytes. */
   get isAllZero(): boolean {
-    return this.#zero;
+    return this.fullyValid && this.#spanCount === 0;
   }
 
   get isDirty(): boolean {
@@ -61,23 +104,49 @@ export class Page {
   /** True if every sector in `[offsetBytes, offsetBytes + lengthBytes)` is known. */
   isValid(offsetBytes: number, lengthBytes: number): boolean {
     if (this.fullyValid) return true;
-    const first = offsetBytes / this.sectorSize;
+    const first = Math.floor(offsetBytes / this.sectorSize);
     const end = Math.ceil((offsetBytes + lengthBytes) / this.sectorSize);
     for (let s = first; s < end; s++) if (this.#valid[s] === 0) return false;
     return true;
   }
 
+  /** The memory a write or fill of `[offsetBytes, +lengthBytes)` would add. */
+  growthFor(offsetBytes: number, lengthBytes: number): number {
+    if (this.#spanCount === this.#spans.length) return 0;
+    let absent = 0;
+    const end = Math.ceil((offsetBytes + lengthBytes) / SPAN_BYTES);
+    for (let i = Math.floor(offsetBytes / SPAN_BYTES); i < end; i++) {
+      if (this.#spans[i] === undefined) absent++;
+    }
+    return absent * SPAN_BYTES;
+  }
+
   /** Copy bytes `[offsetBytes, +target.length)` out. They must be valid. */
   copyOut(offsetBytes: number, target: Uint8Array): void {
     assert(this.isValid(offsetBytes, target.byteLength), "copyOut of unknown sectors");
-    if (this.#data === null) target.fill(0);
-    else target.set(this.#data.subarray(offsetBytes, offsetBytes + target.byteLength));
+    this.#forEachRun(offsetBytes, target.byteLength, (at, view, length) => {
+      const into = at - offsetBytes;
+      if (view === undefined) target.fill(0, into, into + length);
+      else target.set(view, into);
+    });
+  }
+
+  /** Copy the sectors of `[offsetBytes, +target.length)` that are known into `target`. */
+  copyKnownOut(offsetBytes: number, target: Uint8Array): void {
+    const first = offsetBytes / this.sectorSize;
+    this.#forEachSectorRun(first, first + target.byteLength / this.sectorSize, 1, (at, bytes) =>
+      this.copyOut(at, target.subarray(at - offsetBytes, at - offsetBytes + bytes)),
+    );
   }
 
   /** Apply a write of `source` at `offsetBytes` (sector-aligned). */
   write(offsetBytes: number, source: Uint8Array): void {
     this.#assertAligned(offsetBytes, source.byteLength);
-    this.#buffer().set(source, offsetBytes);
+    this.#allocate(offsetBytes, source.byteLength);
+    this.#forEachRun(offsetBytes, source.byteLength, (at, view) => {
+      const from = at - offsetBytes;
+      view!.set(source.subarray(from, from + view!.byteLength));
+    });
     this.#markValid(offsetBytes, source.byteLength);
     this.#modified();
   }
@@ -86,81 +155,189 @@ export class Page {
   zero(offsetBytes: number, lengthBytes: number): void {
     this.#assertAligned(offsetBytes, lengthBytes);
     if (offsetBytes === 0 && lengthBytes === this.chunkSizeBytes) {
-      this.#data = null;
-      this.#zero = true;
+      this.#spans.fill(undefined);
+      this.#spanCount = 0;
       this.#valid.fill(1);
       this.#validCount = this.#valid.length;
     } else {
-      if (!this.#zero) this.#buffer().fill(0, offsetBytes, offsetBytes + lengthBytes);
+      // Absent spans already read as zeros; present ones are zeroed in place.
+      this.#forEachRun(offsetBytes, lengthBytes, (_at, view) => view?.fill(0));
       this.#markValid(offsetBytes, lengthBytes);
     }
     this.#modified();
   }
 
   /**
-   * Fill the sectors of `[offsetBytes, +source.length)` that are not yet known from `source`
+   * Fill the sectors of `[offsetBytes, +lengthBytes)` that are not yet known from `source`
    * (bytes fetched from the store); `undefined` means the chunk has no object: zeros. Sectors
-   * written meanwhile keep the newer data.
+   * known already keep their (newer) data.
+   *
+   * A whole chunk in a `Buffer` is adopted: the page's known sectors are copied into it and it
+   * becomes the page's storage, so the caller must not use it afterwards.
    */
   fillFrom(offsetBytes: number, source: Uint8Array | undefined, lengthBytes: number): void {
     if (this.fullyValid) return;
     if (
-      this.#validCount === 0 &&
-      this.#data === null &&
       offsetBytes === 0 &&
       lengthBytes === this.chunkSizeBytes &&
       source !== undefined &&
-      Buffer.isBuffer(source)
+      Buffer.isBuffer(source) &&
+      source.byteLength === this.chunkSizeBytes
     ) {
-      // A whole chunk fetched into an empty page: adopt the buffer rather than copy it.
-      this.#data = source;
-      this.#valid.fill(1);
-      this.#validCount = this.#valid.length;
+      this.#adopt(source);
       return;
     }
-    // Copy runs of unknown sectors at once; known sectors keep their (newer) data.
-    const first = offsetBytes / this.sectorSize;
-    const end = (offsetBytes + lengthBytes) / this.sectorSize;
-    let s = first;
-    while (s < end) {
-      if (this.#valid[s] === 1) {
-        s++;
+    this.#forEachUnknownRun(offsetBytes, lengthBytes, (at, bytes) => {
+      if (source === undefined) {
+        // Zeros: absent spans read as zeros already; present ones need zeroing.
+        this.#forEachRun(at, bytes, (_at, view) => view?.fill(0));
+      } else {
+        this.#allocate(at, bytes);
+        this.#forEachRun(at, bytes, (runAt, view) => {
+          const from = runAt - offsetBytes;
+          view!.set(source.subarray(from, from + view!.byteLength));
+        });
+      }
+      this.#markValid(at, bytes);
+    });
+  }
+
+  /**
+   * The chunk's whole contents for an upload, in a buffer of its own (the page may change while
+   * the upload runs), or `undefined` if all zeros. Sectors the page does not know come from
+   * `base`, the chunk as stored (`undefined`: no object, zeros), which is overwritten and used
+   * as the result; without a `base` the page must be fully valid.
+   */
+  image(base: Buffer | undefined, zeroChunk: Buffer): Buffer | undefined {
+    if (this.isAllZero) return undefined;
+    let out: Buffer;
+    if (base !== undefined) {
+      assert(base.byteLength === this.chunkSizeBytes);
+      out = base;
+      this.#forEachValidRun((at, bytes) => this.copyOut(at, out.subarray(at, at + bytes)));
+    } else {
+      if (!this.fullyValid) {
+        // No object: unknown sectors are zeros.
+        out = Buffer.alloc(this.chunkSizeBytes);
+        this.#forEachValidRun((at, bytes) => this.copyOut(at, out.subarray(at, at + bytes)));
+      } else {
+        out = Buffer.allocUnsafe(this.chunkSizeBytes);
+        this.copyOut(0, out);
+      }
+    }
+    return out.equals(zeroChunk) ? undefined : out;
+  }
+
+  // ---- storage -----------------------------------------------------------------------------
+
+  /** Make the page fully valid with `chunk` as its storage, keeping the sectors it knows. */
+  #adopt(chunk: Buffer): void {
+    if (this.#validCount > 0) {
+      this.#forEachValidRun((at, bytes) => this.copyOut(at, chunk.subarray(at, at + bytes)));
+    }
+    this.#spans.fill(chunk);
+    for (let i = 0; i < this.#spans.length; i++) this.#spanOffsets[i] = i * SPAN_BYTES;
+    this.#spanCount = this.#spans.length;
+    this.#valid.fill(1);
+    this.#validCount = this.#valid.length;
+  }
+
+  /**
+   * Give every span of `[offsetBytes, +lengthBytes)` storage: each run of absent spans gets one
+   * buffer. The parts of a new span outside the range are zeroed, since valid sectors there
+   * read as zeros until now.
+   */
+  #allocate(offsetBytes: number, lengthBytes: number): void {
+    const end = offsetBytes + lengthBytes;
+    const lastSpan = Math.ceil(end / SPAN_BYTES);
+    let i = Math.floor(offsetBytes / SPAN_BYTES);
+    while (i < lastSpan) {
+      if (this.#spans[i] !== undefined) {
+        i++;
         continue;
       }
-      let runEnd = s + 1;
-      while (runEnd < end && this.#valid[runEnd] === 0) runEnd++;
-      const at = s * this.sectorSize;
-      const bytes = (runEnd - s) * this.sectorSize;
-      if (source === undefined) {
-        this.#buffer().fill(0, at, at + bytes);
-      } else {
-        const from = at - offsetBytes;
-        this.#buffer().set(source.subarray(from, from + bytes), at);
-      }
-      this.#valid.fill(1, s, runEnd);
-      this.#validCount += runEnd - s;
-      s = runEnd;
+      let j = i + 1;
+      while (j < lastSpan && this.#spans[j] === undefined) j++;
+      const buffer = Buffer.allocUnsafe((j - i) * SPAN_BYTES);
+      const runStart = i * SPAN_BYTES;
+      const runEnd = j * SPAN_BYTES;
+      if (offsetBytes > runStart) buffer.fill(0, 0, offsetBytes - runStart);
+      if (end < runEnd) buffer.fill(0, end - runStart);
+      this.#spans.fill(buffer, i, j);
+      for (let k = i; k < j; k++) this.#spanOffsets[k] = (k - i) * SPAN_BYTES;
+      this.#spanCount += j - i;
+      i = j;
     }
   }
 
   /**
-   * The page's whole contents for an upload: a private copy, or `undefined` if all zeros. The
-   * page must be fully valid.
+   * Visit `[offsetBytes, +lengthBytes)` in runs: each run is either held in one contiguous
+   * buffer (`view` is exactly its bytes) or has no storage (`view` undefined).
    */
-  snapshot(zeroChunk: Buffer): Uint8Array | undefined {
-    assert(this.fullyValid, "snapshot of a partially valid page");
-    if (this.#data === null || this.#data.equals(zeroChunk)) return undefined;
-    return Buffer.from(this.#data);
+  #forEachRun(
+    offsetBytes: number,
+    lengthBytes: number,
+    visit: (at: number, view: Buffer | undefined, length: number) => void,
+  ): void {
+    const end = offsetBytes + lengthBytes;
+    let at = offsetBytes;
+    while (at < end) {
+      const i = Math.floor(at / SPAN_BYTES);
+      const span = this.#spans[i];
+      let j = i + 1;
+      if (span === undefined) {
+        while (j * SPAN_BYTES < end && this.#spans[j] === undefined) j++;
+      } else {
+        // Spans that follow each other in the same buffer form one run.
+        while (
+          j * SPAN_BYTES < end &&
+          this.#spans[j] === span &&
+          this.#spanOffsets[j] === this.#spanOffsets[j - 1]! + SPAN_BYTES
+        ) {
+          j++;
+        }
+      }
+      const runEnd = Math.min(end, j * SPAN_BYTES);
+      const length = runEnd - at;
+      const from = this.#spanOffsets[i]! + (at - i * SPAN_BYTES);
+      const view = span?.subarray(from, from + length);
+      visit(at, view, length);
+      at = runEnd;
+    }
   }
 
-  #buffer(): Buffer {
-    if (this.#data === null) {
-      this.#data = this.#zero
-        ? Buffer.alloc(this.chunkSizeBytes)
-        : Buffer.allocUnsafe(this.chunkSizeBytes);
-      this.#zero = false;
+  /** Visit the runs of valid sectors of the page, as byte ranges. */
+  #forEachValidRun(visit: (at: number, bytes: number) => void): void {
+    this.#forEachSectorRun(0, this.#valid.length, 1, visit);
+  }
+
+  /** Visit the runs of unknown sectors in `[offsetBytes, +lengthBytes)`, as byte ranges. */
+  #forEachUnknownRun(
+    offsetBytes: number,
+    lengthBytes: number,
+    visit: (at: number, bytes: number) => void,
+  ): void {
+    const first = offsetBytes / this.sectorSize;
+    this.#forEachSectorRun(first, first + lengthBytes / this.sectorSize, 0, visit);
+  }
+
+  #forEachSectorRun(
+    first: number,
+    end: number,
+    value: 0 | 1,
+    visit: (at: number, bytes: number) => void,
+  ): void {
+    let s = first;
+    while (s < end) {
+      if (this.#valid[s] !== value) {
+        s++;
+        continue;
+      }
+      let runEnd = s + 1;
+      while (runEnd < end && this.#valid[runEnd] === value) runEnd++;
+      visit(s * this.sectorSize, (runEnd - s) * this.sectorSize);
+      s = runEnd;
     }
-    return this.#data;
   }
 
   #markValid(offsetBytes: number, lengthBytes: number): void {

@@ -47,6 +47,14 @@ function sizeOption(value: string): number {
   return bytes;
 }
 
+function countOption(value: string): number {
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 1) {
+    throw new InvalidArgumentError(`"${value}" is not a whole number of at least 1`);
+  }
+  return n;
+}
+
 function stackFor(url: string, program: Command) {
   const { endpoint } = program.opts<GlobalOptions>();
   const options: StoreStackOptions = endpoint === undefined ? {} : { endpoint };
@@ -273,8 +281,13 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .option("--cache-size <size>", "clean cache per volume (default 256M)", sizeOption)
     .option(
       "--dirty-size <size>",
-      "dirty data per volume before writers wait (default 128M)",
+      "memory of dirty data per volume before writers wait (default 128M)",
       sizeOption,
+    )
+    .option(
+      "--dirty-chunks <n>",
+      "dirty chunks per volume before writers wait: bounds a flush's uploads (default 1024)",
+      countOption,
     )
     .option("--read-only", "refuse writes")
     .option("--create-size <size>", "create missing volumes with this size", sizeOption)
@@ -298,6 +311,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           socket?: string;
           cacheSize?: number;
           dirtySize?: number;
+          dirtyChunks?: number;
           readOnly?: boolean;
           createSize?: number;
           writebackDelay?: number;

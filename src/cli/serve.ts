@@ -25,6 +25,7 @@ export interface ServeOptions {
   readonly socket?: string;
   readonly cacheSize?: number;
   readonly dirtySize?: number;
+  readonly dirtyChunks?: number;
   readonly readOnly?: boolean;
   readonly createSize?: number;
   readonly writebackDelay?: number;
@@ -101,6 +102,7 @@ export async function serve(
     },
     ...(options.cacheSize === undefined ? {} : { cacheBytes: options.cacheSize }),
     ...(options.dirtySize === undefined ? {} : { maxDirtyBytes: options.dirtySize }),
+    ...(options.dirtyChunks === undefined ? {} : { maxDirtyChunks: options.dirtyChunks }),
     ...(options.writebackDelay === undefined ? {} : { writebackDelayMs: options.writebackDelay }),
     onWritebackError: (error) => env.err(`s3blk: write-back failed, will retry: ${error.message}`),
   };

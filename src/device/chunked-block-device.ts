@@ -38,8 +38,10 @@ export interface DeviceOptions {
   readonly readOnly?: boolean;
   /** Clean cache bytes. Default 256 MiB. */
   readonly cacheBytes?: number;
-  /** Dirty bytes at most; writers wait past it. Default 128 MiB. */
+  /** Memory held by dirty data at most; writers wait past it. Default 128 MiB. */
   readonly maxDirtyBytes?: number;
+  /** Dirty chunks at most (a flush's work); writers wait past it. Default 1024. */
+  readonly maxDirtyChunks?: number;
   /** Upload a dirty chunk after this long. Default 5000 ms. */
   readonly writebackDelayMs?: number;
   /** Store requests in flight. Default 32. */
@@ -80,6 +82,7 @@ export class ChunkedBlockDevice implements BlockDevice {
       // Absent options stay undefined; the cache applies its own defaults.
       cacheBytes: options.cacheBytes,
       maxDirtyBytes: options.maxDirtyBytes,
+      maxDirtyChunks: options.maxDirtyChunks,
       writebackDelayMs: options.writebackDelayMs,
       wholeChunkReadBytes: options.wholeChunkReadBytes,
       minRangedReadBytes: options.minRangedReadBytes,

@@ -124,4 +124,27 @@ describe.each(backends)("request accounting on $name", (backend) => {
     expect(stack.counter.counts()).toMatchObject({ gets: 3, bytesIn: 64 * 1024 + 2 * CHUNK });
     await device.disconnect();
   });
+
+  it("charges the clean cache for the spans a page holds, not a whole chunk", async () => {
+    const volume = await newTestVolume(backend, "sparse-clean", PARAMS);
+    const writer = await volume.open();
+    expect((await writer.write(0, [pattern(6, 0, (8 * CHUNK) / 512)])).ok).toBe(true);
+    await writer.disconnect();
+
+    const stack = volume.stack();
+    // Room for two whole chunks, and for six 64 KiB spans (with their bookkeeping).
+    const device = await volume.open({ cacheBytes: 2 * CHUNK }, stack);
+    stack.counter.reset();
+    const out = new Uint8Array(4096);
+    const sectors = [0, 1, 2, 3, 4, 5].map((c) => c * (CHUNK / 512) + 200);
+    for (const sector of sectors) expect((await device.read(sector, [out])).ok).toBe(true);
+    expect(stack.counter.counts()).toMatchObject({ gets: 6, bytesIn: 6 * 64 * 1024 });
+    // Six partial pages fit in the cache: reading them again costs nothing.
+    for (const sector of sectors) {
+      expect((await device.read(sector, [out])).ok).toBe(true);
+      expect(Buffer.from(out).equals(Buffer.from(pattern(6, sector, 8)))).toBe(true);
+    }
+    expect(stack.counter.counts().gets).toBe(6);
+    await device.disconnect();
+  });
 });

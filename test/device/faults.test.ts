@@ -64,6 +64,67 @@ describe("backpressure", () => {
     }
     await check.disconnect();
   });
+
+  it("holds small scattered writes in a few KiB each, and no more dirty chunks than allowed", async () => {
+    const volume = await newTestVolume(memoryBackend, "scatter", PARAMS);
+    const maxDirtyChunks = 16;
+    const device = await volume.open(
+      { maxDirtyChunks, concurrency: 2, writebackDelayMs: 60_000 },
+      volume.stack({ wrap: (s) => slowPuts(s, 2) }),
+    );
+    // One 4 KiB write into each of 200 chunks, as random writes from a guest land.
+    const chunks = 200;
+    const writers = Array.from({ length: 8 }, async (_, w) => {
+      for (let c = w; c < chunks; c += 8) {
+        const sector = c * (CHUNK / 512) + 16;
+        expect((await device.write(sector, [pattern(c + 1, sector, 8)])).ok).toBe(true);
+      }
+    });
+    await Promise.all(writers);
+    const stats = device.cacheStats();
+    expect(stats.backpressureWaits).toBeGreaterThan(0);
+    expect(stats.peakDirtyChunks).toBe(maxDirtyChunks);
+    // Each dirty page holds the one span it was written in, not a whole chunk.
+    expect(stats.peakDirtyBytes).toBe(maxDirtyChunks * 4096);
+    expect(stats.dirtyBytes).toBe(stats.dirtyChunks * 4096);
+    expect((await device.disconnect()).ok).toBe(true);
+
+    const check = await volume.open({ readOnly: true });
+    const out = new Uint8Array(CHUNK);
+    for (let c = 0; c < chunks; c++) {
+      expect((await check.read(c * (CHUNK / 512), [out])).ok).toBe(true);
+      const expected = Buffer.alloc(CHUNK);
+      Buffer.from(pattern(c + 1, c * (CHUNK / 512) + 16, 8)).copy(expected, 16 * 512);
+      expect(Buffer.from(out).equals(expected)).toBe(true);
+    }
+    await check.disconnect();
+  });
+
+  it("serves reads of partly written dirty chunks without growing past the dirty bound", async () => {
+    const volume = await newTestVolume(memoryBackend, "dirty-read", PARAMS);
+    const writer = await volume.open();
+    expect((await writer.write(0, [pattern(1, 0, (4 * CHUNK) / 512)])).ok).toBe(true);
+    await writer.disconnect();
+
+    const maxDirtyBytes = 2 * CHUNK;
+    const device = await volume.open({ maxDirtyBytes, writebackDelayMs: 60_000 });
+    const spc = CHUNK / 512;
+    // 4 KiB into each of the stored chunks 0-3, and a whole new chunk 4: 80 KiB of 128 KiB.
+    for (let c = 0; c < 4; c++) {
+      expect((await device.write(c * spc + 8, [pattern(2, c * spc + 8, 8)])).ok).toBe(true);
+    }
+    expect((await device.write(4 * spc, [pattern(3, 4 * spc, spc)])).ok).toBe(true);
+    expect(device.cacheStats().dirtyBytes).toBe(4 * 4096 + CHUNK);
+    // Whole-chunk reads of 0-3 fetch what the pages lack; they cannot all keep it.
+    const expected = Buffer.from(pattern(1, 0, 4 * spc));
+    for (let c = 0; c < 4; c++)
+      Buffer.from(pattern(2, c * spc + 8, 8)).copy(expected, (c * spc + 8) * 512);
+    const out = new Uint8Array(4 * CHUNK);
+    expect((await device.read(0, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(expected)).toBe(true);
+    expect(device.cacheStats().peakDirtyBytes).toBeLessThanOrEqual(maxDirtyBytes);
+    expect((await device.disconnect()).ok).toBe(true);
+  });
 });
 
 describe("retries", () => {

@@ -1,0 +1,171 @@
+/**
+ * One page against a plain model: a chunk's bytes and which sectors are known. Random sequences
+ * of writes, zeroing, fills from the store (ranged and whole) and upload images must agree with
+ * the model, and the page must hold only the spans it was given data for.
+ */
+
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { Page, SPAN_BYTES } from "../../src/cache/page.js";
+import { pattern } from "../support/volumes.js";
+
+const CHUNK = 64 * 1024;
+const SECTOR = 512;
+const SECTORS = CHUNK / SECTOR;
+const ZERO_CHUNK = Buffer.alloc(CHUNK);
+
+/** The chunk as stored: what fills and read-modify-writes read. */
+const STORED = Buffer.from(pattern(77, 0, SECTORS));
+
+class Model {
+  readonly bytes = Buffer.alloc(CHUNK);
+  readonly valid = new Uint8Array(SECTORS);
+
+  set(offset: number, data: Uint8Array): void {
+    this.bytes.set(data, offset);
+    this.valid.fill(1, offset / SECTOR, (offset + data.byteLength) / SECTOR);
+  }
+
+  fill(offset: number, length: number, source: Buffer | undefined): void {
+    for (let s = offset / SECTOR; s < (offset + length) / SECTOR; s++) {
+      if (this.valid[s] === 1) continue;
+      const at = s * SECTOR;
+      if (source === undefined) this.bytes.fill(0, at, at + SECTOR);
+      else source.copy(this.bytes, at, at - offset, at - offset + SECTOR);
+      this.valid[s] = 1;
+    }
+  }
+
+  /** The chunk an upload must store, with unknown sectors from `base` (zeros if undefined). */
+  image(base: Buffer | undefined): Buffer {
+    const out = Buffer.from(base ?? ZERO_CHUNK);
+    for (let s = 0; s < SECTORS; s++) {
+      if (this.valid[s] === 1) this.bytes.copy(out, s * SECTOR, s * SECTOR, (s + 1) * SECTOR);
+    }
+    return out;
+  }
+}
+
+/** A sector-aligned range inside the chunk. */
+const range = fc
+  .tuple(fc.integer({ min: 0, max: SECTORS - 1 }), fc.integer({ min: 1, max: SECTORS }))
+  .map(([first, count]) => ({
+    offset: first * SECTOR,
+    length: Math.min(count, SECTORS - first) * SECTOR,
+  }));
+
+const operation = fc.oneof(
+  fc.record({
+    op: fc.constant("write" as const),
+    r: range,
+    seed: fc.integer({ min: 1, max: 1e6 }),
+  }),
+  fc.record({ op: fc.constant("zero" as const), r: range }),
+  fc.record({ op: fc.constant("zeroAll" as const) }),
+  // A ranged GET of an aligned 16 KiB span, as the cache makes them.
+  fc.record({ op: fc.constant("fillRange" as const), span: fc.integer({ min: 0, max: 3 }) }),
+  fc.record({ op: fc.constant("fillWhole" as const), stored: fc.boolean() }),
+  fc.record({ op: fc.constant("image" as const), stored: fc.boolean() }),
+);
+
+describe("a page", () => {
+  it("agrees with the model on random operation sequences", () => {
+    fc.assert(
+      fc.property(fc.array(operation, { maxLength: 40 }), (operations) => {
+        const page = new Page(0, CHUNK, SECTOR);
+        const model = new Model();
+        for (const o of operations) {
+          switch (o.op) {
+            case "write": {
+              const data = pattern(o.seed, o.r.offset / SECTOR, o.r.length / SECTOR);
+              page.write(o.r.offset, data);
+              model.set(o.r.offset, data);
+              break;
+            }
+            case "zero":
+              page.zero(o.r.offset, o.r.length);
+              model.set(o.r.offset, new Uint8Array(o.r.length));
+              break;
+            case "zeroAll":
+              page.zero(0, CHUNK);
+              model.set(0, new Uint8Array(CHUNK));
+              expect(page.memoryBytes).toBe(0);
+              break;
+            case "fillRange": {
+              const offset = o.span * 16384;
+              page.fillFrom(offset, STORED.subarray(offset, offset + 16384), 16384);
+              model.fill(offset, 16384, STORED.subarray(offset, offset + 16384));
+              break;
+            }
+            case "fillWhole": {
+              // The page adopts a whole chunk's buffer: hand it a copy, as a GET would.
+              page.fillFrom(0, o.stored ? Buffer.from(STORED) : undefined, CHUNK);
+              model.fill(0, CHUNK, o.stored ? STORED : undefined);
+              break;
+            }
+            case "image": {
+              const base = page.fullyValid || !o.stored ? undefined : Buffer.from(STORED);
+              const image = page.image(base, ZERO_CHUNK);
+              const expected = model.image(o.stored ? STORED : undefined);
+              // `undefined` stands for a chunk of zeros.
+              expect((image ?? ZERO_CHUNK).equals(expected)).toBe(true);
+              break;
+            }
+          }
+          // Every known sector reads as the model says, and only known sectors are claimed.
+          for (let s = 0; s < SECTORS; s++) {
+            expect(page.isValid(s * SECTOR, SECTOR)).toBe(model.valid[s] === 1);
+          }
+          const out = Buffer.alloc(SECTOR);
+          for (let s = 0; s < SECTORS; s++) {
+            if (model.valid[s] !== 1) continue;
+            page.copyOut(s * SECTOR, out);
+            expect(out.equals(model.bytes.subarray(s * SECTOR, (s + 1) * SECTOR))).toBe(true);
+          }
+          expect(page.memoryBytes % SPAN_BYTES).toBe(0);
+          expect(page.memoryBytes).toBeLessThanOrEqual(CHUNK);
+        }
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("holds one span for a small write, and only the spans written", () => {
+    const page = new Page(0, CHUNK, SECTOR);
+    page.write(3 * SECTOR, pattern(1, 3, 1));
+    expect(page.memoryBytes).toBe(SPAN_BYTES);
+    page.write(CHUNK - SECTOR, pattern(2, SECTORS - 1, 1));
+    expect(page.memoryBytes).toBe(2 * SPAN_BYTES);
+    // Zeroing needs no storage: absent spans read as zeros.
+    page.zero(8 * SPAN_BYTES, 4 * SPAN_BYTES);
+    expect(page.memoryBytes).toBe(2 * SPAN_BYTES);
+    const out = Buffer.alloc(4 * SPAN_BYTES, 0xff);
+    page.copyOut(8 * SPAN_BYTES, out);
+    expect(out.equals(Buffer.alloc(4 * SPAN_BYTES))).toBe(true);
+  });
+
+  it("keeps zeros beside a write into a span that had none", () => {
+    const page = new Page(0, CHUNK, SECTOR);
+    page.zero(0, SPAN_BYTES); // known zeros, no storage
+    page.write(SECTOR, pattern(3, 1, 1)); // now the span gets storage
+    const out = Buffer.alloc(SPAN_BYTES);
+    page.copyOut(0, out);
+    const expected = Buffer.alloc(SPAN_BYTES);
+    Buffer.from(pattern(3, 1, 1)).copy(expected, SECTOR);
+    expect(out.equals(expected)).toBe(true);
+  });
+
+  it("adopts a fetched chunk, keeping the newer sectors it already held", () => {
+    const page = new Page(0, CHUNK, SECTOR);
+    page.write(5 * SECTOR, pattern(9, 5, 2));
+    const fetched = Buffer.from(STORED);
+    page.fillFrom(0, fetched, CHUNK);
+    expect(page.fullyValid).toBe(true);
+    expect(page.memoryBytes).toBe(CHUNK);
+    const out = Buffer.alloc(CHUNK);
+    page.copyOut(0, out);
+    const expected = Buffer.from(STORED);
+    Buffer.from(pattern(9, 5, 2)).copy(expected, 5 * SECTOR);
+    expect(out.equals(expected)).toBe(true);
+  });
+});
