@@ -21,7 +21,11 @@
  * sequential). The read-modify-write happens only at upload time, and only for a page that is
  * not fully known, so a chunk overwritten whole costs no GET. It builds the upload's image from
  * the fetched chunk without growing the page; the image then becomes the page's storage if the
- * page is clean after the upload, or if the dirty bound has room for it.
+ * page is clean after the upload, or if dirty memory stays under the write-back threshold.
+ *
+ * Dirty pages hold whole chunks only under that threshold: past it, a write to a cached clean
+ * chunk starts an empty dirty page instead, so that fully cached chunks never crowd the dirty
+ * bound and make every write wait for a whole-chunk upload.
  *
  * ## Memory, and the two dirty bounds
  *
@@ -215,7 +219,9 @@ export class PageCache {
       this.#dirtyMemory += delta;
       this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyMemory);
     } else if (this.#clean.peek(page.index) === page) {
-      this.#clean.set(page.index, page); // sizes it again
+      // lru-cache sizes an entry when it is added, not when the same value is set again.
+      this.#clean.delete(page.index);
+      this.#clean.set(page.index, page);
     }
   }
 
@@ -470,7 +476,17 @@ export class PageCache {
       return this.#hasRoomFor(growth(dirty)) ? dirty : undefined;
     }
     if (this.#dirty.size >= this.#maxDirtyChunks) return undefined;
-    const page = this.#clean.peek(index) ?? new Page(index, this.chunkSizeBytes, this.#sectorSize);
+    let page = this.#clean.peek(index);
+    if (
+      page !== undefined &&
+      this.#dirtyMemory + page.memoryBytes + growth(page) > this.#writebackThresholdBytes
+    ) {
+      // Its bytes are in the store: rather than crowd the dirty bound with them, start the
+      // dirty page empty (its upload will fetch what it lacks). Readers already holding the
+      // clean page were concurrent with this write and may see either.
+      page = undefined;
+    }
+    page ??= new Page(index, this.chunkSizeBytes, this.#sectorSize);
     if (!this.#hasRoomFor(page.memoryBytes + growth(page))) return undefined;
     this.#clean.delete(index);
     this.#dirty.set(index, page);

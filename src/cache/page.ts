@@ -248,26 +248,25 @@ export class Page {
    * read as zeros until now.
    */
   #allocate(offsetBytes: number, lengthBytes: number): void {
+    if (this.#spanCount === this.#spans.length) return;
     const end = offsetBytes + lengthBytes;
+    const firstSpan = Math.floor(offsetBytes / SPAN_BYTES);
     const lastSpan = Math.ceil(end / SPAN_BYTES);
-    let i = Math.floor(offsetBytes / SPAN_BYTES);
-    while (i < lastSpan) {
-      if (this.#spans[i] !== undefined) {
-        i++;
-        continue;
-      }
-      let j = i + 1;
-      while (j < lastSpan && this.#spans[j] === undefined) j++;
-      const buffer = Buffer.allocUnsafe((j - i) * SPAN_BYTES);
-      const runStart = i * SPAN_BYTES;
-      const runEnd = j * SPAN_BYTES;
-      if (offsetBytes > runStart) buffer.fill(0, 0, offsetBytes - runStart);
-      if (end < runEnd) buffer.fill(0, end - runStart);
-      this.#spans.fill(buffer, i, j);
-      for (let k = i; k < j; k++) this.#spanOffsets[k] = (k - i) * SPAN_BYTES;
-      this.#spanCount += j - i;
-      i = j;
-    }
+    forEachRun(
+      firstSpan,
+      lastSpan,
+      (k) => this.#spans[k] === undefined,
+      (i, j) => {
+        const buffer = Buffer.allocUnsafe((j - i) * SPAN_BYTES);
+        const runStart = i * SPAN_BYTES;
+        const runEnd = j * SPAN_BYTES;
+        if (offsetBytes > runStart) buffer.fill(0, 0, offsetBytes - runStart);
+        if (end < runEnd) buffer.fill(0, end - runStart);
+        this.#spans.fill(buffer, i, j);
+        for (let k = i; k < j; k++) this.#spanOffsets[k] = (k - i) * SPAN_BYTES;
+        this.#spanCount += j - i;
+      },
+    );
   }
 
   /**
@@ -327,17 +326,12 @@ export class Page {
     value: 0 | 1,
     visit: (at: number, bytes: number) => void,
   ): void {
-    let s = first;
-    while (s < end) {
-      if (this.#valid[s] !== value) {
-        s++;
-        continue;
-      }
-      let runEnd = s + 1;
-      while (runEnd < end && this.#valid[runEnd] === value) runEnd++;
-      visit(s * this.sectorSize, (runEnd - s) * this.sectorSize);
-      s = runEnd;
-    }
+    forEachRun(
+      first,
+      end,
+      (s) => this.#valid[s] === value,
+      (s, runEnd) => visit(s * this.sectorSize, (runEnd - s) * this.sectorSize),
+    );
   }
 
   #markValid(offsetBytes: number, lengthBytes: number): void {
@@ -360,5 +354,25 @@ export class Page {
   #assertAligned(offsetBytes: number, lengthBytes: number): void {
     assert(offsetBytes % this.sectorSize === 0 && lengthBytes % this.sectorSize === 0);
     assert(offsetBytes >= 0 && offsetBytes + lengthBytes <= this.chunkSizeBytes);
+  }
+}
+
+/** Call `visit(start, stop)` for each maximal run of `[first, end)` where `inRun` holds. */
+function forEachRun(
+  first: number,
+  end: number,
+  inRun: (i: number) => boolean,
+  visit: (start: number, stop: number) => void,
+): void {
+  let i = first;
+  while (i < end) {
+    if (!inRun(i)) {
+      i++;
+      continue;
+    }
+    let j = i + 1;
+    while (j < end && inRun(j)) j++;
+    visit(i, j);
+    i = j;
   }
 }

@@ -145,6 +145,15 @@ describe.each(backends)("request accounting on $name", (backend) => {
       expect(Buffer.from(out).equals(Buffer.from(pattern(6, sector, 8)))).toBe(true);
     }
     expect(stack.counter.counts().gets).toBe(6);
+    // Whole chunks, out of order (no read-ahead): the cache keeps two of them, not all eight.
+    const chunk = new Uint8Array(CHUNK);
+    for (const c of [0, 2, 4, 6, 1, 3, 5, 7]) {
+      expect((await device.read(c * (CHUNK / 512), [chunk])).ok).toBe(true);
+    }
+    expect(device.cacheStats().cleanBytes).toBeLessThanOrEqual(2 * CHUNK);
+    const gets = stack.counter.counts().gets;
+    expect((await device.read(0, [chunk])).ok).toBe(true); // long evicted
+    expect(stack.counter.counts().gets).toBe(gets + 1);
     await device.disconnect();
   });
 });

@@ -100,6 +100,43 @@ describe("backpressure", () => {
     await check.disconnect();
   });
 
+  it("starts a dirty page empty when its cached chunk would crowd the dirty bound", async () => {
+    const volume = await newTestVolume(memoryBackend, "shed", PARAMS);
+    const writer = await volume.open();
+    expect((await writer.write(0, [pattern(1, 0, (8 * CHUNK) / 512)])).ok).toBe(true);
+    await writer.disconnect();
+
+    const stack = volume.stack();
+    const device = await volume.open({ maxDirtyBytes: 4 * CHUNK, writebackDelayMs: 60_000 }, stack);
+    const spc = CHUNK / 512;
+    const whole = new Uint8Array(CHUNK);
+    for (const c of [0, 2, 4, 6, 1, 3, 5, 7]) {
+      expect((await device.read(c * spc, [whole])).ok).toBe(true); // all eight cached whole
+    }
+    stack.counter.reset();
+    for (let c = 0; c < 8; c++) {
+      expect((await device.write(c * spc + 8, [pattern(2, c * spc + 8, 8)])).ok).toBe(true);
+    }
+    // Pages stay whole only up to the write-back threshold (half the bound): at most two; the
+    // other six start empty, holding their 4 KiB, and no writer waited for room.
+    const stats = device.cacheStats();
+    expect(stats.dirtyBytes).toBeLessThanOrEqual(2 * CHUNK + 6 * 4096);
+    expect(stats.backpressureWaits).toBe(0);
+    expect((await device.flush()).ok).toBe(true);
+    // The six empty pages fetch their chunk at upload; every page is uploaded once.
+    expect(stack.counter.counts()).toMatchObject({ gets: 6, puts: 8 });
+    await device.disconnect();
+
+    const check = await volume.open({ readOnly: true });
+    const expected = Buffer.from(pattern(1, 0, 8 * spc));
+    for (let c = 0; c < 8; c++)
+      Buffer.from(pattern(2, c * spc + 8, 8)).copy(expected, (c * spc + 8) * 512);
+    const out = new Uint8Array(8 * CHUNK);
+    expect((await check.read(0, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(expected)).toBe(true);
+    await check.disconnect();
+  });
+
   it("serves reads of partly written dirty chunks without growing past the dirty bound", async () => {
     const volume = await newTestVolume(memoryBackend, "dirty-read", PARAMS);
     const writer = await volume.open();
