@@ -19,7 +19,8 @@
  */
 
 import assert from "node:assert/strict";
-import { existsSync, lstatSync, unlinkSync } from "node:fs";
+import { existsSync, linkSync, lstatSync, unlinkSync } from "node:fs";
+import path from "node:path";
 import net, { type AddressInfo, type Server, type Socket } from "node:net";
 
 import {
@@ -88,12 +89,20 @@ export class NbdServer {
     return [...this.#connections];
   }
 
-  /** Start listening; resolves with the endpoint actually bound (port 0 picks a free port). */
+  /**
+   * Start listening; resolves with the endpoint actually bound (port 0 picks a free port).
+   *
+   * A unix socket appears at its path only once it accepts connections, so whoever waits for
+   * the file (a VMM, a script) never connects too early: a socket's file exists from bind(2),
+   * before listen(2). It is bound under a temporary name and then linked into place; `link(2)`
+   * also refuses to replace a socket another server put there meanwhile.
+   */
   async listen(endpoint: Endpoint): Promise<Endpoint> {
     assert(this.#closing === undefined, "listen() after close()");
     if (endpoint.kind === "unix") await removeStaleSocket(endpoint.path);
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
     server.on("connection", (socket) => this.#accept(socket));
+    const staging = endpoint.kind === "unix" ? stagingPath(endpoint.path) : undefined;
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       const ready = () => {
@@ -101,8 +110,19 @@ export class NbdServer {
         resolve();
       };
       if (endpoint.kind === "tcp") server.listen(endpoint.port, endpoint.host, ready);
-      else server.listen(endpoint.path, ready);
+      else server.listen(staging ?? endpoint.path, ready);
     });
+    if (endpoint.kind === "unix" && staging !== undefined) {
+      try {
+        linkSync(staging, endpoint.path);
+      } catch (error) {
+        await new Promise((resolve) => server.close(resolve));
+        if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+        throw new Error(`${endpoint.path} is in use by another server`, { cause: error });
+      } finally {
+        unlinkSync(staging);
+      }
+    }
     server.on("error", (error) => this.#log("warn", `listener: ${error.message}`));
     const bound: Endpoint =
       endpoint.kind === "tcp"
@@ -124,6 +144,10 @@ export class NbdServer {
           ({ server }) => new Promise<void>((resolve) => server.close(() => resolve())),
         ),
       );
+      // A socket linked into place is not the name Node bound, so Node does not remove it.
+      for (const { endpoint } of this.#listeners) {
+        if (endpoint.kind === "unix") unlinkIfPresent(endpoint.path);
+      }
       const connections = [...this.#connections];
       let timer: NodeJS.Timeout | undefined;
       const drained = Promise.all(connections.map((c) => c.shutdown()));
@@ -214,6 +238,27 @@ async function removeStaleSocket(path: string): Promise<void> {
   if (alive) throw new Error(`${path} is in use by another server`);
   unlinkSync(path);
 }
+
+/**
+ * Where to bind a unix socket before linking it to `socketPath`: beside it (link(2) needs the
+ * same file system), under a short name, since socket paths are limited to 107 bytes. Undefined
+ * when even that would be too long: the socket is then bound at its path directly.
+ */
+function stagingPath(socketPath: string): string | undefined {
+  const staging = path.join(path.dirname(socketPath), `.s3blk-${process.pid}-${stagingCount++}`);
+  return Buffer.byteLength(staging) <= MAX_SOCKET_PATH_BYTES ? staging : undefined;
+}
+
+const MAX_SOCKET_PATH_BYTES = 107;
+
+function unlinkIfPresent(file: string): void {
+  try {
+    unlinkSync(file);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+  }
+}
+let stagingCount = 0;
 
 /** The NBD URI of `exportName` at `endpoint` (RFC: NetworkBlockDevice `doc/uri.md`). */
 export function nbdUri(endpoint: Endpoint, exportName: string): string {

@@ -5,6 +5,7 @@
  * one-line errors of a serve that cannot start.
  */
 
+import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
@@ -203,6 +204,40 @@ describe("starting s3blk serve", () => {
     );
     expect(server.uris[0]).toMatch(/\/default$/);
     expect(await server.stop()).toBe(0);
+  });
+
+  it("puts its unix socket in place only once it accepts connections, and removes it at stop", async () => {
+    const url = file.newUrl("ready");
+    expect((await run(process.execPath, [CLI, "create", url, "--size", "8M"])).code).toBe(0);
+    const dir = mkdtempSync(path.join(tmpdir(), "s3blk-ready-"));
+    // What a VMM does: wait for the socket file, then connect at once. A socket bound in place
+    // exists from bind(2), before listen(2); such a connect was refused 2 times in 60 under load.
+    const outcomes: string[] = [];
+    for (let round = 0; round < 10; round++) {
+      const socket = path.join(dir, `vm${round}.sock`);
+      const child = spawn(process.execPath, [CLI, "serve", url, "--socket", socket], {
+        stdio: "ignore",
+      });
+      const exited = new Promise((resolve) => child.once("exit", resolve));
+      while (!existsSync(socket)) {
+        if (child.exitCode !== null) throw new Error(`serve exited with ${child.exitCode}`);
+        await new Promise((r) => setImmediate(r));
+      }
+      outcomes.push(
+        await new Promise<string>((resolve) => {
+          const probe = net.connect(socket);
+          probe.once("connect", () => {
+            probe.destroy();
+            resolve("connected");
+          });
+          probe.once("error", (error: NodeJS.ErrnoException) => resolve(error.code ?? "error"));
+        }),
+      );
+      child.kill("SIGTERM");
+      await exited;
+      expect(readdirSync(dir)).toEqual([]); // neither the socket nor its staging name is left
+    }
+    expect(outcomes).toEqual(Array(10).fill("connected"));
   });
 
   it("fails in one line when it cannot serve", async () => {
