@@ -9,7 +9,12 @@ import { Command, CommanderError, InvalidArgumentError, Option } from "commander
 import { createInterface } from "node:readline/promises";
 import { ppWriteError } from "../block/block-device.js";
 import { StoreError } from "../store/object-store.js";
-import { openStoreStack, StoreUrlError, type StoreStackOptions } from "../store/store-url.js";
+import {
+  openStoreStack,
+  StoreUrlError,
+  type StoreStack,
+  type StoreStackOptions,
+} from "../store/store-url.js";
 import { FormatError } from "../volume/format.js";
 import { LeaseHeldError } from "../volume/lease.js";
 import {
@@ -22,7 +27,13 @@ import {
 } from "../volume/volume.js";
 import { formatSize, parseSize } from "./sizes.js";
 import { progressBar } from "./progress.js";
-import { exportVolume, importFile, TransferError } from "../transfer/import-export.js";
+import {
+  exportVolume,
+  importFile,
+  TransferError,
+  type TransferResult,
+} from "../transfer/import-export.js";
+import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { stat } from "node:fs/promises";
 import { DEFAULT_LISTEN, serve, ServeError } from "./serve.js";
 
@@ -61,7 +72,38 @@ function stackFor(url: string, program: Command) {
   return openStoreStack(url, options);
 }
 
+/** Run `use` with the store stack of `url`, and close the store after, whatever happens. */
+async function withStack<T>(
+  url: string,
+  program: Command,
+  use: (stack: StoreStack) => Promise<T>,
+): Promise<T> {
+  const stack = stackFor(url, program);
+  try {
+    return await use(stack);
+  } finally {
+    await stack.store.close();
+  }
+}
+
 export function buildProgram(out: (line: string) => void = console.log): Command {
+  /** Run an import or export with a progress bar, disconnect the device, and say what moved. */
+  async function transfer(
+    device: ChunkedBlockDevice,
+    label: string,
+    run: (onProgress: (doneBytes: number, totalBytes: number) => void) => Promise<TransferResult>,
+    what: string,
+  ): Promise<void> {
+    const bar = progressBar(label);
+    try {
+      const result = await run(bar.update);
+      bar.done();
+      out(`${what}: ${formatSize(result.totalBytes)}, ${formatSize(result.dataBytes)} of data`);
+    } finally {
+      await device.disconnect();
+    }
+  }
+
   const program = new Command("s3blk")
     .description("A virtual block device whose sectors live in S3-compatible object storage.")
     .option(
@@ -89,8 +131,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .action(
       async (url: string, options: { size: number; chunkSize: number; sectorSize: number }) => {
-        const stack = stackFor(url, program);
-        try {
+        await withStack(url, program, async (stack) => {
           const superblock = await createVolume(stack.store, stack.prefix, {
             sizeBytes: options.size,
             chunkSizeBytes: options.chunkSize,
@@ -101,9 +142,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
               `${superblock.sectorSizeBytes}-byte sectors, ${formatSize(superblock.chunkSizeBytes)} chunks, ` +
               `volume id ${superblock.volumeId}`,
           );
-        } finally {
-          await stack.store.close();
-        }
+        });
       },
     );
 
@@ -113,8 +152,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<url>", "the volume")
     .option("--json", "print JSON")
     .action(async (url: string, options: { json?: boolean }) => {
-      const stack = stackFor(url, program);
-      try {
+      await withStack(url, program, async (stack) => {
         const { superblock, storedChunks, storedBytes } = await describeVolume(
           stack.store,
           stack.prefix,
@@ -134,9 +172,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         out(`chunk size    ${formatSize(superblock.chunkSizeBytes)}`);
         out(`stored        ${storedChunks} of ${chunks} chunks, ${formatSize(storedBytes)}`);
         out(`created       ${superblock.createdAt}`);
-      } finally {
-        await stack.store.close();
-      }
+      });
     });
 
   program
@@ -145,8 +181,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<url>", "the volume")
     .option("-y, --yes", "do not ask for confirmation")
     .action(async (url: string, options: { yes?: boolean }) => {
-      const stack = stackFor(url, program);
-      try {
+      await withStack(url, program, async (stack) => {
         if (!options.yes) {
           if (!process.stdin.isTTY) {
             throw new UserError(`refusing to delete ${stack.url} without --yes`);
@@ -158,9 +193,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         }
         const objects = await deleteVolume(stack.store, stack.prefix);
         out(`deleted ${stack.url} (${objects} object${objects === 1 ? "" : "s"})`);
-      } finally {
-        await stack.store.close();
-      }
+      });
     });
 
   program
@@ -175,8 +208,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .option("--force", "take the volume over from another process (waits out its lease)")
     .action(async (file: string, url: string, options: { chunkSize: number; force?: boolean }) => {
-      const stack = stackFor(url, program);
-      try {
+      await withStack(url, program, async (stack) => {
         let created = false;
         try {
           await readSuperblock(stack.store, stack.prefix);
@@ -194,20 +226,13 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           fence: stack.fence,
           lease: { force: options.force ?? false },
         });
-        const bar = progressBar("import");
-        try {
-          const result = await importFile(file, device, created, { onProgress: bar.update });
-          bar.done();
-          out(
-            `imported ${file} into ${stack.url}: ${formatSize(result.totalBytes)}, ` +
-              `${formatSize(result.dataBytes)} of data`,
-          );
-        } finally {
-          await device.disconnect();
-        }
-      } finally {
-        await stack.store.close();
-      }
+        await transfer(
+          device,
+          "import",
+          (onProgress) => importFile(file, device, created, { onProgress }),
+          `imported ${file} into ${stack.url}`,
+        );
+      });
     });
 
   program
@@ -216,23 +241,15 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<url>", "the volume")
     .argument("<file>", "the image file, created or truncated")
     .action(async (url: string, file: string) => {
-      const stack = stackFor(url, program);
-      try {
+      await withStack(url, program, async (stack) => {
         const device = await openVolume(stack.store, stack.prefix, { readOnly: true });
-        const bar = progressBar("export");
-        try {
-          const result = await exportVolume(device, file, { onProgress: bar.update });
-          bar.done();
-          out(
-            `exported ${stack.url} to ${file}: ${formatSize(result.totalBytes)}, ` +
-              `${formatSize(result.dataBytes)} of data`,
-          );
-        } finally {
-          await device.disconnect();
-        }
-      } finally {
-        await stack.store.close();
-      }
+        await transfer(
+          device,
+          "export",
+          (onProgress) => exportVolume(device, file, { onProgress }),
+          `exported ${stack.url} to ${file}`,
+        );
+      });
     });
 
   program
@@ -241,8 +258,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("[url]", "the volume", DEFAULT_LOCAL_VOLUME)
     .option("--force", "take the volume over from another process (waits out its lease)")
     .action(async (url: string, options: { force?: boolean }) => {
-      const stack = stackFor(url, program);
-      try {
+      await withStack(url, program, async (stack) => {
         await createVolume(stack.store, stack.prefix, { sizeBytes: 1024 ** 3 }).then(
           () => out(`created ${stack.url} (1 GiB)`),
           (error: unknown) => {
@@ -265,9 +281,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         out(`wrote and read back sector 2048: ${back.toString("utf8").replace(/\0+$/, "").trim()}`);
         out(`stored chunks: ${(await describeVolume(stack.store, stack.prefix)).storedChunks}`);
         out(`next: s3blk info ${url}`);
-      } finally {
-        await stack.store.close();
-      }
+      });
     });
 
   program

@@ -29,6 +29,7 @@ import {
   type PutOptions,
   type PutResult,
 } from "./object-store.js";
+import { readFully } from "../util/read-fully.js";
 
 const MAGIC = Buffer.from("S3BLKOB1", "ascii");
 /** Magic (8) + header JSON length (4). */
@@ -63,7 +64,7 @@ export class FileStore implements ObjectStore {
     }
     try {
       const fixed = Buffer.alloc(FIXED_HEADER_BYTES);
-      await readFully(handle, fixed, 0);
+      await readFully(handle, fixed, 0, truncated);
       if (!fixed.subarray(0, MAGIC.length).equals(MAGIC)) {
         throw new StoreError("Permanent", `${file} is not an s3blk object file`);
       }
@@ -72,7 +73,7 @@ export class FileStore implements ObjectStore {
         throw new StoreError("Permanent", `${file} has a header of ${jsonBytes} bytes`);
       }
       const json = Buffer.alloc(jsonBytes);
-      await readFully(handle, json, FIXED_HEADER_BYTES);
+      await readFully(handle, json, FIXED_HEADER_BYTES, truncated);
       const header = JSON.parse(json.toString("utf8")) as Header;
       const dataStart = FIXED_HEADER_BYTES + jsonBytes;
       const objectSizeBytes = (await handle.stat()).size - dataStart;
@@ -82,7 +83,7 @@ export class FileStore implements ObjectStore {
         objectSizeBytes,
       );
       const body = Buffer.allocUnsafe(end - offset);
-      await readFully(handle, body, dataStart + offset);
+      await readFully(handle, body, dataStart + offset, truncated);
       return { body, metadata: header.metadata, etag: header.etag, objectSizeBytes };
     } catch (error) {
       if (error instanceof StoreError) throw error;
@@ -211,17 +212,8 @@ export class FileStore implements ObjectStore {
   }
 }
 
-async function readFully(
-  handle: import("node:fs/promises").FileHandle,
-  into: Uint8Array,
-  position: number,
-): Promise<void> {
-  let done = 0;
-  while (done < into.byteLength) {
-    const { bytesRead } = await handle.read(into, done, into.byteLength - done, position + done);
-    if (bytesRead === 0) throw new StoreError("Permanent", "object file is truncated");
-    done += bytesRead;
-  }
+function truncated(): StoreError {
+  return new StoreError("Permanent", "object file is truncated");
 }
 
 async function syncDirectory(dir: string): Promise<void> {

@@ -14,6 +14,7 @@ import assert from "node:assert/strict";
 import { open } from "node:fs/promises";
 import { ppError, ppWriteError } from "../block/block-device.js";
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
+import { readFully } from "../util/read-fully.js";
 
 export interface TransferOptions {
   /** Bytes per request. Default 4 MiB. */
@@ -67,7 +68,12 @@ export async function importFile(
       // The last piece is padded with zeros to a whole sector.
       const padded = Math.ceil(length / sectorSize) * sectorSize;
       const buffer = Buffer.alloc(padded);
-      await readFully(file, buffer, length, offset);
+      await readFully(
+        file,
+        buffer.subarray(0, length),
+        offset,
+        (at) => new TransferError(`unexpected end of file at byte ${at}`),
+      );
       for (let at = 0; at < padded; at += ZERO_BLOCK_BYTES) {
         const block = buffer.subarray(at, Math.min(padded, at + ZERO_BLOCK_BYTES));
         const sector = (offset + at) / sectorSize;
@@ -151,21 +157,6 @@ async function forEachPiece(
     }
   };
   await Promise.all(Array.from({ length: depth }, worker));
-}
-
-async function readFully(
-  file: import("node:fs/promises").FileHandle,
-  into: Buffer,
-  length: number,
-  position: number,
-): Promise<void> {
-  let done = 0;
-  while (done < length) {
-    const { bytesRead } = await file.read(into, done, length - done, position + done);
-    if (bytesRead === 0)
-      throw new TransferError(`unexpected end of file at byte ${position + done}`);
-    done += bytesRead;
-  }
 }
 
 const ZEROS = Buffer.alloc(ZERO_BLOCK_BYTES);
