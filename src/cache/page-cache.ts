@@ -29,8 +29,10 @@
  *
  * ## Memory, and the two dirty bounds
  *
- * Every page is charged for the memory it keeps alive: its spans, plus its bookkeeping in the
- * clean LRU. Clean pages live in an LRU bounded by `cacheBytes`. Dirty pages live outside it,
+ * Every page is charged for the memory it keeps alive: its spans. In the clean LRU a page is
+ * charged at least its bookkeeping (~5 KiB for 1 MiB chunks), so that pages holding little or
+ * nothing are not free; a whole chunk is charged its size, so a working set of N chunks fits a
+ * cache of N chunks. Clean pages live in an LRU bounded by `cacheBytes`. Dirty pages live outside it,
  * under two bounds:
  *
  * - `maxDirtyBytes`, the memory dirty pages hold, which bounds memory;
@@ -192,7 +194,7 @@ export class PageCache {
     this.#zeroChunk = Buffer.alloc(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
       maxSize: Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024),
-      sizeCalculation: (page) => page.memoryBytes + page.overheadBytes,
+      sizeCalculation: (page) => Math.max(page.memoryBytes, page.overheadBytes),
     });
   }
 

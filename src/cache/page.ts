@@ -83,7 +83,7 @@ export class Page {
     return this.#spanCount * SPAN_BYTES;
   }
 
-  /** Bytes of bookkeeping per page, whatever it holds. */
+  /** Bytes of bookkeeping per page, whatever it holds: the valid map and the span table. */
   get overheadBytes(): number {
     return this.#valid.byteLength + this.#spans.length * 12;
   }

@@ -156,4 +156,23 @@ describe.each(backends)("request accounting on $name", (backend) => {
     expect(stack.counter.counts().gets).toBe(gets + 1);
     await device.disconnect();
   });
+
+  it("keeps a working set of exactly the cache's size, whole chunks, without a second GET", async () => {
+    const volume = await newTestVolume(backend, "fit", PARAMS);
+    const writer = await volume.open();
+    expect((await writer.write(0, [pattern(7, 0, (4 * CHUNK) / 512)])).ok).toBe(true);
+    await writer.disconnect();
+
+    const stack = volume.stack();
+    const device = await volume.open({ cacheBytes: 4 * CHUNK }, stack);
+    stack.counter.reset();
+    const chunk = new Uint8Array(CHUNK);
+    for (let pass = 0; pass < 3; pass++) {
+      for (const c of [0, 2, 1, 3]) {
+        expect((await device.read(c * (CHUNK / 512), [chunk])).ok).toBe(true);
+      }
+    }
+    expect(stack.counter.counts().gets).toBe(4);
+    await device.disconnect();
+  });
 });
