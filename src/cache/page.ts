@@ -62,6 +62,8 @@ export class Page {
    */
   readonly #spans: (Buffer | undefined)[];
   readonly #spanOffsets: Uint32Array;
+  /** The one buffer holding every span in order, when there is one: the fast path. */
+  #whole: Buffer | undefined;
   #spanCount = 0;
   /** One byte per sector: 1 where the sector's contents are known. */
   readonly #valid: Uint8Array;
@@ -124,6 +126,10 @@ export class Page {
   /** Copy bytes `[offsetBytes, +target.length)` out. They must be valid. */
   copyOut(offsetBytes: number, target: Uint8Array): void {
     assert(this.isValid(offsetBytes, target.byteLength), "copyOut of unknown sectors");
+    if (this.#whole !== undefined) {
+      target.set(this.#whole.subarray(offsetBytes, offsetBytes + target.byteLength));
+      return;
+    }
     this.#forEachRun(offsetBytes, target.byteLength, (at, view, length) => {
       const into = at - offsetBytes;
       if (view === undefined) target.fill(0, into, into + length);
@@ -142,11 +148,15 @@ export class Page {
   /** Apply a write of `source` at `offsetBytes` (sector-aligned). */
   write(offsetBytes: number, source: Uint8Array): void {
     this.#assertAligned(offsetBytes, source.byteLength);
-    this.#allocate(offsetBytes, source.byteLength);
-    this.#forEachRun(offsetBytes, source.byteLength, (at, view) => {
-      const from = at - offsetBytes;
-      view!.set(source.subarray(from, from + view!.byteLength));
-    });
+    if (this.#whole !== undefined) {
+      this.#whole.set(source, offsetBytes);
+    } else {
+      this.#allocate(offsetBytes, source.byteLength);
+      this.#forEachRun(offsetBytes, source.byteLength, (at, view) => {
+        const from = at - offsetBytes;
+        view!.set(source.subarray(from, from + view!.byteLength));
+      });
+    }
     this.#markValid(offsetBytes, source.byteLength);
     this.#modified();
   }
@@ -157,6 +167,7 @@ export class Page {
     if (offsetBytes === 0 && lengthBytes === this.chunkSizeBytes) {
       this.#spans.fill(undefined);
       this.#spanCount = 0;
+      this.#whole = undefined;
       this.#valid.fill(1);
       this.#validCount = this.#valid.length;
     } else {
@@ -237,6 +248,7 @@ export class Page {
     }
     this.#spans.fill(chunk);
     for (let i = 0; i < this.#spans.length; i++) this.#spanOffsets[i] = i * SPAN_BYTES;
+    this.#whole = chunk;
     this.#spanCount = this.#spans.length;
     this.#valid.fill(1);
     this.#validCount = this.#valid.length;
@@ -265,6 +277,7 @@ export class Page {
         this.#spans.fill(buffer, i, j);
         for (let k = i; k < j; k++) this.#spanOffsets[k] = (k - i) * SPAN_BYTES;
         this.#spanCount += j - i;
+        if (j - i === this.#spans.length) this.#whole = buffer;
       },
     );
   }
