@@ -7,6 +7,7 @@ import { describe, expect, it } from "vitest";
 import { requireS3 } from "../support/s3-target.js";
 import {
   memoryBackend,
+  newFilledVolume,
   newTestVolume,
   pattern,
   s3Backend,
@@ -76,10 +77,7 @@ describe.each(backends)("request accounting on $name", (backend) => {
   });
 
   it("fetches a partly written chunk once, at upload, and a cached chunk never again", async () => {
-    const volume = await newTestVolume(backend, "rmw", PARAMS);
-    const first = await volume.open();
-    expect((await first.write(0, [pattern(1, 0, CHUNK / 512)])).ok).toBe(true);
-    await first.disconnect();
+    const volume = await newFilledVolume(backend, "rmw", PARAMS, 1, CHUNK / 512);
 
     const stack = volume.stack();
     const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
@@ -98,10 +96,7 @@ describe.each(backends)("request accounting on $name", (backend) => {
   });
 
   it("serves a small random miss with one 64 KiB ranged GET, and a second miss with the whole chunk", async () => {
-    const volume = await newTestVolume(backend, "ranged", PARAMS);
-    const writer = await volume.open();
-    expect((await writer.write(0, [pattern(5, 0, (2 * CHUNK) / 512)])).ok).toBe(true);
-    await writer.disconnect();
+    const volume = await newFilledVolume(backend, "ranged", PARAMS, 5, (2 * CHUNK) / 512);
 
     const stack = volume.stack();
     const device = await volume.open({}, stack);
@@ -126,10 +121,7 @@ describe.each(backends)("request accounting on $name", (backend) => {
   });
 
   it("charges the clean cache for the spans a page holds, not a whole chunk", async () => {
-    const volume = await newTestVolume(backend, "sparse-clean", PARAMS);
-    const writer = await volume.open();
-    expect((await writer.write(0, [pattern(6, 0, (8 * CHUNK) / 512)])).ok).toBe(true);
-    await writer.disconnect();
+    const volume = await newFilledVolume(backend, "sparse-clean", PARAMS, 6, (8 * CHUNK) / 512);
 
     const stack = volume.stack();
     // Room for two whole chunks, and for six 64 KiB spans (with their bookkeeping).
@@ -158,10 +150,7 @@ describe.each(backends)("request accounting on $name", (backend) => {
   });
 
   it("keeps a working set of exactly the cache's size, whole chunks, without a second GET", async () => {
-    const volume = await newTestVolume(backend, "fit", PARAMS);
-    const writer = await volume.open();
-    expect((await writer.write(0, [pattern(7, 0, (4 * CHUNK) / 512)])).ok).toBe(true);
-    await writer.disconnect();
+    const volume = await newFilledVolume(backend, "fit", PARAMS, 7, (4 * CHUNK) / 512);
 
     const stack = volume.stack();
     const device = await volume.open({ cacheBytes: 4 * CHUNK }, stack);

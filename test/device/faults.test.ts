@@ -13,7 +13,7 @@ import {
   encodeSuperblock,
   newSuperblock,
 } from "../../src/volume/format.js";
-import { memoryBackend, newTestVolume, pattern } from "../support/volumes.js";
+import { memoryBackend, newFilledVolume, newTestVolume, pattern } from "../support/volumes.js";
 import { openVolume } from "../../src/volume/volume.js";
 
 const CHUNK = 64 * 1024;
@@ -101,10 +101,7 @@ describe("backpressure", () => {
   });
 
   it("starts a dirty page empty when its cached chunk would crowd the dirty bound", async () => {
-    const volume = await newTestVolume(memoryBackend, "shed", PARAMS);
-    const writer = await volume.open();
-    expect((await writer.write(0, [pattern(1, 0, (8 * CHUNK) / 512)])).ok).toBe(true);
-    await writer.disconnect();
+    const volume = await newFilledVolume(memoryBackend, "shed", PARAMS, 1, (8 * CHUNK) / 512);
 
     const stack = volume.stack();
     const device = await volume.open({ maxDirtyBytes: 4 * CHUNK, writebackDelayMs: 60_000 }, stack);
@@ -138,10 +135,7 @@ describe("backpressure", () => {
   });
 
   it("serves reads of partly written dirty chunks without growing past the dirty bound", async () => {
-    const volume = await newTestVolume(memoryBackend, "dirty-read", PARAMS);
-    const writer = await volume.open();
-    expect((await writer.write(0, [pattern(1, 0, (4 * CHUNK) / 512)])).ok).toBe(true);
-    await writer.disconnect();
+    const volume = await newFilledVolume(memoryBackend, "dirty-read", PARAMS, 1, (4 * CHUNK) / 512);
 
     const maxDirtyBytes = 2 * CHUNK;
     const device = await volume.open({ maxDirtyBytes, writebackDelayMs: 60_000 });

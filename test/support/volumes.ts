@@ -76,6 +76,22 @@ export async function newTestVolume(
   };
 }
 
+/** A new volume whose first `sectors` sectors hold `pattern(seed, 0, sectors)`, flushed. */
+export async function newFilledVolume(
+  backend: Backend,
+  label: string,
+  parameters: VolumeParameters,
+  seed: number,
+  sectors: number,
+): Promise<TestVolume> {
+  const volume = await newTestVolume(backend, label, parameters);
+  const writer = await volume.open();
+  const written = await writer.write(0, [pattern(seed, 0, sectors)]);
+  const closed = await writer.disconnect();
+  if (!written.ok || !closed.ok) throw new Error(`could not fill ${volume.url}`);
+  return volume;
+}
+
 /** Deterministic bytes: each sector's content depends on `seed` and its absolute sector. */
 export function pattern(
   seed: number,
