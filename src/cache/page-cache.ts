@@ -293,7 +293,13 @@ export class PageCache {
   ): Promise<Fetched | undefined> {
     while (!page.isValid(offsetBytes, lengthBytes)) {
       if (page.fill === undefined) {
-        if (!(sequential || lengthBytes >= this.#wholeChunkReadBytes || page.rangedReads > 0)) {
+        const wholeWanted =
+          sequential || lengthBytes >= this.#wholeChunkReadBytes || page.rangedReads > 0;
+        // A dirty page that could not keep the chunk would fetch it whole only to drop it.
+        const keepable =
+          this.#dirty.get(page.index) !== page ||
+          this.#roomForCachedBytes(page.growthFor(0, this.chunkSizeBytes));
+        if (!(wholeWanted && keepable)) {
           const fetched = await this.#fetchRange(page, offsetBytes, lengthBytes);
           if (fetched !== undefined) return fetched;
           continue;
@@ -332,8 +338,8 @@ export class PageCache {
   }
 
   /**
-   * Put fetched bytes into `page`, unless it is dirty and they would pass the dirty bound:
-   * then hand them back, for the reader to use once.
+   * Put fetched bytes into `page`, unless it is dirty and they would take dirty memory past the
+   * write-back threshold: then hand them back, for the reader to use once.
    */
   #keep(
     page: Page,
@@ -342,7 +348,7 @@ export class PageCache {
     lengthBytes: number,
   ): Fetched | undefined {
     const growth = bytes === undefined ? 0 : page.growthFor(offsetBytes, lengthBytes);
-    if (this.#dirty.get(page.index) === page && !this.#hasRoomFor(growth)) {
+    if (this.#dirty.get(page.index) === page && !this.#roomForCachedBytes(growth)) {
       return { offsetBytes, bytes };
     }
     this.#resize(page, () => page.fillFrom(offsetBytes, bytes, lengthBytes));
@@ -479,10 +485,7 @@ export class PageCache {
     }
     if (this.#dirty.size >= this.#maxDirtyChunks) return undefined;
     let page = this.#clean.peek(index);
-    if (
-      page !== undefined &&
-      this.#dirtyMemory + page.memoryBytes + growth(page) > this.#writebackThresholdBytes
-    ) {
+    if (page !== undefined && !this.#roomForCachedBytes(page.memoryBytes + growth(page))) {
       // Its bytes are in the store: rather than crowd the dirty bound with them, start the
       // dirty page empty (its upload will fetch what it lacks). Readers already holding the
       // clean page were concurrent with this write and may see either.
@@ -497,6 +500,15 @@ export class PageCache {
     this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyMemory);
     this.#stats.peakDirtyChunks = Math.max(this.#stats.peakDirtyChunks, this.#dirty.size);
     return page;
+  }
+
+  /**
+   * Whether dirty pages may hold `bytes` more of data the store already has (a cached chunk, a
+   * fetch, an uploaded image): only under the write-back threshold, so that such bytes never
+   * crowd out writes.
+   */
+  #roomForCachedBytes(bytes: number): boolean {
+    return bytes === 0 || this.#dirtyMemory + bytes <= this.#writebackThresholdBytes;
   }
 
   /** Whether dirty pages may hold `bytes` more; a cache with nothing dirty always may. */
@@ -608,7 +620,9 @@ export class PageCache {
           this.#uploadFailed(page, error);
         },
       )
-      .finally(() => this.#armTimer());
+      // A writer may be waiting for room that this upload did not free (its page was written
+      // again meanwhile): then start the uploads that can, rather than wait for the timer.
+      .finally(() => (this.#roomWaiters.length > 0 ? this.#kick() : this.#armTimer()));
     page.upload = upload;
     this.#uploadingPages++;
     this.#uploadingMemory += page.memoryBytes;
@@ -648,7 +662,7 @@ export class PageCache {
       // Keep the image only while dirty memory stays under the write-back threshold, so that
       // pages kept whole never crowd out new writes.
       const growth = image === undefined ? 0 : page.growthFor(0, this.chunkSizeBytes);
-      if (growth === 0 || this.#dirtyMemory + growth <= this.#writebackThresholdBytes) {
+      if (this.#roomForCachedBytes(growth)) {
         this.#resize(page, () => page.fillFrom(0, image, this.chunkSizeBytes));
       }
     }

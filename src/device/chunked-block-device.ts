@@ -175,10 +175,11 @@ export class ChunkedBlockDevice implements BlockDevice {
 
   /**
    * Stop at once, as a crash would but tidily: refuse new operations, upload nothing more, wait
-   * for requests already sent, and close the store. Returns the dirty bytes that were dropped.
+   * for requests already sent, and close the store. Returns how many chunks held writes that
+   * were dropped.
    */
-  async abort(): Promise<{ lostDirtyBytes: number }> {
-    const lostDirtyBytes = this.#cache.stats().dirtyBytes;
+  async abort(): Promise<{ lostDirtyChunks: number }> {
+    const lostDirtyChunks = this.#cache.stats().dirtyChunks;
     this.#connected = false;
     this.#cache.close();
     this.#chunks.fence(new Error("device aborted"));
@@ -186,7 +187,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     await Promise.allSettled([...this.#inFlight]);
     await this.#chunks.drain();
     await this.#store.close();
-    return { lostDirtyBytes };
+    return { lostDirtyChunks };
   }
 
   /** Warm the cache with the chunks under `sectors` sectors from `sectorStart`. */
