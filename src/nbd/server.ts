@@ -120,7 +120,7 @@ export class NbdServer {
         if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
         throw new Error(`${endpoint.path} is in use by another server`, { cause: error });
       } finally {
-        unlinkSync(staging);
+        unlinkIfPresent(staging); // closing the listener may have removed it already
       }
     }
     server.on("error", (error) => this.#log("warn", `listener: ${error.message}`));
