@@ -221,20 +221,14 @@ export class Page {
    */
   image(base: Buffer | undefined, zeroChunk: Buffer): Buffer | undefined {
     if (this.isAllZero) return undefined;
+    assert(base === undefined || base.byteLength === this.chunkSizeBytes);
     let out: Buffer;
-    if (base !== undefined) {
-      assert(base.byteLength === this.chunkSizeBytes);
-      out = base;
-      this.#forEachValidRun((at, bytes) => this.copyOut(at, out.subarray(at, at + bytes)));
+    if (this.fullyValid) {
+      out = base ?? Buffer.allocUnsafe(this.chunkSizeBytes);
+      this.copyOut(0, out);
     } else {
-      if (!this.fullyValid) {
-        // No object: unknown sectors are zeros.
-        out = Buffer.alloc(this.chunkSizeBytes);
-        this.#forEachValidRun((at, bytes) => this.copyOut(at, out.subarray(at, at + bytes)));
-      } else {
-        out = Buffer.allocUnsafe(this.chunkSizeBytes);
-        this.copyOut(0, out);
-      }
+      out = base ?? Buffer.alloc(this.chunkSizeBytes); // no object: unknown sectors are zeros
+      this.copyKnownOut(0, out);
     }
     return out.equals(zeroChunk) ? undefined : out;
   }
@@ -243,9 +237,7 @@ export class Page {
 
   /** Make the page fully valid with `chunk` as its storage, keeping the sectors it knows. */
   #adopt(chunk: Buffer): void {
-    if (this.#validCount > 0) {
-      this.#forEachValidRun((at, bytes) => this.copyOut(at, chunk.subarray(at, at + bytes)));
-    }
+    if (this.#validCount > 0) this.copyKnownOut(0, chunk);
     this.#spans.fill(chunk);
     for (let i = 0; i < this.#spans.length; i++) this.#spanOffsets[i] = i * SPAN_BYTES;
     this.#whole = chunk;
@@ -316,11 +308,6 @@ export class Page {
       visit(at, view, length);
       at = runEnd;
     }
-  }
-
-  /** Visit the runs of valid sectors of the page, as byte ranges. */
-  #forEachValidRun(visit: (at: number, bytes: number) => void): void {
-    this.#forEachSectorRun(0, this.#valid.length, 1, visit);
   }
 
   /** Visit the runs of unknown sectors in `[offsetBytes, +lengthBytes)`, as byte ranges. */
