@@ -525,10 +525,16 @@ export class PageCache {
 
   /** True when the dirty pages not yet uploading pass half of either dirty bound. */
   #pastThreshold(): boolean {
-    return (
-      this.#dirtyMemory - this.#uploadingMemory > this.#writebackThresholdBytes ||
-      this.#dirty.size - this.#uploadingPages > this.#writebackThresholdChunks
-    );
+    const excess = this.#idleExcess();
+    return excess.bytes > 0 || excess.chunks > 0;
+  }
+
+  /** How far the dirty pages not yet uploading are past the write-back thresholds. */
+  #idleExcess(): { bytes: number; chunks: number } {
+    return {
+      bytes: this.#dirtyMemory - this.#uploadingMemory - this.#writebackThresholdBytes,
+      chunks: this.#dirty.size - this.#uploadingPages - this.#writebackThresholdChunks,
+    };
   }
 
   // ---- write-back --------------------------------------------------------------------------
@@ -561,8 +567,7 @@ export class PageCache {
     this.#cancelTimer?.();
     this.#cancelTimer = undefined;
     const nowMs = this.#clock.nowMs();
-    let excessBytes = this.#dirtyMemory - this.#uploadingMemory - this.#writebackThresholdBytes;
-    let excessChunks = this.#dirty.size - this.#uploadingPages - this.#writebackThresholdChunks;
+    let { bytes: excessBytes, chunks: excessChunks } = this.#idleExcess();
     let unservedWaiters = this.#roomWaiters.length - this.#uploadingPages;
     for (const [index, page] of this.#dirty) {
       if (page.upload !== undefined || page.state !== "dirty") continue;
