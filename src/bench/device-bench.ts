@@ -60,32 +60,29 @@ export async function runDeviceBench(options: DeviceBenchOptions): Promise<Devic
     await device.disconnect();
   };
 
-  await row("seq write 1M QD8 + flush", async (device) => {
+  /** Eight workers walking the volume once in 1 MiB steps, `op` at each; the steps taken. */
+  const sequentialPass = (op: (sector: number) => Promise<void>) => {
     let next = 0;
-    const n = await workers(
+    return workers(
       8,
       () => next >= sectors,
       async () => {
         const sector = next;
         next += 2048;
-        if (sector < sectors) await must(device.write(sector, [block]), "write");
+        if (sector < sectors) await op(sector);
       },
     );
+  };
+
+  await row("seq write 1M QD8 + flush", async (device) => {
+    const n = await sequentialPass((sector) => must(device.write(sector, [block]), "write"));
     await must(device.flush(), "flush");
     return { bytes: Math.min(n, sectors / 2048) * block.length, ops: n };
   });
 
   await row("seq read 1M QD8 (cold)", async (device) => {
-    let next = 0;
-    const n = await workers(
-      8,
-      () => next >= sectors,
-      async () => {
-        const sector = next;
-        next += 2048;
-        if (sector < sectors)
-          await must(device.read(sector, [Buffer.allocUnsafe(1 << 20)]), "read");
-      },
+    const n = await sequentialPass((sector) =>
+      must(device.read(sector, [Buffer.allocUnsafe(1 << 20)]), "read"),
     );
     return { bytes: Math.min(n, sectors / 2048) * block.length, ops: n };
   });
