@@ -256,7 +256,7 @@ export class Page {
     const end = offsetBytes + lengthBytes;
     const firstSpan = Math.floor(offsetBytes / SPAN_BYTES);
     const lastSpan = Math.ceil(end / SPAN_BYTES);
-    forEachRun(
+    forEachIndexRun(
       firstSpan,
       lastSpan,
       (k) => this.#spans[k] === undefined,
@@ -326,7 +326,7 @@ export class Page {
     value: 0 | 1,
     visit: (at: number, bytes: number) => void,
   ): void {
-    forEachRun(
+    forEachIndexRun(
       first,
       end,
       (s) => this.#valid[s] === value,
@@ -358,7 +358,7 @@ export class Page {
 }
 
 /** Call `visit(start, stop)` for each maximal run of `[first, end)` where `inRun` holds. */
-function forEachRun(
+function forEachIndexRun(
   first: number,
   end: number,
   inRun: (i: number) => boolean,
