@@ -23,9 +23,9 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseSize } from "../cli/sizes.js";
-import { openStoreStack } from "../store/store-url.js";
+import { openStoreStack } from "../store/store-stack.js";
 import { deletePrefix } from "../store/object-store.js";
-import { createVolume, openVolume } from "../volume/volume.js";
+import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
 import { runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
 import { rgwCounters, type RgwCounters } from "./rgw-counters.js";
@@ -172,13 +172,13 @@ async function main(): Promise<void> {
         region: s3.region,
       };
       const creator = openStoreStack(deviceUrl, stackOptions);
-      await createVolume(creator.store, creator.prefix, { sizeBytes });
+      await createVolume(creator, { sizeBytes });
       deviceRows = await runDeviceBench({
         sizeBytes,
         seconds: runtimeSeconds,
         open: async () => {
           const stack = openStoreStack(deviceUrl, stackOptions);
-          const device = await openVolume(stack.store, stack.prefix);
+          const device = await openVolume(stack);
           return { device, counts: () => stack.counter.counts() };
         },
       });
@@ -194,7 +194,7 @@ async function main(): Promise<void> {
       credentials: { accessKeyId: s3.accessKey, secretAccessKey: s3.secretKey },
       region: s3.region,
     });
-    await createVolume(stack.store, stack.prefix, { sizeBytes });
+    await createVolume(stack, { sizeBytes });
     if (only.has("warm")) {
       const warm = await startS3blk({
         volumeUrl,

@@ -14,9 +14,9 @@ import {
   StoreUrlError,
   type StoreStack,
   type StoreStackOptions,
-} from "../store/store-url.js";
+} from "../store/store-stack.js";
 import { FormatError } from "../volume/format.js";
-import { LeaseHeldError } from "../volume/lease.js";
+import { LeaseHeldError, LeaseTimingError } from "../volume/lease.js";
 import {
   createVolume,
   deleteVolume,
@@ -24,8 +24,9 @@ import {
   openVolume,
   readSuperblock,
   VolumeError,
-} from "../volume/volume.js";
+} from "../lifecycle/volume-lifecycle.js";
 import { formatSize, parseSize } from "./sizes.js";
+import { parseDuration } from "./durations.js";
 import { progressBar } from "./progress.js";
 import {
   exportVolume,
@@ -50,12 +51,20 @@ export const DEFAULT_LOCAL_VOLUME = ".s3blk/volumes/default";
 
 interface GlobalOptions {
   endpoint?: string;
+  requestTimeout?: number;
 }
 
 function sizeOption(value: string): number {
   const bytes = parseSize(value);
   if (bytes instanceof Error) throw new InvalidArgumentError(bytes.message);
   return bytes;
+}
+
+function durationOption(value: string): number {
+  const ms = parseDuration(value);
+  if (ms instanceof Error) throw new InvalidArgumentError(ms.message);
+  if (ms < 1) throw new InvalidArgumentError(`"${value}" is not a duration of at least 1 ms`);
+  return ms;
 }
 
 function countOption(value: string): number {
@@ -67,8 +76,8 @@ function countOption(value: string): number {
 }
 
 function stackFor(url: string, program: Command) {
-  const { endpoint } = program.opts<GlobalOptions>();
-  const options: StoreStackOptions = endpoint === undefined ? {} : { endpoint };
+  const { endpoint, requestTimeout } = program.opts<GlobalOptions>();
+  const options: StoreStackOptions = { endpoint, requestTimeoutMs: requestTimeout };
   return openStoreStack(url, options);
 }
 
@@ -110,6 +119,11 @@ export function buildProgram(out: (line: string) => void = console.log): Command
       "--endpoint <url>",
       "S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)",
     )
+    .option(
+      "--request-timeout <duration>",
+      "one S3 request attempt fails (and is retried) if not answered within this (default 15s)",
+      durationOption,
+    )
     .exitOverride()
     .showHelpAfterError("(run with --help for usage)")
     .configureOutput({
@@ -132,7 +146,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .action(
       async (url: string, options: { size: number; chunkSize: number; sectorSize: number }) => {
         await withStack(url, program, async (stack) => {
-          const superblock = await createVolume(stack.store, stack.prefix, {
+          const superblock = await createVolume(stack, {
             sizeBytes: options.size,
             chunkSizeBytes: options.chunkSize,
             sectorSizeBytes: options.sectorSize,
@@ -153,10 +167,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .option("--json", "print JSON")
     .action(async (url: string, options: { json?: boolean }) => {
       await withStack(url, program, async (stack) => {
-        const { superblock, storedChunks, storedBytes } = await describeVolume(
-          stack.store,
-          stack.prefix,
-        );
+        const { superblock, storedChunks, storedBytes } = await describeVolume(stack);
         if (options.json) {
           out(
             JSON.stringify({ url: stack.url, ...superblock, storedChunks, storedBytes }, null, 2),
@@ -191,7 +202,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           rl.close();
           if (!/^y(es)?$/i.test(answer.trim())) throw new UserError("not deleted");
         }
-        const objects = await deleteVolume(stack.store, stack.prefix);
+        const objects = await deleteVolume(stack);
         out(`deleted ${stack.url} (${objects} object${objects === 1 ? "" : "s"})`);
       });
     });
@@ -211,19 +222,18 @@ export function buildProgram(out: (line: string) => void = console.log): Command
       await withStack(url, program, async (stack) => {
         let created = false;
         try {
-          await readSuperblock(stack.store, stack.prefix);
+          await readSuperblock(stack);
         } catch (error) {
           if (!(error instanceof VolumeError)) throw error;
           const fileBytes = await fileSize(file);
-          await createVolume(stack.store, stack.prefix, {
+          await createVolume(stack, {
             sizeBytes: Math.max(512, Math.ceil(fileBytes / 512) * 512),
             chunkSizeBytes: options.chunkSize,
           });
           created = true;
           out(`created ${stack.url} (${formatSize(fileBytes)})`);
         }
-        const device = await openVolume(stack.store, stack.prefix, {
-          fence: stack.fence,
+        const device = await openVolume(stack, {
           lease: { force: options.force ?? false },
         });
         await transfer(
@@ -242,7 +252,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<file>", "the image file, created or truncated")
     .action(async (url: string, file: string) => {
       await withStack(url, program, async (stack) => {
-        const device = await openVolume(stack.store, stack.prefix, { readOnly: true });
+        const device = await openVolume(stack, { readOnly: true });
         await transfer(
           device,
           "export",
@@ -259,14 +269,13 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .option("--force", "take the volume over from another process (waits out its lease)")
     .action(async (url: string, options: { force?: boolean }) => {
       await withStack(url, program, async (stack) => {
-        await createVolume(stack.store, stack.prefix, { sizeBytes: 1024 ** 3 }).then(
+        await createVolume(stack, { sizeBytes: 1024 ** 3 }).then(
           () => out(`created ${stack.url} (1 GiB)`),
           (error: unknown) => {
             if (!(error instanceof VolumeError)) throw error;
           },
         );
-        const device = await openVolume(stack.store, stack.prefix, {
-          fence: stack.fence,
+        const device = await openVolume(stack, {
           lease: { force: options.force ?? false },
         });
         const message = Buffer.alloc(4096);
@@ -279,7 +288,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         const closed = await device.disconnect();
         if (!closed.ok) throw new UserError(ppWriteError(closed.error));
         out(`wrote and read back sector 2048: ${back.toString("utf8").replace(/\0+$/, "").trim()}`);
-        out(`stored chunks: ${(await describeVolume(stack.store, stack.prefix)).storedChunks}`);
+        out(`stored chunks: ${(await describeVolume(stack)).storedChunks}`);
         out(`next: s3blk info ${url}`);
       });
     });
@@ -316,6 +325,11 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         .hideHelp(),
     )
     .option("--force", "take over a volume another process holds (waits out its lease)")
+    .option(
+      "--lease-duration <duration>",
+      "how long a volume's lease lasts unrenewed; a takeover of a dead holder waits this long (default 60s)",
+      durationOption,
+    )
     .option("-v, --verbose", "log connections")
     .action(
       async (
@@ -330,6 +344,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           createSize?: number;
           writebackDelay?: number;
           force?: boolean;
+          leaseDuration?: number;
           verbose?: boolean;
         },
       ) => {
@@ -396,7 +411,8 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof StoreUrlError ||
     error instanceof ServeError ||
     error instanceof TransferError ||
-    error instanceof LeaseHeldError
+    error instanceof LeaseHeldError ||
+    error instanceof LeaseTimingError
   ) {
     return error.message;
   }

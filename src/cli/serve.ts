@@ -10,8 +10,13 @@
 
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { ppWriteError } from "../block/block-device.js";
-import type { StoreStack } from "../store/store-url.js";
-import { createVolume, openVolume, VolumeError, type OpenOptions } from "../volume/volume.js";
+import type { StoreStack } from "../store/store-stack.js";
+import {
+  createVolume,
+  openVolume,
+  VolumeError,
+  type OpenOptions,
+} from "../lifecycle/volume-lifecycle.js";
 import { LeaseHeldError } from "../volume/lease.js";
 import { NbdExport } from "../nbd/exports.js";
 import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
@@ -30,6 +35,8 @@ export interface ServeOptions {
   readonly createSize?: number;
   readonly writebackDelay?: number;
   readonly force?: boolean;
+  /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
+  readonly leaseDuration?: number;
   readonly verbose?: boolean;
 }
 
@@ -97,6 +104,7 @@ export async function serve(
     readOnly: options.readOnly ?? false,
     lease: {
       force: options.force ?? false,
+      durationMs: options.leaseDuration,
       log: (line) => env.err(`s3blk: lease: ${line}`),
       onLost: (error) => env.err(`s3blk: ${error.message}; refusing further writes`),
     },
@@ -179,14 +187,14 @@ async function openOne(
   try {
     if (createSize !== undefined) {
       try {
-        await createVolume(stack.store, stack.prefix, { sizeBytes: createSize });
+        await createVolume(stack, { sizeBytes: createSize });
         env.out(`created ${stack.url} (${formatSize(createSize)})`);
       } catch (error) {
         if (!(error instanceof VolumeError)) throw error;
       }
     }
     try {
-      return { stack, device: await openVolume(stack.store, stack.prefix, deviceOptions) };
+      return { stack, device: await openVolume(stack, deviceOptions) };
     } catch (error) {
       if (error instanceof VolumeError && createSize === undefined) {
         throw new ServeError(`${error.message}; create it with --create-size SIZE`);

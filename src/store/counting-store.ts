@@ -4,14 +4,8 @@
  * read its figures.
  */
 
-import type {
-  GetOptions,
-  GetResult,
-  ListPage,
-  ObjectStore,
-  PutOptions,
-  PutResult,
-} from "./object-store.js";
+import type { GetOptions, GetResult, ListPage, PutOptions, PutResult } from "./object-store.js";
+import { StoreLayer } from "./store-layer.js";
 
 export interface RequestCounts {
   gets: number;
@@ -41,15 +35,8 @@ export function zeroCounts(): RequestCounts {
   };
 }
 
-export class CountingStore implements ObjectStore {
-  readonly description: string;
-  readonly #inner: ObjectStore;
+export class CountingStore extends StoreLayer {
   #counts = zeroCounts();
-
-  constructor(inner: ObjectStore) {
-    this.#inner = inner;
-    this.description = inner.description;
-  }
 
   /** A copy of the counts so far. */
   counts(): RequestCounts {
@@ -63,37 +50,33 @@ export class CountingStore implements ObjectStore {
     return counts;
   }
 
-  async get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
+  override async get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
     this.#counts.gets++;
-    const result = await this.#count(this.#inner.get(key, options));
+    const result = await this.#count(this.inner.get(key, options));
     if (result === undefined) this.#counts.getMisses++;
     else this.#counts.bytesIn += result.body.byteLength;
     return result;
   }
 
-  put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+  override put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
     this.#counts.puts++;
     this.#counts.bytesOut += body.byteLength;
-    return this.#count(this.#inner.put(key, body, options));
+    return this.#count(this.inner.put(key, body, options));
   }
 
-  delete(key: string): Promise<void> {
+  override delete(key: string): Promise<void> {
     this.#counts.deletes++;
-    return this.#count(this.#inner.delete(key));
+    return this.#count(this.inner.delete(key));
   }
 
-  deleteMany(keys: readonly string[]): Promise<void> {
+  override deleteMany(keys: readonly string[]): Promise<void> {
     this.#counts.deleteBatches++;
-    return this.#count(this.#inner.deleteMany(keys));
+    return this.#count(this.inner.deleteMany(keys));
   }
 
-  listPage(prefix: string, continuation?: string): Promise<ListPage> {
+  override listPage(prefix: string, continuation?: string): Promise<ListPage> {
     this.#counts.lists++;
-    return this.#count(this.#inner.listPage(prefix, continuation));
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+    return this.#count(this.inner.listPage(prefix, continuation));
   }
 
   async #count<T>(operation: Promise<T>): Promise<T> {

@@ -13,6 +13,7 @@ import {
   type PutOptions,
   type PutResult,
 } from "./object-store.js";
+import { StoreLayer } from "./store-layer.js";
 
 export type Operation = "get" | "put" | "delete" | "list";
 
@@ -29,17 +30,14 @@ export interface FaultRule {
   readonly code?: StoreError["code"];
 }
 
-export class FaultStore implements ObjectStore {
-  readonly description: string;
-  readonly #inner: ObjectStore;
+export class FaultStore extends StoreLayer {
   readonly #random: () => number;
   #rules: { rule: FaultRule; remaining: number }[] = [];
   /** Failures injected so far. */
   injected = 0;
 
   constructor(inner: ObjectStore, options: { random?: () => number } = {}) {
-    this.#inner = inner;
-    this.description = inner.description;
+    super(inner);
     this.#random = options.random ?? Math.random;
   }
 
@@ -58,33 +56,29 @@ export class FaultStore implements ObjectStore {
     this.#rules = [];
   }
 
-  async get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
+  override async get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
     this.#maybeFail("get", key);
-    return this.#inner.get(key, options);
+    return this.inner.get(key, options);
   }
 
-  async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+  override async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
     this.#maybeFail("put", key);
-    return this.#inner.put(key, body, options);
+    return this.inner.put(key, body, options);
   }
 
-  async delete(key: string): Promise<void> {
+  override async delete(key: string): Promise<void> {
     this.#maybeFail("delete", key);
-    return this.#inner.delete(key);
+    return this.inner.delete(key);
   }
 
-  async deleteMany(keys: readonly string[]): Promise<void> {
+  override async deleteMany(keys: readonly string[]): Promise<void> {
     for (const key of keys) this.#maybeFail("delete", key);
-    return this.#inner.deleteMany(keys);
+    return this.inner.deleteMany(keys);
   }
 
-  async listPage(prefix: string, continuation?: string): Promise<ListPage> {
+  override async listPage(prefix: string, continuation?: string): Promise<ListPage> {
     this.#maybeFail("list", prefix);
-    return this.#inner.listPage(prefix, continuation);
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+    return this.inner.listPage(prefix, continuation);
   }
 
   #maybeFail(operation: Operation, key: string): void {

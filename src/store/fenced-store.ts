@@ -7,15 +7,8 @@
  * arms it with a check that throws while writes are not allowed.
  */
 
-import {
-  StoreError,
-  type GetOptions,
-  type GetResult,
-  type ListPage,
-  type ObjectStore,
-  type PutOptions,
-  type PutResult,
-} from "./object-store.js";
+import type { ObjectStore, PutOptions, PutResult, StoreError } from "./object-store.js";
+import { StoreLayer } from "./store-layer.js";
 
 /** Decides whether a write may be sent now. */
 export class Fence {
@@ -36,41 +29,27 @@ export class Fence {
   }
 }
 
-export class FencedStore implements ObjectStore {
-  readonly description: string;
-  readonly #inner: ObjectStore;
+/** Refuses every PUT and DELETE attempt that the fence does not admit; reads pass. */
+export class FencedStore extends StoreLayer {
   readonly #fence: Fence;
 
   constructor(inner: ObjectStore, fence: Fence) {
-    this.#inner = inner;
+    super(inner);
     this.#fence = fence;
-    this.description = inner.description;
   }
 
-  get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
-    return this.#inner.get(key, options);
-  }
-
-  async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+  override async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
     this.#fence.assertWritable(key);
-    return this.#inner.put(key, body, options);
+    return this.inner.put(key, body, options);
   }
 
-  async delete(key: string): Promise<void> {
+  override async delete(key: string): Promise<void> {
     this.#fence.assertWritable(key);
-    return this.#inner.delete(key);
+    return this.inner.delete(key);
   }
 
-  async deleteMany(keys: readonly string[]): Promise<void> {
+  override async deleteMany(keys: readonly string[]): Promise<void> {
     for (const key of keys) this.#fence.assertWritable(key);
-    return this.#inner.deleteMany(keys);
-  }
-
-  listPage(prefix: string, continuation?: string): Promise<ListPage> {
-    return this.#inner.listPage(prefix, continuation);
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+    return this.inner.deleteMany(keys);
   }
 }

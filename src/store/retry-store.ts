@@ -20,6 +20,7 @@ import {
   type PutOptions,
   type PutResult,
 } from "./object-store.js";
+import { StoreLayer } from "./store-layer.js";
 
 export interface RetryPolicy {
   /** Attempts in all, the first included. Default 6. */
@@ -48,45 +49,38 @@ export interface RetryStoreOptions {
   readonly onRetry?: (what: string, attempt: number, error: StoreError, delayMs: number) => void;
 }
 
-export class RetryStore implements ObjectStore {
-  readonly description: string;
+export class RetryStore extends StoreLayer {
   readonly policy: RetryPolicy;
-  readonly #inner: ObjectStore;
   readonly #clock: Clock;
   readonly #random: () => number;
   readonly #onRetry: RetryStoreOptions["onRetry"];
 
   constructor(inner: ObjectStore, options: RetryStoreOptions) {
-    this.#inner = inner;
-    this.description = inner.description;
+    super(inner);
     this.policy = { ...DEFAULT_RETRY_POLICY, ...options.policy };
     this.#clock = options.clock;
     this.#random = options.random ?? Math.random;
     this.#onRetry = options.onRetry;
   }
 
-  get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
-    return this.#retry(`GET ${key}`, () => this.#inner.get(key, options));
+  override get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
+    return this.#retry(`GET ${key}`, () => this.inner.get(key, options));
   }
 
-  put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
-    return this.#retry(`PUT ${key}`, () => this.#inner.put(key, body, options));
+  override put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+    return this.#retry(`PUT ${key}`, () => this.inner.put(key, body, options));
   }
 
-  delete(key: string): Promise<void> {
-    return this.#retry(`DELETE ${key}`, () => this.#inner.delete(key));
+  override delete(key: string): Promise<void> {
+    return this.#retry(`DELETE ${key}`, () => this.inner.delete(key));
   }
 
-  deleteMany(keys: readonly string[]): Promise<void> {
-    return this.#retry(`DELETE ${keys.length} keys`, () => this.#inner.deleteMany(keys));
+  override deleteMany(keys: readonly string[]): Promise<void> {
+    return this.#retry(`DELETE ${keys.length} keys`, () => this.inner.deleteMany(keys));
   }
 
-  listPage(prefix: string, continuation?: string): Promise<ListPage> {
-    return this.#retry(`LIST ${prefix}`, () => this.#inner.listPage(prefix, continuation));
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+  override listPage(prefix: string, continuation?: string): Promise<ListPage> {
+    return this.#retry(`LIST ${prefix}`, () => this.inner.listPage(prefix, continuation));
   }
 
   async #retry<T>(what: string, attempt: () => Promise<T>): Promise<T> {

@@ -96,6 +96,42 @@ export class LeaseHeldError extends Error {
   }
 }
 
+/**
+ * Lease timings that cannot work: renewed every quarter of its duration, a lease must still
+ * admit writes after a renewal's interval, that is `durationMs × 3/4 > requestTimeoutMs +
+ * clockSkewMs`; otherwise a healthy holder would refuse its own writes between renewals.
+ */
+export class LeaseTimingError extends Error {
+  override readonly name = "LeaseTimingError";
+}
+
+/** The defaults of {@link LeaseOptions}. */
+export const DEFAULT_LEASE_TIMING = Object.freeze({
+  durationMs: 60_000,
+  requestTimeoutMs: 15_000,
+  clockSkewMs: 5_000,
+});
+
+/** The timings `options` ask for, defaults filled in; throws {@link LeaseTimingError}. */
+export function leaseTiming(
+  options: LeaseOptions,
+): Required<Pick<LeaseOptions, "durationMs" | "requestTimeoutMs" | "clockSkewMs">> {
+  const timing = {
+    durationMs: options.durationMs ?? DEFAULT_LEASE_TIMING.durationMs,
+    requestTimeoutMs: options.requestTimeoutMs ?? DEFAULT_LEASE_TIMING.requestTimeoutMs,
+    clockSkewMs: options.clockSkewMs ?? DEFAULT_LEASE_TIMING.clockSkewMs,
+  };
+  const neededMs = ((timing.requestTimeoutMs + timing.clockSkewMs) * 4) / 3;
+  if (!(timing.durationMs > neededMs)) {
+    throw new LeaseTimingError(
+      `a lease of ${timing.durationMs / 1000} s is too short: with a request timeout of ` +
+        `${timing.requestTimeoutMs / 1000} s and a clock-skew margin of ${timing.clockSkewMs / 1000} s ` +
+        `it must last more than ${Math.ceil(neededMs / 1000)} s`,
+    );
+  }
+  return timing;
+}
+
 /** This process lost the lease: it must not write again. */
 export class LeaseLostError extends Error {
   override readonly name = "LeaseLostError";
@@ -149,12 +185,7 @@ export class Lease {
     clock: Clock,
     options: LeaseOptions = {},
   ): Promise<Lease> {
-    const settings = {
-      ...options,
-      durationMs: options.durationMs ?? 60_000,
-      requestTimeoutMs: options.requestTimeoutMs ?? 15_000,
-      clockSkewMs: options.clockSkewMs ?? 5_000,
-    };
+    const settings = { ...options, ...leaseTiming(options) };
     const wallMs = options.wallClockMs ?? Date.now;
     const key = leaseKey(prefix);
     const me = currentHolder();

@@ -13,8 +13,14 @@ import {
   encodeSuperblock,
   newSuperblock,
 } from "../../src/volume/format.js";
-import { memoryBackend, newFilledVolume, newTestVolume, pattern } from "../support/volumes.js";
-import { openVolume } from "../../src/volume/volume.js";
+import {
+  memoryBackend,
+  newFilledVolume,
+  newTestVolume,
+  pattern,
+  stackOver,
+} from "../support/volumes.js";
+import { openVolume } from "../../src/lifecycle/volume-lifecycle.js";
 
 const CHUNK = 64 * 1024;
 const PARAMS = { sizeBytes: 256 * CHUNK, chunkSizeBytes: CHUNK };
@@ -306,14 +312,14 @@ describe("integrity", () => {
     const store = new MemoryStore();
     const superblock = newSuperblock(PARAMS);
     await store.put(superblockKey(""), encodeSuperblock(superblock));
-    const writer = await openVolume(store, "");
+    const writer = await openVolume(stackOver(store));
     expect((await writer.write(0, [pattern(4, 0, (3 * CHUNK) / 512)])).ok).toBe(true);
     await writer.disconnect();
     return store;
   }
 
   async function readError(store: MemoryStore, sector: number, sectors = 8): Promise<Error> {
-    const device = await openVolume(store, "", { wholeChunkReadBytes: CHUNK });
+    const device = await openVolume(stackOver(store), { wholeChunkReadBytes: CHUNK });
     const result = await device.read(sector, [new Uint8Array(sectors * 512)]);
     await device.disconnect();
     expect(result.ok).toBe(false);
@@ -333,7 +339,7 @@ describe("integrity", () => {
       /chunks\/0000000000000001.*checksum mismatch in bytes 4096\.\.8192/,
     );
     // The untouched chunks still read.
-    const device = await openVolume(store, "");
+    const device = await openVolume(stackOver(store));
     expect((await device.read(0, [new Uint8Array(CHUNK)])).ok).toBe(true);
     await device.disconnect();
   });
@@ -362,7 +368,7 @@ describe("integrity", () => {
     const store = new MemoryStore();
     const superblock = { ...newSuperblock(PARAMS), formatVersion: 2 };
     await store.put(superblockKey(""), encodeSuperblock(superblock));
-    await expect(openVolume(store, "")).rejects.toThrow(
+    await expect(openVolume(stackOver(store))).rejects.toThrow(
       /format version 2.*reads version 1 only \(upgrade s3blk\)/,
     );
   });

@@ -8,8 +8,8 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 
-import { openStoreStack } from "../../src/store/store-url.js";
-import { createVolume, openVolume } from "../../src/volume/volume.js";
+import { openStoreStack } from "../../src/store/store-stack.js";
+import { createVolume, openVolume } from "../../src/lifecycle/volume-lifecycle.js";
 import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
 import { NbdExport, type NbdDevice } from "../../src/nbd/exports.js";
 import { NbdServer, type NbdServerOptions } from "../../src/nbd/server.js";
@@ -165,18 +165,18 @@ export async function memoryServer(
   const built: NbdExport[] = [];
   for (const e of exports) {
     const stack = openStoreStack(`memory://nbd-test-${process.pid}-${memoryVolumes++}`);
-    await createVolume(stack.store, stack.prefix, {
+    await createVolume(stack, {
       sizeBytes: e.sizeBytes,
       chunkSizeBytes: 256 * 1024,
       ...(e.sectorSizeBytes === undefined ? {} : { sectorSizeBytes: e.sectorSizeBytes }),
     });
     if (e.readOnly) {
       // A read-only export of a volume with some data in it.
-      const writer = await openVolume(stack.store, stack.prefix, { lease: false });
+      const writer = await openVolume(stack, { lease: false });
       await writer.write(0, [Buffer.alloc(4096, 0x5a)]);
       await writer.disconnect();
     }
-    const device = await openVolume(openStoreStack(stack.url).store, stack.prefix, {
+    const device = await openVolume(openStoreStack(stack.url), {
       readOnly: e.readOnly ?? false,
       lease: false,
       writebackDelayMs: 50,

@@ -2,7 +2,9 @@
  * An HTTP proxy between s3blk and the real S3 server that injects the failures S3 shows in
  * production: 500 InternalError, 503 SlowDown, connection resets, stalls longer than our
  * timeouts, and outages. Tests point s3blk's endpoint at it (in process, or a spawned `s3blk
- * serve --endpoint`), and steer it with rules while a workload runs.
+ * serve --endpoint`), and steer it with rules while a workload runs. A request no rule picks is
+ * forwarded at once. Every request is recorded with the time it arrived, so a test can check
+ * when attempts were sent (the lease's fence promises a deadline).
  */
 
 import http from "node:http";
@@ -23,6 +25,22 @@ export interface ProxyRule {
   /** For "stall": hold the request this long, then drop the connection. Default 60 s. */
   readonly stallMs?: number;
 }
+
+/** One request the proxy received. */
+export interface ProxyRequest {
+  readonly method: string;
+  /** The path and query, as sent (`/bucket/key?...`). */
+  readonly path: string;
+  /** Wall-clock ms since 1970 at which its headers arrived. */
+  readonly receivedAtMs: number;
+  /** The fault injected, if any. */
+  readonly fault?: FaultKind;
+  /** The upstream's status, once it answered a forwarded request. */
+  status?: number;
+}
+
+/** The most requests the log keeps; later ones are counted but not logged. */
+const MAX_LOGGED_REQUESTS = 200_000;
 
 export interface ProxyCounts {
   requests: number;
@@ -48,6 +66,8 @@ export class FaultProxy {
     forwarded: 0,
     injected: { "500": 0, "503": 0, reset: 0, stall: 0 },
   };
+  /** Every request received, in order of arrival (up to {@link MAX_LOGGED_REQUESTS}). */
+  readonly requests: ProxyRequest[] = [];
 
   private constructor(upstream: string, random: () => number) {
     this.#upstream = new URL(upstream);
@@ -109,6 +129,13 @@ export class FaultProxy {
   #handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     this.counts.requests++;
     const rule = this.#pick(req);
+    const record: ProxyRequest = {
+      method: req.method ?? "",
+      path: req.url ?? "",
+      receivedAtMs: Date.now(),
+      ...(rule === undefined ? {} : { fault: rule.kind }),
+    };
+    if (this.requests.length < MAX_LOGGED_REQUESTS) this.requests.push(record);
     if (rule !== undefined) {
       this.counts.injected[rule.kind]++;
       switch (rule.kind) {
@@ -145,6 +172,7 @@ export class FaultProxy {
         agent: this.#agent,
       },
       (answer) => {
+        record.status = answer.statusCode;
         res.writeHead(answer.statusCode ?? 502, answer.headers);
         answer.pipe(res);
       },

@@ -5,12 +5,15 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { randomBytes } from "node:crypto";
 import {
+  buildStoreStack,
   openStoreStack,
+  type StoreLayerOptions,
   type StoreStack,
   type StoreStackOptions,
-} from "../../src/store/store-url.js";
-import { createVolume, openVolume } from "../../src/volume/volume.js";
-import type { OpenOptions } from "../../src/volume/volume.js";
+} from "../../src/store/store-stack.js";
+import type { ObjectStore } from "../../src/store/object-store.js";
+import { createVolume, openVolume } from "../../src/lifecycle/volume-lifecycle.js";
+import type { OpenOptions } from "../../src/lifecycle/volume-lifecycle.js";
 import type { VolumeParameters } from "../../src/volume/format.js";
 import { stackOptions, type S3Target } from "./s3-target.js";
 
@@ -61,19 +64,20 @@ export async function newTestVolume(
   const stack = (options?: StoreStackOptions) =>
     openStoreStack(url, { ...backend.stackOptions, retry: { baseDelayMs: 1 }, ...options });
   const creator = stack();
-  await createVolume(creator.store, creator.prefix, parameters);
+  await createVolume(creator, parameters);
   return {
     url,
     stack,
     open: (options, s) => {
       const opened = s ?? stack();
-      return openVolume(opened.store, opened.prefix, {
-        writebackDelayMs: 50,
-        fence: opened.fence,
-        ...options,
-      });
+      return openVolume(opened, { writebackDelayMs: 50, ...options });
     },
   };
+}
+
+/** The store stack over `store` (a volume at its root), as `openStoreStack` builds it. */
+export function stackOver(store: ObjectStore, options?: StoreLayerOptions): StoreStack {
+  return buildStoreStack(store, { prefix: "", url: store.description }, options);
 }
 
 /** A new volume whose first `sectors` sectors hold `pattern(seed, 0, sectors)`, flushed. */

@@ -1,14 +1,18 @@
 /**
- * The one place that turns a volume URL into a store stack and a key prefix:
+ * The one place that builds a store stack: `buildStoreStack` layers a real store, and
+ * `openStoreStack` first turns a volume URL into that real store and a key prefix:
  *
  *     s3://bucket/prefix     S3 (endpoint from the option, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)
  *     file:///path/to/dir    a local directory (also a plain path)
  *     memory://name          this process's memory, for tests
  *
  * The stack, bottom up: the real store, a request counter, [a test layer], the lease fence,
- * then retries (so each attempt of a write is fenced).
+ * then retries. The fence sits below the retries so that each attempt of a write is fenced, not
+ * only the first. Nothing above may add a layer of its own: the volume lifecycle takes a stack
+ * and uses it as it is.
  */
 
+import assert from "node:assert/strict";
 import path from "node:path";
 import type { Clock } from "../util/clock.js";
 import { systemClock } from "../util/clock.js";
@@ -20,17 +24,30 @@ import type { ObjectStore } from "./object-store.js";
 import { RetryStore, type RetryPolicy } from "./retry-store.js";
 import { S3Store, type S3StoreOptions } from "./s3-store.js";
 
-export interface StoreStackOptions {
+/** How long one request attempt may take, sent to answered, unless told otherwise. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 15_000;
+
+/** How the layers above the real store behave. */
+export interface StoreLayerOptions {
+  /**
+   * One attempt of a request must be answered within this long, or it fails (and is retried).
+   * The lease's fence admits a write only if it can finish this long before the lease lapses,
+   * so the two use this one figure. S3 enforces it per request; the other stores answer at
+   * local speed. Default {@link DEFAULT_REQUEST_TIMEOUT_MS}.
+   */
+  readonly requestTimeoutMs?: number;
+  readonly retry?: Partial<RetryPolicy>;
+  readonly clock?: Clock;
+  /** Put a layer (fault injection, say) between the counter and the fence. */
+  readonly wrap?: (store: ObjectStore) => ObjectStore;
+}
+
+/** How to reach the real store of a URL, and the layers above it. */
+export interface StoreStackOptions extends StoreLayerOptions {
   /** S3 endpoint, overriding the environment. */
   readonly endpoint?: string;
   readonly credentials?: S3StoreOptions["credentials"];
   readonly region?: string;
-  /** S3: a request idle this long fails (and is retried). Default 15 s. */
-  readonly requestTimeoutMs?: number;
-  readonly retry?: Partial<RetryPolicy>;
-  readonly clock?: Clock;
-  /** Put a layer (fault injection, say) between the counter and the retries. */
-  readonly wrap?: (store: ObjectStore) => ObjectStore;
 }
 
 export interface StoreStack {
@@ -44,6 +61,8 @@ export interface StoreStack {
   readonly prefix: string;
   /** A canonical form of the URL, for messages. */
   readonly url: string;
+  /** What one request attempt may take (see {@link StoreLayerOptions.requestTimeoutMs}). */
+  readonly requestTimeoutMs: number;
 }
 
 /** A volume URL that cannot be used. */
@@ -51,8 +70,20 @@ export class StoreUrlError extends Error {
   override readonly name = "StoreUrlError";
 }
 
+/** The stack of the volume at `url`. */
 export function openStoreStack(url: string, options: StoreStackOptions = {}): StoreStack {
   const { base, prefix, canonical } = baseStore(url, options);
+  return buildStoreStack(base, { prefix, url: canonical }, options);
+}
+
+/** The stack over a real store that is already open (`openStoreStack` does this for a URL). */
+export function buildStoreStack(
+  base: ObjectStore,
+  where: { readonly prefix: string; readonly url: string },
+  options: StoreLayerOptions = {},
+): StoreStack {
+  const requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+  assert(requestTimeoutMs > 0, `requestTimeoutMs must be positive, not ${requestTimeoutMs}`);
   const counter = new CountingStore(base);
   const middle = options.wrap?.(counter) ?? counter;
   const fence = new Fence();
@@ -60,7 +91,7 @@ export function openStoreStack(url: string, options: StoreStackOptions = {}): St
     clock: options.clock ?? systemClock,
     ...(options.retry === undefined ? {} : { policy: options.retry }),
   });
-  return { store, counter, fence, prefix, url: canonical };
+  return { store, counter, fence, prefix: where.prefix, url: where.url, requestTimeoutMs };
 }
 
 function baseStore(
@@ -87,9 +118,7 @@ function baseStore(
         ...(options.endpoint === undefined ? {} : { endpoint: options.endpoint }),
         ...(options.region === undefined ? {} : { region: options.region }),
         ...(options.credentials === undefined ? {} : { credentials: options.credentials }),
-        ...(options.requestTimeoutMs === undefined
-          ? {}
-          : { requestTimeoutMs: options.requestTimeoutMs }),
+        requestTimeoutMs: options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
       });
       return { base, prefix, canonical: `s3://${bucket}/${prefix}` };
     }
