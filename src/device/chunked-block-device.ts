@@ -95,7 +95,11 @@ export class ChunkedBlockDevice implements BlockDevice {
     });
   }
 
-  /** Open the device of the volume at `prefix` whose superblock has been read. */
+  /**
+   * Open the device of the volume at `prefix` whose superblock has been read. Use `openVolume`,
+   * which reads the superblock and takes the lease.
+   * @internal
+   */
   static async open(
     store: ObjectStore,
     prefix: string,

@@ -50,7 +50,10 @@ export class NbdExport {
   readonly sizeBytes: number;
   readonly sectorSize: number;
   readonly readOnly: boolean;
-  /** Serialises read-modify-writes against overlapping writes, across connections. */
+  /**
+   * Serialises read-modify-writes against overlapping writes, across connections.
+   * @internal
+   */
   readonly locks = new RangeLock();
 
   private constructor(name: string, description: string, device: NbdDevice, info: Info) {

@@ -84,7 +84,10 @@ export class NbdServer {
     assert(this.#limits.maxInFlightBytes >= 1, "maxInFlightBytes");
   }
 
-  /** Connections open now. */
+  /**
+   * Connections open now.
+   * @internal
+   */
   get connections(): readonly Connection[] {
     return [...this.#connections];
   }

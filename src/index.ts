@@ -1,0 +1,124 @@
+/**
+ * The public API of s3blk: `import { openStoreStack, openVolume } from "s3blk"`.
+ *
+ * It is 0.x and may change until 1.0: snapshots, metrics and TLS are about to extend it. What is
+ * exported here is the whole of it; any other module under `dist/` is internal.
+ *
+ * - **The block contract**: {@link BlockDevice} (MirageOS's `Mirage_block.S`), its results and
+ *   errors as values, and the pretty-printers {@link ppError} / {@link ppWriteError}.
+ * - **Stores**: the {@link ObjectStore} interface, the real stores (S3, a local directory,
+ *   memory), the layers, and the one factory that builds a stack ({@link openStoreStack}, or
+ *   {@link buildStoreStack} over a store you opened).
+ * - **The volume lifecycle**: {@link createVolume}, {@link openVolume}, {@link describeVolume},
+ *   {@link deleteVolume}; each takes a store stack.
+ * - **The device**: {@link ChunkedBlockDevice}, what `openVolume` returns.
+ * - **The NBD server**: {@link NbdServer} serving {@link NbdExport}s.
+ *
+ * ```ts
+ * import { openStoreStack, createVolume, openVolume, ppWriteError } from "s3blk";
+ *
+ * const stack = openStoreStack("s3://my-bucket/vm1");
+ * await createVolume(stack, { sizeBytes: 1 << 30 });
+ * const device = await openVolume(stack, { cacheBytes: 256 << 20 });
+ * const written = await device.write(0n, [new Uint8Array(4096)]);
+ * if (!written.ok) console.error(ppWriteError(written.error));
+ * await device.disconnect(); // flushes, releases the lease, closes the store
+ * ```
+ *
+ * @packageDocumentation
+ */
+
+// The block contract.
+export {
+  InvalidArgumentError,
+  ppError,
+  ppWriteError,
+  type BlockDevice,
+  type BlockError,
+  type Disconnected,
+  type Info,
+  type IoError,
+  type IsReadOnly,
+  type Result,
+  type Sector,
+  type Unimplemented,
+  type WriteError,
+  type WriteOptions,
+} from "./block/block-device.js";
+
+// Stores and the stack.
+export {
+  MAX_DELETE_BATCH,
+  StoreError,
+  listAll,
+  type ByteRangeRequest,
+  type GetOptions,
+  type GetResult,
+  type ListEntry,
+  type ListPage,
+  type ObjectMetadata,
+  type ObjectStore,
+  type PutOptions,
+  type PutResult,
+  type StoreErrorCode,
+} from "./store/object-store.js";
+export { StoreLayer } from "./store/store-layer.js";
+export {
+  DEFAULT_REQUEST_TIMEOUT_MS,
+  StoreUrlError,
+  buildStoreStack,
+  openStoreStack,
+  type StoreLayerOptions,
+  type StoreStack,
+  type StoreStackOptions,
+} from "./store/store-stack.js";
+export { S3Store, type S3StoreOptions } from "./store/s3-store.js";
+export { FileStore } from "./store/file-store.js";
+export { MemoryStore } from "./store/memory-store.js";
+export { CountingStore, type RequestCounts } from "./store/counting-store.js";
+export { Fence, FencedStore } from "./store/fenced-store.js";
+export {
+  DEFAULT_RETRY_POLICY,
+  RetryStore,
+  type RetryPolicy,
+  type RetryStoreOptions,
+} from "./store/retry-store.js";
+
+// The volume lifecycle, its format and its lease.
+export {
+  VolumeError,
+  createVolume,
+  deleteVolume,
+  describeVolume,
+  openVolume,
+  readSuperblock,
+  type OpenOptions,
+  type VolumeDescription,
+  type VolumeStack,
+} from "./lifecycle/volume-lifecycle.js";
+export {
+  ChunkCorruptError,
+  FORMAT_VERSION,
+  FormatError,
+  type Superblock,
+  type VolumeParameters,
+} from "./volume/format.js";
+export {
+  DEFAULT_LEASE_TIMING,
+  LeaseHeldError,
+  LeaseLostError,
+  LeaseTimingError,
+  type LeaseHolder,
+  type LeaseOptions,
+  type LeaseRecord,
+} from "./volume/lease.js";
+
+// The device.
+export { ChunkedBlockDevice, type DeviceOptions } from "./device/chunked-block-device.js";
+export type { CacheStats, Extent } from "./cache/page-cache.js";
+export { systemClock, type Clock } from "./util/clock.js";
+
+// The NBD server.
+export { NbdServer, nbdUri, type Endpoint, type NbdServerOptions } from "./nbd/server.js";
+export { ExportRegistry, NbdExport, type AllocationExtent, type NbdDevice } from "./nbd/exports.js";
+export type { ConnectionLimits, NbdLog } from "./nbd/connection.js";
