@@ -8,6 +8,9 @@ export default defineConfig({
     // Integration suites share one S3 server and spawn real clients; two cores cannot run
     // many of them at once without turning timeouts into flakes.
     maxWorkers: 2,
+    // Every test file's process sees no AWS variable but the ones the tests set (and the
+    // processes it starts get the same allow-list): test/support/environment.ts.
+    setupFiles: ["test/support/setup-environment.ts"],
     reporters: process.env.CI === "true" ? ["default", "junit"] : ["default"],
     outputFile: { junit: "test-results/junit.xml" },
   },

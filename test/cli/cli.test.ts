@@ -11,6 +11,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { describe, expect, it } from "vitest";
 import { parseSize } from "../../src/cli/sizes.js";
+import { childEnv } from "../support/environment.js";
 import { requireS3, s3Env } from "../support/s3-target.js";
 import { CLI, startServe } from "../support/serve-process.js";
 
@@ -20,7 +21,7 @@ async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}) {
   try {
     const { stdout, stderr } = await run("node", [CLI, ...args], {
       cwd: work,
-      env: { ...process.env, ...env },
+      env: childEnv(env),
     });
     return { code: 0, stdout, stderr };
   } catch (error) {

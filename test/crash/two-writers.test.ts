@@ -8,6 +8,7 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { childEnv } from "../support/environment.js";
 import { NbdClient } from "../support/nbd-client.js";
 import { CLI, startServe } from "../support/serve-process.js";
 
@@ -16,7 +17,10 @@ function start(args: string[]): {
   output: () => string;
   exited: Promise<number>;
 } {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [CLI, ...args], {
+    env: childEnv(),
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   let output = "";
   child.stdout?.on("data", (d: Buffer) => (output += d.toString()));
   child.stderr?.on("data", (d: Buffer) => (output += d.toString()));

@@ -33,6 +33,7 @@ import {
   encodeRequest,
   parseOptionReply,
 } from "../../src/nbd/protocol/client.js";
+import { childEnv } from "../support/environment.js";
 import { NbdClient, NbdRequestError } from "../support/nbd-client.js";
 import { CLI, startServe, type ServeProcess } from "../support/serve-process.js";
 import { pattern } from "../support/volumes.js";
@@ -90,7 +91,9 @@ beforeAll(async () => {
   const dir = mkdtempSync(path.join(tmpdir(), "s3blk-fuzz-"));
   socket = path.join(dir, "nbd.sock");
   const volume = `file://${dir}/vol`;
-  const create = spawn(process.execPath, [CLI, "create", volume, "--size", String(SIZE)]);
+  const create = spawn(process.execPath, [CLI, "create", volume, "--size", String(SIZE)], {
+    env: childEnv(),
+  });
   await new Promise((r) => create.once("exit", r));
   server = await startServe([volume, "--socket", socket]);
   healthy = await NbdClient.connect(socket);

@@ -14,6 +14,7 @@ import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.j
 import { NbdExport, type NbdDevice } from "../../src/nbd/exports.js";
 import { NbdServer, type NbdServerOptions } from "../../src/nbd/server.js";
 import type { ConnectionLimits } from "../../src/nbd/connection.js";
+import { childEnv } from "../support/environment.js";
 import type { S3Target } from "../support/s3-target.js";
 import { startServe as startServeProcess, type ServeProcess } from "../support/serve-process.js";
 
@@ -43,7 +44,7 @@ export interface RunResult {
   readonly stderr: string;
 }
 
-/** Run a command to completion; never throws for a non-zero exit. */
+/** Run a command to completion, in `childEnv(options.env)`; never throws for a non-zero exit. */
 export function run(
   command: string,
   args: readonly string[],
@@ -54,7 +55,7 @@ export function run(
       command,
       [...args],
       {
-        env: { ...process.env, ...options.env },
+        env: childEnv(options.env),
         cwd: options.cwd,
         timeout: options.timeoutMs ?? 120_000,
         maxBuffer: 64 * 1024 * 1024,

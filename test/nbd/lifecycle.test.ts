@@ -12,6 +12,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 
+import { childEnv } from "../support/environment.js";
 import { requireS3 } from "../support/s3-target.js";
 import {
   bytesAt,
@@ -216,6 +217,7 @@ describe("starting s3blk serve", () => {
     for (let round = 0; round < 10; round++) {
       const socket = path.join(dir, `vm${round}.sock`);
       const child = spawn(process.execPath, [CLI, "serve", url, "--socket", socket], {
+        env: childEnv(),
         stdio: "ignore",
       });
       const exited = new Promise((resolve) => child.once("exit", resolve));

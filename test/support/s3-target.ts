@@ -45,8 +45,9 @@ async function findTarget(): Promise<S3Target | string> {
       bucket: process.env.S3_BUCKET ?? "s3blk-test",
       region: process.env.S3_REGION ?? "us-east-1",
       credentials: {
-        accessKeyId: process.env.S3_ACCESS_KEY ?? process.env.AWS_ACCESS_KEY_ID ?? "",
-        secretAccessKey: process.env.S3_SECRET_KEY ?? process.env.AWS_SECRET_ACCESS_KEY ?? "",
+        // Copied from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when unset (environment.ts).
+        accessKeyId: process.env.S3_ACCESS_KEY ?? "",
+        secretAccessKey: process.env.S3_SECRET_KEY ?? "",
       },
       stop: async () => {},
     });
@@ -112,7 +113,11 @@ export function stackOptions(target: S3Target) {
   return { endpoint: target.endpoint, region: target.region, credentials: target.credentials };
 }
 
-/** The environment a spawned `s3blk` needs to reach the target (through `endpoint` if given). */
+/**
+ * The AWS variables a spawned `s3blk` needs to reach the target (through `endpoint` if given).
+ * Pass them to `startServe`/`runCli`/`childEnv`, which drop every other AWS variable: an
+ * inherited `AWS_ENDPOINT_URL_S3` would win over `AWS_ENDPOINT_URL` here.
+ */
 export function s3Env(target: S3Target, endpoint = target.endpoint): NodeJS.ProcessEnv {
   return {
     AWS_ENDPOINT_URL: endpoint,

@@ -8,11 +8,15 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import path from "node:path";
+import { childEnv } from "./environment.js";
 
 export const CLI = path.resolve("dist/cli/main.js");
 
 export interface ServeOptions {
-  /** Added to this process's environment. */
+  /**
+   * Added to this process's environment, of which no AWS variable is inherited (see
+   * `childEnv`): pass what the server needs, e.g. `s3Env(target)`.
+   */
   readonly env?: NodeJS.ProcessEnv;
   readonly cwd?: string;
   /** Options that go before `serve` (`--endpoint URL`). */
@@ -38,7 +42,7 @@ export async function startServe(
   options: ServeOptions = {},
 ): Promise<ServeProcess> {
   const child = spawn(process.execPath, [CLI, ...(options.globalArgs ?? []), "serve", ...args], {
-    env: { ...process.env, ...options.env },
+    env: childEnv(options.env),
     cwd: options.cwd,
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -74,11 +78,11 @@ export async function startServe(
   };
 }
 
-/** Run another `s3blk` command to completion; its exit code. */
+/** Run another `s3blk` command to completion; its exit code. `env` as in `ServeOptions`. */
 export function runCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<number> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [CLI, ...args], {
-      env: { ...process.env, ...env },
+      env: childEnv(env),
       stdio: "ignore",
     });
     child.once("exit", (code) => resolve(code ?? -1));

@@ -19,6 +19,7 @@ import { spawn } from "node:child_process";
 import { accessSync, constants, readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { childEnv } from "../support/environment.js";
 
 /** What the guest does with its disk (the kernel command line's `s3blk.mode=`). */
 export type GuestMode = "format" | "check";
@@ -81,7 +82,7 @@ async function buildGuest(options: EnsureGuestOptions): Promise<GuestImage | str
   if (findExecutable(QEMU) === undefined) {
     return `${QEMU} not found on PATH (Debian: apt-get install qemu-system-x86)`;
   }
-  const env = { ...process.env };
+  const env = childEnv();
   if (options.cacheDir !== undefined) env.S3BLK_VM_DIR = options.cacheDir;
   const run = await runProcess("bash", [BUILD_SCRIPT], {
     env,
@@ -208,7 +209,7 @@ export function lastMarker(serial: string): string | undefined {
 export async function bootGuest(options: BootGuestOptions): Promise<BootResult> {
   const argv = qemuArgs(options);
   const run = await runProcess(QEMU, argv, {
-    env: process.env,
+    env: childEnv(),
     timeoutMs: options.timeoutMs ?? 120_000,
     outputLimitBytes: 8 * 1024 * 1024,
     onOutput: options.onOutput,

@@ -25,6 +25,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { childEnv } from "../support/environment.js";
 import {
   bootGuest,
   ensureGuest,
@@ -61,7 +62,7 @@ async function startNbdkit(dir: string, name: string, plugin: string[]): Promise
   const socket = path.join(dir, `${name}.sock`);
   const pidFile = path.join(dir, `${name}.pid`);
   const args = ["-f", "--exit-with-parent", "-U", socket, "-P", pidFile, ...plugin];
-  const child = spawn("nbdkit", args, { stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn("nbdkit", args, { env: childEnv(), stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
   child.stderr.on("data", (chunk: Buffer) => {
     stderr += chunk.toString("utf8");

@@ -1,0 +1,64 @@
+/**
+ * The environment of the tests, in process and in every process they start. The AWS SDK reads
+ * many variables besides the ones a test sets: `AWS_ENDPOINT_URL_S3` wins over
+ * `AWS_ENDPOINT_URL`, `AWS_PROFILE` and `AWS_CONFIG_FILE` bring in a profile's `endpoint_url`,
+ * `region`, `use_dualstack_endpoint` or `auth_scheme_preference` (the last two apply even to a
+ * client given its endpoint, region and credentials), `AWS_SESSION_TOKEN` is sent with any key.
+ * A developer's MinIO settings would then take a test around the fault proxy, or to another
+ * server. So the AWS part of the environment is an allow-list: every `AWS_*` variable is dropped
+ * except the ones named in {@link KEPT_AWS_VARIABLES}, both SDK files are /dev/null (so
+ * neither ~/.aws file is read), and a test adds what it means to set (see `s3Env`).
+ *
+ * Everything else (PATH, HOME, TMPDIR, CI, S3_*...) is inherited.
+ */
+
+/** `AWS_*` variables kept from the caller: they only quiet the SDK. */
+export const KEPT_AWS_VARIABLES: readonly string[] = [
+  "AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED",
+];
+
+/** Set instead of inherited: the SDK's config and credentials files hold nothing. */
+export const EMPTY_SDK_FILES: Readonly<NodeJS.ProcessEnv> = Object.freeze({
+  AWS_CONFIG_FILE: "/dev/null",
+  AWS_SHARED_CREDENTIALS_FILE: "/dev/null",
+});
+
+function dropped(name: string): boolean {
+  return name.startsWith("AWS_") && !KEPT_AWS_VARIABLES.includes(name);
+}
+
+/** `env` without the AWS variables the allow-list drops, plus {@link EMPTY_SDK_FILES}. */
+export function withoutAws(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const out: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(env)) {
+    if (!dropped(name)) out[name] = value;
+  }
+  return { ...out, ...EMPTY_SDK_FILES };
+}
+
+/**
+ * The environment for a process a test starts: this process's environment through the
+ * allow-list, then `set` (a variable set to `undefined` is left out).
+ */
+export function childEnv(set: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  return { ...withoutAws(process.env), ...set };
+}
+
+/**
+ * Put this process's own environment through the allow-list, for the S3 clients the tests make
+ * in process (run once per test file, from vitest's setupFiles). The S3 target's credentials
+ * may come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when `S3_ACCESS_KEY` /
+ * `S3_SECRET_KEY` are not set, as `infra/rgw-start.sh` and the MinIO README export both: they
+ * are copied to the `S3_*` names before the `AWS_*` ones go.
+ */
+export function restrictTestProcessEnv(env: NodeJS.ProcessEnv = process.env): void {
+  // process.env stores `undefined` as the string "undefined": assign only what is there.
+  const accessKey = env.S3_ACCESS_KEY ?? env.AWS_ACCESS_KEY_ID;
+  const secretKey = env.S3_SECRET_KEY ?? env.AWS_SECRET_ACCESS_KEY;
+  if (accessKey !== undefined) env.S3_ACCESS_KEY = accessKey;
+  if (secretKey !== undefined) env.S3_SECRET_KEY = secretKey;
+  for (const name of Object.keys(env)) {
+    if (dropped(name)) delete env[name];
+  }
+  Object.assign(env, EMPTY_SDK_FILES);
+}
