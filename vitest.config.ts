@@ -11,6 +11,12 @@ export default defineConfig({
     // Every test file's process sees no AWS variable but the ones the tests set (and the
     // processes it starts get the same allow-list): test/support/environment.ts.
     setupFiles: ["test/support/setup-environment.ts"],
+    // Quiet: no notice from s3blk about old Node versions, in process or in the CLIs the tests
+    // start, and none from the AWS SDK in process (the CLI silences the SDK's itself).
+    env: {
+      S3BLK_NODE_NOTICE: "off",
+      AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: "true",
+    },
     reporters: process.env.CI === "true" ? ["default", "junit"] : ["default"],
     outputFile: { junit: "test-results/junit.xml" },
   },

@@ -37,9 +37,11 @@ import {
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { stat } from "node:fs/promises";
 import { DEFAULT_LISTEN, serve, ServeError } from "./serve.js";
+import { printNodeVersionNotice } from "./node-version.js";
 
-/** The AWS SDK warns on every start under Node 20, which we support on purpose. */
+/** On Node 20, one note of ours says why 22+ is recommended, instead of the SDK's on each start. */
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
+printNodeVersionNotice();
 
 /** A mistake of the user's: printed as one line, exit code 1. */
 export class UserError extends Error {
