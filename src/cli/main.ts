@@ -37,6 +37,7 @@ import {
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { stat } from "node:fs/promises";
 import { DEFAULT_LISTEN, serve, ServeError } from "./serve.js";
+import { listenForStop } from "./stop-signals.js";
 import { printNodeVersionNotice } from "./node-version.js";
 
 /** On Node 20, one note of ours says why 22+ is recommended, instead of the SDK's on each start. */
@@ -356,39 +357,13 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           err: (line) => console.error(line),
           // Listen for signals from the start: one that arrives while volumes open or sockets
           // bind must still stop the server cleanly, not kill it with the default action.
-          waitForStop: stopSignals(),
+          waitForStop: listenForStop(),
         });
         if (code !== 0) throw new UserError("some writes could not be flushed and are lost");
       },
     );
 
   return program;
-}
-
-/**
- * Start listening for SIGTERM and SIGINT now. The returned function resolves on the first one
- * (at once if it already came) and calls `onSecond` on any later one.
- */
-function stopSignals(): (onSecond: () => void) => Promise<string> {
-  let received: string | undefined;
-  let wake: ((signal: string) => void) | undefined;
-  let second: () => void = () => {};
-  const handler = (signal: NodeJS.Signals) => {
-    if (received !== undefined) {
-      second();
-      return;
-    }
-    received = signal;
-    wake?.(signal);
-  };
-  process.on("SIGTERM", handler);
-  process.on("SIGINT", handler);
-  return (onSecond) => {
-    second = onSecond;
-    return received !== undefined
-      ? Promise.resolve(received)
-      : new Promise<string>((resolve) => (wake = resolve));
-  };
 }
 
 async function fileSize(file: string): Promise<number> {

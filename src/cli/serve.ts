@@ -5,7 +5,13 @@
  * before it); the first one is also the default export, reached with an empty name. On SIGTERM
  * or SIGINT the server stops accepting, lets each connection answer what it admitted, then every
  * device is disconnected, which flushes its dirty data; the command then returns (exit 0) unless a
- * flush failed (exit 1: that data is lost, and we say so). A second signal exits at once.
+ * flush failed (exit 1: that data is lost, and we say so).
+ *
+ * One stop request may arrive as several copies of the signal (Ctrl-C under `npm start`, or a
+ * supervisor signalling the process group): copies within a second of the first are the same
+ * request (stop-signals.ts). A signal after that, while requests finish or devices flush, is a
+ * second request: every device is aborted, which drops its unflushed writes, we say how many
+ * chunks each lost, and exit 130.
  */
 
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
@@ -21,9 +27,16 @@ import { LeaseHeldError } from "../volume/lease.js";
 import { NbdExport } from "../nbd/exports.js";
 import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
 import { formatSize } from "./sizes.js";
+import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
 
 /** The default `--listen`: loopback, the IANA NBD port. */
 export const DEFAULT_LISTEN = "127.0.0.1:10809";
+
+/**
+ * How long a forced exit waits for a device's abort (requests it already sent, a stalled upload
+ * say) before it exits anyway. Default 2 s.
+ */
+export const FORCED_EXIT_WAIT_MS = 2000;
 
 export interface ServeOptions {
   readonly listen?: string;
@@ -44,8 +57,8 @@ export interface ServeEnvironment {
   readonly stackFor: (url: string) => StoreStack;
   readonly out: (line: string) => void;
   readonly err: (line: string) => void;
-  /** Resolves on the first stop signal; `onSecond` runs on any later one. */
-  readonly waitForStop: (onSecond: () => void) => Promise<string>;
+  /** Resolves on the first stop request; `onSecond` runs on a second one. */
+  readonly waitForStop: WaitForStop;
 }
 
 /** A mistake in `serve`'s arguments, or a volume that cannot be served. */
@@ -157,14 +170,23 @@ export async function serve(
   env.out(`connect with: qemu-img info ${first}`);
   env.out(`stop with Ctrl-C or SIGTERM (writes are flushed first)`);
 
-  const signal = await env.waitForStop(() => {
-    env.err("s3blk: second signal: exiting without flushing");
-    process.exit(130);
+  let forcing = false;
+  const signal = await env.waitForStop((second) => {
+    if (forcing) return;
+    forcing = true;
+    void forceExit(opened, second, env);
   });
-  env.err(`s3blk: ${signal}: finishing requests in flight`);
+  env.err(
+    `s3blk: ${signal}: finishing requests in flight, then flushing; a second Ctrl-C or ` +
+      `SIGTERM, ${STOP_SIGNAL_WINDOW_MS / 1000} s or more after this one, exits without flushing`,
+  );
   await server.close();
   let failures = 0;
   for (const o of opened) {
+    const dirtyChunks = o.device.cacheStats().dirtyChunks;
+    if (dirtyChunks > 0) {
+      env.err(`s3blk: ${o.name}: flushing ${chunks(dirtyChunks)} of unflushed writes`);
+    }
     const result = await o.device.disconnect();
     if (!result.ok) {
       failures++;
@@ -175,6 +197,48 @@ export async function serve(
   }
   env.err(failures === 0 ? `s3blk: flushed and stopped` : `s3blk: stopped with lost writes`);
   return failures === 0 ? 0 : 1;
+}
+
+/** Abort every device, say what each dropped, and exit 130. */
+async function forceExit(
+  opened: readonly Opened[],
+  signal: NodeJS.Signals,
+  env: ServeEnvironment,
+): Promise<never> {
+  const aborted = await Promise.all(opened.map((o) => abortWithin(o.device, FORCED_EXIT_WAIT_MS)));
+  opened.forEach((o, i) => {
+    const { lostDirtyChunks, settled } = aborted[i]!;
+    env.err(
+      `s3blk: second ${signal}: exiting without flushing; dropped ${chunks(lostDirtyChunks)} ` +
+        `of unflushed writes on ${o.name}${settled ? "" : " (its uploads in flight were cut off)"}`,
+    );
+  });
+  process.exit(130);
+}
+
+/**
+ * `device.abort()`, waited for at most `waitMs`. abort() counts the chunks it drops before it
+ * waits for the requests already sent; the same count is read here first, for when those
+ * requests outlast the wait.
+ */
+async function abortWithin(
+  device: ChunkedBlockDevice,
+  waitMs: number,
+): Promise<{ lostDirtyChunks: number; settled: boolean }> {
+  const lostDirtyChunks = device.cacheStats().dirtyChunks;
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), waitMs);
+  });
+  const result = await Promise.race([device.abort().catch(() => ({ lostDirtyChunks })), timedOut]);
+  clearTimeout(timer);
+  return result === undefined
+    ? { lostDirtyChunks, settled: false }
+    : { lostDirtyChunks: result.lostDirtyChunks, settled: true };
+}
+
+function chunks(n: number): string {
+  return `${n} chunk${n === 1 ? "" : "s"}`;
 }
 
 async function openOne(

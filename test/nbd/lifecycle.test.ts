@@ -5,7 +5,7 @@
  * one-line errors of a serve that cannot start.
  */
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
@@ -194,7 +194,14 @@ describe("starting s3blk serve", () => {
     ).scripts;
     // `exec`, so that npm's shell is replaced by the server and a SIGTERM npm forwards reaches it.
     expect(scripts.start).toMatch(/^exec node /);
-    const args = scripts.start.replace(/^exec /, "").split(" ");
+    // The words npm's shell makes of the rest, with S3BLK_VOLUME unset: the default volume.
+    const env = { ...process.env };
+    delete env.S3BLK_VOLUME;
+    const command = scripts.start.replace(/^exec /, "");
+    const args = execFileSync("/bin/sh", ["-c", `set -- ${command}; printf '%s\\0' "$@"`], { env })
+      .toString()
+      .split("\0")
+      .slice(0, -1);
     expect(args.slice(0, 3)).toEqual(["node", "dist/cli/main.js", "serve"]);
     const cwd = mkdtempSync(path.join(tmpdir(), "s3blk-start-"));
     const server = await startServe(file, args.slice(3), { cwd });
