@@ -1,25 +1,31 @@
 /**
- * `npm run bench`: fio over NBD, on this machine, in one run, against
+ * `npm run bench`: fio over NBD, on this machine, in one run. Each row is one fio job, s3blk
+ * against a reference, interleaved (interleave.ts): A B A B A B, `--rounds` times (default 3),
+ * and the row reports the median of the per-round ratios and their spread, because the machine
+ * drifts by ±30 % within minutes and only ratios of neighbouring turns can be trusted.
  *
- *   1. s3blk with a warm cache (the working set fits in the cache and the dirty bound),
- *   2. s3blk cold (data in S3, a fresh process with an empty cache for every row; writes are
- *      measured up to a final flush, so they count what reached S3), twice: with the default
- *      256 MiB cache, which warms during the run, and with 16 MiB, far smaller than the working
- *      set, so that fio's later passes stay cold too,
- *   3. nbdkit's memory plugin: the ceiling for NBD here,
- *   4. nbdkit's S3 plugin on the same S3 server: the peer.
+ *   - warm: s3blk with the working set inside its cache and dirty bound, against nbdkit's memory
+ *     plugin (the ceiling for NBD here). Between turns s3blk is flushed and left to go idle.
+ *   - cold: s3blk with its data in S3, a fresh process for every turn (writes measured up to a
+ *     final flush), against nbdkit's S3 plugin on the same S3 server (the peer); twice: with the
+ *     default 256 MiB cache, which warms during a turn, and with 16 MiB, far smaller than the
+ *     working set, so that fio's later passes stay cold too.
+ *   - device: the block device alone, no NBD, each row from an empty cache.
  *
- * It prints a table with each s3blk row as a ratio to rows 3 and 4, the S3 requests and bytes of
- * each run (from RGW's own counters, when the server is a local RGW), and each server's peak RSS,
- * and writes the same as JSON under bench/results/.
+ * It prints a table (ratios, S3 requests and bytes from RGW's own counters when the server is a
+ * local RGW, peak RSS) and writes the same as JSON under bench/results/, with the commit, the
+ * Node version and the CPU model. `--compare BEFORE.json AFTER.json` prints the median ratios of
+ * two runs side by side: compare ratios, not absolute figures, across runs.
  *
- * Needs fio and nbdkit (apt), and S3_ENDPOINT etc. for the S3 rows (`eval "$(bash
- * infra/rgw-start.sh)"`). Options: --quick (short runs), --runtime SECONDS, --size SIZE,
- * --only NAME,NAME (targets: warm, cold, memory, peer).
+ * Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3 and python3-libnbd (apt), and S3_ENDPOINT
+ * etc. (`eval "$(bash infra/rgw-start.sh)"`). Options: --quick (5 s turns), --runtime SECONDS,
+ * --rounds N, --size SIZE, --only device,warm,cold, --jobs TEXT,TEXT (jobs whose name contains
+ * one), --out DIR.
  */
 
 import { execFileSync } from "node:child_process";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseSize } from "../cli/sizes.js";
@@ -28,7 +34,8 @@ import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
 import { runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
-import { rgwCounters, type RgwCounters } from "./rgw-counters.js";
+import { interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
+import { rgwCounters } from "./rgw-counters.js";
 import {
   startNbdkitMemory,
   startNbdkitS3,
@@ -39,9 +46,8 @@ import {
 
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
 
-interface Row {
-  target: string;
-  job: string;
+/** One timed turn of one target. */
+interface Turn {
   result?: FioResult;
   error?: string;
   s3Requests?: number;
@@ -50,19 +56,40 @@ interface Row {
   peakRssBytes?: number;
 }
 
-const { values } = parseArgs({
+/** One job, s3blk against its reference, interleaved (see interleave.ts). */
+export interface Row {
+  target: string;
+  reference: string;
+  job: string;
+  turns: Turn[];
+  referenceTurns: Turn[];
+  /** s3blk's figure over the reference's, one per round. */
+  ratios: number[];
+  ratio?: { median: number; min: number; max: number };
+}
+
+const { values, positionals } = parseArgs({
   options: {
     quick: { type: "boolean", default: false },
     runtime: { type: "string" },
+    rounds: { type: "string" },
     size: { type: "string" },
     only: { type: "string" },
+    jobs: { type: "string" },
+    compare: { type: "boolean", default: false },
     out: { type: "string", default: "bench/results" },
   },
+  allowPositionals: true,
 });
 
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
+const rounds = Number(values.rounds ?? 3);
 const sizeBytes = values.size === undefined ? 256 * 1024 * 1024 : Number(parseSize(values.size));
-const only = new Set((values.only ?? "device,warm,cold,memory,peer").split(","));
+const only = new Set((values.only ?? "device,warm,cold").split(","));
+const jobs =
+  values.jobs === undefined
+    ? STANDARD_JOBS
+    : STANDARD_JOBS.filter((j) => values.jobs!.split(",").some((w) => j.name.includes(w)));
 
 function s3Settings(): S3Settings | undefined {
   const endpoint = process.env.S3_ENDPOINT ?? process.env.AWS_ENDPOINT_URL;
@@ -85,163 +112,243 @@ function have(tool: string): boolean {
   }
 }
 
-async function measure(
-  target: string,
+/** The figure a row compares: MB/s for sequential jobs, IOPS for random ones. */
+function metric(job: string, turn: Turn): number | undefined {
+  const r = turn.result;
+  if (r === undefined) return undefined;
+  return job.startsWith("seq") ? r.bytesPerSecond / 1e6 : r.iops;
+}
+
+/** One fio run of `job` on `running`, with the S3 requests it caused and the server's peak RSS. */
+async function fioTurn(
   job: FioJob,
-  start: () => Promise<RunningTarget>,
-  options: { endFsync?: boolean; keep?: RunningTarget },
-): Promise<{ row: Row; running: RunningTarget }> {
-  const running = options.keep ?? (await start());
+  running: RunningTarget,
+  options: { endFsync?: boolean; seconds?: number } = {},
+): Promise<Turn> {
   const before = rgwCounters();
-  const row: Row = { target, job: job.name };
+  const turn: Turn = {};
   try {
-    row.result = await runFio(job, {
+    turn.result = await runFio(job, {
       uri: running.uri,
       sizeBytes,
-      runtimeSeconds,
+      runtimeSeconds: options.seconds ?? runtimeSeconds,
       ...(options.endFsync === undefined ? {} : { endFsync: options.endFsync }),
     });
   } catch (error) {
-    row.error = (error as Error).message.split("\n")[0];
+    turn.error = (error as Error).message.split("\n")[0];
   }
-  addCounters(row, before, rgwCounters());
-  row.peakRssBytes = running.peakRssBytes();
-  return { row, running };
+  const after = rgwCounters();
+  if (before !== undefined && after !== undefined) {
+    turn.s3Requests = after.requests - before.requests;
+    turn.s3BytesIn = after.getBytes - before.getBytes;
+    turn.s3BytesOut = after.putBytes - before.putBytes;
+  }
+  turn.peakRssBytes = running.peakRssBytes();
+  return turn;
 }
 
-function addCounters(row: Row, before: RgwCounters | undefined, after: RgwCounters | undefined) {
-  if (before === undefined || after === undefined) return;
-  row.s3Requests = after.requests - before.requests;
-  row.s3BytesIn = after.getBytes - before.getBytes;
-  row.s3BytesOut = after.putBytes - before.putBytes;
+/** A server that runs for the whole comparison; `settle` runs between its turns and the other's. */
+function longRunning(
+  name: string,
+  running: RunningTarget,
+  job: FioJob,
+  settle?: () => Promise<void>,
+): Contender<Turn> {
+  return {
+    name,
+    turn: () => fioTurn(job, running),
+    warmUp: async () => void (await fioTurn(job, running, { seconds: 2 })),
+    ...(settle === undefined ? {} : { settle }),
+  };
+}
+
+/** s3blk with no upload in flight: every write flushed, and the process idle. */
+async function quiesce(running: RunningTarget): Promise<void> {
+  execFileSync("/usr/bin/python3", ["-m", "nbd", "-u", running.uri, "-c", "h.flush()"], {
+    stdio: "ignore",
+    timeout: 120_000,
+  });
+  await waitUntilIdle(running.pid);
+}
+
+/** Where and on what this run happened, for comparing runs. */
+function runContext() {
+  const git = (args: string[]) => {
+    try {
+      return execFileSync("git", args, { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
+    } catch {
+      return "";
+    }
+  };
+  const cpuinfo = readFileSync("/proc/cpuinfo", "utf8");
+  return {
+    commit: git(["rev-parse", "HEAD"]).trim() || undefined,
+    uncommittedChanges: git(["status", "--porcelain", "--untracked-files=no"]).trim() !== "",
+    node: process.version,
+    cpuModel: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1],
+    cpus: availableParallelism(),
+  };
 }
 
 async function main(): Promise<void> {
+  if (values.compare) {
+    const [before, after] = positionals;
+    if (before === undefined || after === undefined) {
+      console.error("bench: --compare takes two JSON files: --compare BEFORE.json AFTER.json");
+      process.exitCode = 2;
+      return;
+    }
+    printComparison(before, after);
+    return;
+  }
   if (!have("fio") || !have("nbdkit")) {
     console.error(
-      "bench: needs fio and nbdkit (apt-get install fio nbdkit nbdkit-plugin-python python3-boto3)",
+      "bench: needs fio and nbdkit (apt-get install fio nbdkit nbdkit-plugin-python python3-boto3 python3-libnbd)",
     );
     process.exitCode = 1;
     return;
   }
   const s3 = s3Settings();
+  if (s3 === undefined) {
+    console.error('bench: S3_ENDPOINT is not set (eval "$(bash infra/rgw-start.sh)")');
+    process.exitCode = 1;
+    return;
+  }
   const rows: Row[] = [];
   let deviceRows: DeviceRow[] = [];
-  const log = (row: Row) => {
+  const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: FioJob) => {
+    const pairs = await interleave(a, b, rounds, (t) => metric(job.name, t));
+    const row: Row = {
+      target: a.name,
+      reference: b.name,
+      job: job.name,
+      turns: pairs.a,
+      referenceTurns: pairs.b,
+      ratios: pairs.ratios,
+      ...(spread(pairs.ratios) === undefined ? {} : { ratio: spread(pairs.ratios)! }),
+    };
     rows.push(row);
-    const r = row.result;
+    const errors = [...pairs.a, ...pairs.b].flatMap((t) => (t.error ? [t.error] : []));
     console.error(
-      `  ${row.target.padEnd(14)} ${row.job.padEnd(20)} ` +
-        (r
-          ? `${(r.bytesPerSecond / 1e6).toFixed(1)} MB/s ${r.iops.toFixed(0)} IOPS`
-          : `error: ${row.error}`),
+      `  ${row.target.padEnd(14)} ${row.job.padEnd(20)} vs ${row.reference.padEnd(14)} ` +
+        (row.ratio === undefined
+          ? `error: ${errors[0]}`
+          : `${row.ratio.median.toFixed(2)}x (${row.ratios.map((r) => r.toFixed(2)).join(" ")})`),
     );
   };
   const run = `${Date.now().toString(36)}`;
+  const env = {
+    ...process.env,
+    AWS_ENDPOINT_URL: s3.endpoint,
+    AWS_ACCESS_KEY_ID: s3.accessKey,
+    AWS_SECRET_ACCESS_KEY: s3.secretKey,
+    AWS_REGION: s3.region,
+  };
+  const stackOptions = {
+    endpoint: s3.endpoint,
+    credentials: { accessKeyId: s3.accessKey, secretAccessKey: s3.secretKey },
+    region: s3.region,
+  };
 
-  if (only.has("memory")) {
+  if (only.has("device")) {
+    const deviceUrl = `s3://${s3.bucket}/bench-${run}/device`;
+    const creator = openStoreStack(deviceUrl, stackOptions);
+    await createVolume(creator, { sizeBytes });
+    deviceRows = await runDeviceBench({
+      sizeBytes,
+      seconds: runtimeSeconds,
+      open: async () => {
+        const stack = openStoreStack(deviceUrl, stackOptions);
+        const device = await openVolume(stack);
+        return { device, counts: () => stack.counter.counts() };
+      },
+    });
+    for (const r of deviceRows) {
+      console.error(
+        `  device         ${r.job.padEnd(28)} ${(r.bytesPerSecond / 1e6).toFixed(1)} MB/s`,
+      );
+    }
+  }
+  const volumeUrl = `s3://${s3.bucket}/bench-${run}/s3blk`;
+  const stack = openStoreStack(volumeUrl, stackOptions);
+  await createVolume(stack, { sizeBytes });
+
+  if (only.has("warm")) {
+    // The working set fits in the cache and the dirty bound, twice over.
     const memory = await startNbdkitMemory(sizeBytes * 4);
-    for (const job of STANDARD_JOBS)
-      log((await measure("nbdkit-memory", job, async () => memory, { keep: memory })).row);
+    const warm = await startS3blk({
+      volumeUrl,
+      cacheBytes: 2 * sizeBytes,
+      dirtyBytes: 2 * sizeBytes,
+      env,
+    });
+    for (const job of jobs) {
+      await compare(
+        longRunning("s3blk-warm", warm, job, () => quiesce(warm)),
+        longRunning("nbdkit-memory", memory, job),
+        job,
+      );
+    }
+    await warm.stop();
     await memory.stop();
   }
 
-  if (s3 === undefined) {
-    console.error(
-      'bench: S3_ENDPOINT is not set: skipping the S3 rows (eval "$(bash infra/rgw-start.sh)")',
-    );
-  } else {
-    const env = {
-      ...process.env,
-      AWS_ENDPOINT_URL: s3.endpoint,
-      AWS_ACCESS_KEY_ID: s3.accessKey,
-      AWS_SECRET_ACCESS_KEY: s3.secretKey,
-      AWS_REGION: s3.region,
-    };
-    if (only.has("peer")) {
-      const peer = await startNbdkitS3(s3, `bench-${run}/peer`, sizeBytes, 1024 * 1024);
-      for (const job of STANDARD_JOBS)
-        log((await measure("nbdkit-S3", job, async () => peer, { keep: peer })).row);
-      await peer.stop();
-    }
-    if (only.has("device")) {
-      const deviceUrl = `s3://${s3.bucket}/bench-${run}/device`;
-      const stackOptions = {
-        endpoint: s3.endpoint,
-        credentials: { accessKeyId: s3.accessKey, secretAccessKey: s3.secretKey },
-        region: s3.region,
-      };
-      const creator = openStoreStack(deviceUrl, stackOptions);
-      await createVolume(creator, { sizeBytes });
-      deviceRows = await runDeviceBench({
-        sizeBytes,
-        seconds: runtimeSeconds,
-        open: async () => {
-          const stack = openStoreStack(deviceUrl, stackOptions);
-          const device = await openVolume(stack);
-          return { device, counts: () => stack.counter.counts() };
-        },
-      });
-      for (const r of deviceRows) {
-        console.error(
-          `  device         ${r.job.padEnd(28)} ${(r.bytesPerSecond / 1e6).toFixed(1)} MB/s`,
-        );
-      }
-    }
-    const volumeUrl = `s3://${s3.bucket}/bench-${run}/s3blk`;
-    const stack = openStoreStack(volumeUrl, {
-      endpoint: s3.endpoint,
-      credentials: { accessKeyId: s3.accessKey, secretAccessKey: s3.secretKey },
-      region: s3.region,
-    });
-    await createVolume(stack, { sizeBytes });
-    if (only.has("warm")) {
-      const warm = await startS3blk({
-        volumeUrl,
-        cacheBytes: 2 * sizeBytes,
-        dirtyBytes: 2 * sizeBytes,
-        env,
-      });
-      for (const job of STANDARD_JOBS)
-        log((await measure("s3blk-warm", job, async () => warm, { keep: warm })).row);
-      await warm.stop();
-    }
-    // "Cold": data in S3, a fresh process per row. With the default cache (256 MiB, as large as
-    // the working set) the cache warms during the run; with 16 MiB every pass stays cold.
-    const coldConfigs = [
+  if (only.has("cold")) {
+    // "Cold": data in S3, a fresh s3blk process for every turn, against nbdkit's S3 plugin. With
+    // the default cache (256 MiB, as large as the working set) the cache warms during the turn;
+    // with 16 MiB every pass stays cold. Writes are measured up to a final flush.
+    const peer = await startNbdkitS3(s3, `bench-${run}/peer`, sizeBytes, 1024 * 1024);
+    for (const cold of [
       { target: "s3blk-cold", cacheBytes: 256 << 20 },
       { target: "s3blk-cold16M", cacheBytes: 16 << 20 },
-    ];
-    for (const cold of coldConfigs) {
-      if (!only.has("cold")) break;
-      for (const job of STANDARD_JOBS) {
-        const { row, running } = await measure(
-          cold.target,
-          job,
-          () => startS3blk({ volumeUrl, cacheBytes: cold.cacheBytes, dirtyBytes: 128 << 20, env }),
-          { endFsync: job.rw.includes("write") },
-        );
-        await running.stop();
-        log(row);
+    ]) {
+      for (const job of jobs) {
+        const endFsync = job.rw.includes("write");
+        const fresh: Contender<Turn> = {
+          name: cold.target,
+          turn: async () => {
+            const running = await startS3blk({
+              volumeUrl,
+              cacheBytes: cold.cacheBytes,
+              dirtyBytes: 128 << 20,
+              env,
+            });
+            try {
+              return await fioTurn(job, running, { endFsync });
+            } finally {
+              await running.stop();
+            }
+          },
+        };
+        const reference: Contender<Turn> = {
+          name: "nbdkit-S3",
+          turn: () => fioTurn(job, peer, { endFsync }),
+          settle: async () => void (await waitUntilIdle(peer.pid)),
+        };
+        await compare(fresh, reference, job);
       }
     }
-    await deletePrefix(stack.store, `bench-${run}/`).catch(() => 0);
-    await stack.store.close();
+    await peer.stop();
   }
+  await deletePrefix(stack.store, `bench-${run}/`).catch(() => 0);
+  await stack.store.close();
 
   if (deviceRows.length > 0) printDeviceTable(deviceRows);
   printTable(rows);
   const outDir = values.out ?? "bench/results";
   mkdirSync(outDir, { recursive: true });
   const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
-  writeFileSync(
-    file,
-    JSON.stringify(
-      { date: new Date().toISOString(), runtimeSeconds, sizeBytes, s3Endpoint: s3?.endpoint, rows },
-      null,
-      2,
-    ),
-  );
+  const report = {
+    date: new Date().toISOString(),
+    context: runContext(),
+    runtimeSeconds,
+    rounds,
+    sizeBytes,
+    s3Endpoint: s3.endpoint,
+    rows,
+    deviceRows,
+  };
+  writeFileSync(file, JSON.stringify(report, null, 2));
   console.log(`\nwrote ${file}`);
 }
 
@@ -272,45 +379,100 @@ function printLines(lines: string[][]): void {
   }
 }
 
-function printTable(rows: Row[]): void {
+function printTable(rows: readonly Row[]): void {
   if (rows.length === 0) return;
-  console.log("fio over NBD:\n");
-  const find = (target: string, job: string) =>
-    rows.find((r) => r.target === target && r.job === job)?.result;
-  const metric = (job: string, r: FioResult | undefined) =>
-    r === undefined ? undefined : job.startsWith("seq") ? r.bytesPerSecond / 1e6 : r.iops;
+  console.log(`fio over NBD, each row ${rounds} interleaved rounds of s3blk and its reference:\n`);
+  const mean = (xs: (number | undefined)[]) => {
+    const known = xs.filter((x): x is number => x !== undefined);
+    return known.length === 0 ? undefined : known.reduce((a, b) => a + b, 0) / known.length;
+  };
   const fmt = (v: number | undefined, unit: string) =>
     v === undefined ? "-" : `${v.toFixed(v < 100 ? 1 : 0)} ${unit}`;
-  const ratio = (a: number | undefined, b: number | undefined) =>
-    a === undefined || b === undefined || b === 0 ? "-" : `${(a / b).toFixed(2)}x`;
-  const header = [
-    "target",
-    "job",
-    "result",
-    "vs memory",
-    "vs nbdkit-S3",
-    "S3 req",
-    "S3 in MB",
-    "S3 out MB",
-    "peak RSS MB",
+  const lines = [
+    [
+      "target",
+      "job",
+      "s3blk",
+      "reference",
+      "ref result",
+      "ratio (median)",
+      "ratios",
+      "S3 req",
+      "S3 in MB",
+      "S3 out MB",
+      "peak RSS MB",
+    ],
   ];
-  const lines = [header];
   for (const row of rows) {
     const unit = row.job.startsWith("seq") ? "MB/s" : "IOPS";
-    const value = metric(row.job, row.result);
-    const isOurs = row.target.startsWith("s3blk");
+    const ours = spread(row.turns.flatMap((t) => metric(row.job, t) ?? []));
+    const theirs = spread(row.referenceTurns.flatMap((t) => metric(row.job, t) ?? []));
+    const perTurn = (f: (t: Turn) => number | undefined) => mean(row.turns.map(f));
     lines.push([
       row.target,
       row.job,
-      row.result === undefined ? `error` : fmt(value, unit),
-      isOurs ? ratio(value, metric(row.job, find("nbdkit-memory", row.job))) : "",
-      isOurs ? ratio(value, metric(row.job, find("nbdkit-S3", row.job))) : "",
-      row.s3Requests === undefined ? "-" : String(row.s3Requests),
-      row.s3BytesIn === undefined ? "-" : (row.s3BytesIn / 1e6).toFixed(0),
-      row.s3BytesOut === undefined ? "-" : (row.s3BytesOut / 1e6).toFixed(0),
-      row.peakRssBytes === undefined ? "-" : (row.peakRssBytes / 2 ** 20).toFixed(0),
+      ours === undefined ? "error" : fmt(ours.median, unit),
+      row.reference,
+      theirs === undefined ? "error" : fmt(theirs.median, unit),
+      row.ratio === undefined ? "-" : `${row.ratio.median.toFixed(2)}x`,
+      row.ratio === undefined ? "-" : `${row.ratio.min.toFixed(2)}-${row.ratio.max.toFixed(2)}`,
+      fmt(
+        perTurn((t) => t.s3Requests),
+        "",
+      ).trim(),
+      fmt(
+        perTurn((t) => (t.s3BytesIn === undefined ? undefined : t.s3BytesIn / 1e6)),
+        "",
+      ).trim(),
+      fmt(
+        perTurn((t) => (t.s3BytesOut === undefined ? undefined : t.s3BytesOut / 1e6)),
+        "",
+      ).trim(),
+      (Math.max(0, ...row.turns.map((t) => t.peakRssBytes ?? 0)) / 2 ** 20).toFixed(0),
     ]);
   }
+  printLines(lines);
+  console.log(
+    "\nS3 requests and bytes: mean per s3blk turn. ratios: smallest-largest of the rounds.",
+  );
+}
+
+/** The median ratios of two runs side by side, for a before/after comparison. */
+function printComparison(beforeFile: string, afterFile: string): void {
+  const load = (file: string) =>
+    JSON.parse(readFileSync(file, "utf8")) as {
+      context?: { commit?: string };
+      rows: Row[];
+    };
+  const before = load(beforeFile);
+  const after = load(afterFile);
+  const name = (report: { context?: { commit?: string } }, file: string) =>
+    report.context?.commit?.slice(0, 8) ?? path.basename(file);
+  const key = (r: Row) => `${r.target}\u0000${r.job}`;
+  const beforeRows = new Map(before.rows.map((r) => [key(r), r]));
+  const lines = [
+    [
+      "target",
+      "job",
+      "reference",
+      `before (${name(before, beforeFile)})`,
+      `after (${name(after, afterFile)})`,
+      "after / before",
+    ],
+  ];
+  const cell = (r: Row | undefined) =>
+    r?.ratio === undefined
+      ? "-"
+      : `${r.ratio.median.toFixed(2)}x (${r.ratio.min.toFixed(2)}-${r.ratio.max.toFixed(2)})`;
+  for (const row of after.rows) {
+    const old = beforeRows.get(key(row));
+    const change =
+      old?.ratio === undefined || row.ratio === undefined
+        ? "-"
+        : `${(row.ratio.median / old.ratio.median).toFixed(2)}`;
+    lines.push([row.target, row.job, row.reference, cell(old), cell(row), change]);
+  }
+  console.log("Median ratios to the reference (spread of the rounds):\n");
   printLines(lines);
 }
 
