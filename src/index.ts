@@ -48,6 +48,7 @@ export {
 
 // Stores and the stack.
 export {
+  DEFAULT_REQUEST_TIMEOUT_MS,
   MAX_DELETE_BATCH,
   StoreError,
   listAll,
@@ -64,7 +65,6 @@ export {
 } from "./store/object-store.js";
 export { StoreLayer } from "./store/store-layer.js";
 export {
-  DEFAULT_REQUEST_TIMEOUT_MS,
   StoreUrlError,
   buildStoreStack,
   openStoreStack,
@@ -76,11 +76,13 @@ export { S3Store, type S3StoreOptions } from "./store/s3-store.js";
 export { FileStore } from "./store/file-store.js";
 export { MemoryStore } from "./store/memory-store.js";
 export { CountingStore, type RequestCounts } from "./store/counting-store.js";
-export { Fence, FencedStore } from "./store/fenced-store.js";
+// The fence and the retry layer are built by buildStoreStack only (the fence must sit below the
+// retries), so they are exported as types.
+export type { Fence, FencedStore } from "./store/fenced-store.js";
 export {
   DEFAULT_RETRY_POLICY,
-  RetryStore,
   type RetryPolicy,
+  type RetryStore,
   type RetryStoreOptions,
 } from "./store/retry-store.js";
 

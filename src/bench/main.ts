@@ -29,6 +29,7 @@ import { availableParallelism } from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseSize } from "../cli/sizes.js";
+import { withoutAws } from "../util/aws-environment.js";
 import { openStoreStack } from "../store/store-stack.js";
 import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
@@ -123,7 +124,12 @@ function metric(job: string, turn: Turn): number | undefined {
 async function fioTurn(
   job: FioJob,
   running: RunningTarget,
-  options: { endFsync?: boolean; seconds?: number } = {},
+  options: {
+    endFsync?: boolean;
+    seconds?: number;
+    /** Untimed, after fio, before the S3 counters are read: its requests count to the turn. */
+    after?: () => Promise<void>;
+  } = {},
 ): Promise<Turn> {
   const before = rgwCounters();
   const turn: Turn = {};
@@ -137,6 +143,7 @@ async function fioTurn(
   } catch (error) {
     turn.error = (error as Error).message.split("\n")[0];
   }
+  await options.after?.();
   const after = rgwCounters();
   if (before !== undefined && after !== undefined) {
     turn.s3Requests = after.requests - before.requests;
@@ -147,18 +154,21 @@ async function fioTurn(
   return turn;
 }
 
-/** A server that runs for the whole comparison; `settle` runs between its turns and the other's. */
+/**
+ * A server that runs for the whole comparison. `settle` runs untimed after each of its turns,
+ * before the other side's; the S3 requests it causes (s3blk's write-back) count to the turn.
+ */
 function longRunning(
   name: string,
   running: RunningTarget,
   job: FioJob,
   settle?: () => Promise<void>,
 ): Contender<Turn> {
+  const after = settle === undefined ? {} : { after: settle };
   return {
     name,
-    turn: () => fioTurn(job, running),
-    warmUp: async () => void (await fioTurn(job, running, { seconds: 2 })),
-    ...(settle === undefined ? {} : { settle }),
+    turn: () => fioTurn(job, running, after),
+    warmUp: async () => void (await fioTurn(job, running, { seconds: 2, ...after })),
   };
 }
 
@@ -237,8 +247,9 @@ async function main(): Promise<void> {
     );
   };
   const run = `${Date.now().toString(36)}`;
+  // The servers reach S3 through what we set here, whatever AWS variables the shell has.
   const env = {
-    ...process.env,
+    ...withoutAws(process.env),
     AWS_ENDPOINT_URL: s3.endpoint,
     AWS_ACCESS_KEY_ID: s3.accessKey,
     AWS_SECRET_ACCESS_KEY: s3.secretKey,

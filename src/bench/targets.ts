@@ -9,6 +9,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
+import { withoutAws } from "../util/aws-environment.js";
 
 export interface RunningTarget {
   readonly uri: string;
@@ -122,7 +123,8 @@ export async function startNbdkitS3(
       `secret-key=${s3.secretKey}`,
     ],
     socket,
-    { ...process.env, AWS_DEFAULT_REGION: s3.region },
+    // boto3 reads the AWS variables and files too: only what we pass may reach it.
+    { ...withoutAws(process.env), AWS_DEFAULT_REGION: s3.region },
   );
 }
 

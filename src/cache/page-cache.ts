@@ -547,8 +547,20 @@ export class PageCache {
   async #makeDurable(targets: readonly (readonly [Page, number])[]): Promise<void> {
     const results = await Promise.allSettled(
       targets.map(async ([page, seq]) => {
+        // An upload this flush joins may have begun before the store or the lease recovered
+        // (its attempts ran out, or the fence refused one): its failure is forgiven once, and
+        // the flush fails only if the next upload fails too.
+        let forgiven = false;
         while (page.durableSeq < seq) {
-          await (page.upload ?? this.#startUpload(page));
+          const joined = page.upload;
+          if (joined === undefined) {
+            await this.#startUpload(page);
+            continue;
+          }
+          await joined.catch((error: unknown) => {
+            if (forgiven) throw error;
+            forgiven = true;
+          });
         }
       }),
     );

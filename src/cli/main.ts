@@ -357,7 +357,14 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           err: (line) => console.error(line),
           // Listen for signals from the start: one that arrives while volumes open or sockets
           // bind must still stop the server cleanly, not kill it with the default action.
-          waitForStop: listenForStop(),
+          waitForStop: listenForStop({
+            // Nothing has been served yet, so nothing can be lost: a second Ctrl-C during a
+            // slow start (a lease takeover waits up to a minute) need not wait for it.
+            onSecondWhileStarting: (signal) => {
+              console.error(`s3blk: second ${signal} while starting: exiting (nothing was served)`);
+              process.exit(130);
+            },
+          }),
         });
         if (code !== 0) throw new UserError("some writes could not be flushed and are lost");
       },

@@ -171,8 +171,10 @@ export async function serve(
   env.out(`stop with Ctrl-C or SIGTERM (writes are flushed first)`);
 
   let forcing = false;
+  let stopped = false;
   const signal = await env.waitForStop((second) => {
-    if (forcing) return;
+    // Once every device is flushed and stopped, a late signal has nothing left to drop.
+    if (forcing || stopped) return;
     forcing = true;
     void forceExit(opened, second, env);
   });
@@ -195,6 +197,7 @@ export async function serve(
       );
     }
   }
+  stopped = true;
   env.err(failures === 0 ? `s3blk: flushed and stopped` : `s3blk: stopped with lost writes`);
   return failures === 0 ? 0 : 1;
 }

@@ -13,8 +13,11 @@ import { systemClock, type Clock } from "../util/clock.js";
 /** Signals within this long of the first stop signal are copies of it, not a second request. */
 export const STOP_SIGNAL_WINDOW_MS = 1000;
 
-/** The signals that ask us to stop. */
-export const STOP_SIGNALS: readonly NodeJS.Signals[] = ["SIGTERM", "SIGINT"];
+/**
+ * The signals that ask us to stop. SIGHUP too: closing the terminal that runs `npm start` sends
+ * it, and its default action would kill the server without flushing.
+ */
+export const STOP_SIGNALS: readonly NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
 
 /** Something that emits signals: `process`, or a test's EventEmitter. */
 export interface SignalSource {
@@ -28,6 +31,11 @@ export interface StopSignalOptions {
   readonly clock?: Pick<Clock, "nowMs">;
   /** Default {@link STOP_SIGNAL_WINDOW_MS}. */
   readonly windowMs?: number;
+  /**
+   * A second request that arrives before the caller waits for the first (while it is still
+   * starting up: taking over a lease, say, which can take a minute). Default: ignored.
+   */
+  readonly onSecondWhileStarting?: (signal: NodeJS.Signals) => void;
 }
 
 /**
@@ -37,9 +45,10 @@ export interface StopSignalOptions {
 export type WaitForStop = (onSecond: (signal: NodeJS.Signals) => void) => Promise<NodeJS.Signals>;
 
 /**
- * Start listening for SIGTERM and SIGINT now, so that a signal which arrives while the caller is
+ * Start listening for the stop signals now, so that a signal which arrives while the caller is
  * still starting up is not lost (or left to the default action, which would kill the process).
- * A later signal that comes before the caller has passed its `onSecond` is ignored.
+ * A second request that comes before the caller has passed its `onSecond` goes to
+ * `onSecondWhileStarting`.
  */
 export function listenForStop(options: StopSignalOptions = {}): WaitForStop {
   const source = options.source ?? process;
@@ -47,7 +56,7 @@ export function listenForStop(options: StopSignalOptions = {}): WaitForStop {
   const windowMs = options.windowMs ?? STOP_SIGNAL_WINDOW_MS;
   let first: { signal: NodeJS.Signals; atMs: number } | undefined;
   let wake: ((signal: NodeJS.Signals) => void) | undefined;
-  let onSecond: (signal: NodeJS.Signals) => void = () => {};
+  let onSecond: (signal: NodeJS.Signals) => void = options.onSecondWhileStarting ?? (() => {});
   const handler = (signal: NodeJS.Signals) => {
     if (first === undefined) {
       first = { signal, atMs: clock.nowMs() };

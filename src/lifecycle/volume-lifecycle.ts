@@ -16,7 +16,7 @@
 
 import { ChunkedBlockDevice, type DeviceOptions } from "../device/chunked-block-device.js";
 import { StoreError, deletePrefix, listAll } from "../store/object-store.js";
-import type { StoreStack } from "../store/store-stack.js";
+import { isBuiltStack, type StoreStack } from "../store/store-stack.js";
 import { systemClock } from "../util/clock.js";
 import { Lease, type LeaseOptions } from "../volume/lease.js";
 import {
@@ -87,9 +87,18 @@ export async function openVolume(
   if (options.readOnly || options.lease === false) {
     return ChunkedBlockDevice.open(store, prefix, superblock, options);
   }
+  if (!isBuiltStack(stack)) {
+    throw new TypeError(
+      "a writable open needs the store stack that openStoreStack or buildStoreStack built " +
+        "(its fence sits below its retries), not one put together by hand",
+    );
+  }
+  // A write must be able to finish within the store's own timeout: the lease may assume more,
+  // never less.
+  const requestTimeoutMs = Math.max(stack.requestTimeoutMs, options.lease?.requestTimeoutMs ?? 0);
   const lease = await Lease.acquire(store, prefix, stack.fence, options.clock ?? systemClock, {
-    requestTimeoutMs: stack.requestTimeoutMs,
     ...options.lease,
+    requestTimeoutMs,
   });
   try {
     return await ChunkedBlockDevice.open(store, prefix, superblock, options, lease);

@@ -114,6 +114,13 @@ export interface ObjectStore {
   close(): Promise<void>;
 }
 
+/**
+ * How long one attempt of a request may take, sent to answered, unless told otherwise: S3
+ * enforces it per attempt, and the lease's fence admits a write only if it can finish within it
+ * before the lease lapses.
+ */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 15_000;
+
 /** The most keys one `deleteMany` call takes: S3's DeleteObjects limit. */
 export const MAX_DELETE_BATCH = 1000;
 

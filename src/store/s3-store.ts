@@ -27,6 +27,7 @@ import http from "node:http";
 import https from "node:https";
 import type { Readable } from "node:stream";
 import {
+  DEFAULT_REQUEST_TIMEOUT_MS,
   MAX_DELETE_BATCH,
   StoreError,
   type GetOptions,
@@ -85,9 +86,9 @@ export class S3Store implements ObjectStore {
         httpsAgent: new https.Agent(agentOptions as https.AgentOptions),
         // A whole request, sent to answered, must finish within the timeout (the lease's fence
         // counts on it), and this version of the handler only warns unless told to throw.
-        requestTimeout: options.requestTimeoutMs ?? 15_000,
+        requestTimeout: options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
         throwOnRequestTimeout: true,
-        socketTimeout: options.requestTimeoutMs ?? 15_000,
+        socketTimeout: options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
         connectionTimeout: options.connectionTimeoutMs ?? 5_000,
       }),
     });

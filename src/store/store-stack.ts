@@ -20,12 +20,9 @@ import { CountingStore } from "./counting-store.js";
 import { Fence, FencedStore } from "./fenced-store.js";
 import { FileStore } from "./file-store.js";
 import { namedMemoryStore } from "./memory-store.js";
-import type { ObjectStore } from "./object-store.js";
+import { DEFAULT_REQUEST_TIMEOUT_MS, type ObjectStore } from "./object-store.js";
 import { RetryStore, type RetryPolicy } from "./retry-store.js";
 import { S3Store, type S3StoreOptions } from "./s3-store.js";
-
-/** How long one request attempt may take, sent to answered, unless told otherwise. */
-export const DEFAULT_REQUEST_TIMEOUT_MS = 15_000;
 
 /** How the layers above the real store behave. */
 export interface StoreLayerOptions {
@@ -91,7 +88,20 @@ export function buildStoreStack(
     clock: options.clock ?? systemClock,
     ...(options.retry === undefined ? {} : { policy: options.retry }),
   });
-  return { store, counter, fence, prefix: where.prefix, url: where.url, requestTimeoutMs };
+  const stack = { store, counter, fence, prefix: where.prefix, url: where.url, requestTimeoutMs };
+  builtStacks.add(stack);
+  return stack;
+}
+
+/** The stacks built here, so that a writable open can check its fence is a real one. */
+const builtStacks = new WeakSet<object>();
+
+/**
+ * Whether `stack` came from {@link buildStoreStack} (or {@link openStoreStack}): then its fence
+ * is the one below its retries. A stack put together by hand may carry a fence no layer checks.
+ */
+export function isBuiltStack(stack: object): boolean {
+  return builtStacks.has(stack);
 }
 
 function baseStore(

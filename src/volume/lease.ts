@@ -36,7 +36,7 @@
 import { randomUUID } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import os from "node:os";
-import { StoreError, type ObjectStore } from "../store/object-store.js";
+import { DEFAULT_REQUEST_TIMEOUT_MS, StoreError, type ObjectStore } from "../store/object-store.js";
 import type { Fence } from "../store/fenced-store.js";
 import type { Clock } from "../util/clock.js";
 
@@ -97,9 +97,11 @@ export class LeaseHeldError extends Error {
 }
 
 /**
- * Lease timings that cannot work: renewed every quarter of its duration, a lease must still
- * admit writes after a renewal's interval, that is `durationMs × 3/4 > requestTimeoutMs +
- * clockSkewMs`; otherwise a healthy holder would refuse its own writes between renewals.
+ * Lease timings that cannot work. A renewal is sent a quarter of the duration after the one
+ * before, and may take up to a request timeout to answer; until it does, the fence counts from
+ * the one before. Writes stay admitted throughout only if `durationMs × 3/4 > 2 ×
+ * requestTimeoutMs + clockSkewMs`; otherwise a healthy holder would refuse its own writes while
+ * a renewal is on its way.
  */
 export class LeaseTimingError extends Error {
   override readonly name = "LeaseTimingError";
@@ -108,7 +110,7 @@ export class LeaseTimingError extends Error {
 /** The defaults of {@link LeaseOptions}. */
 export const DEFAULT_LEASE_TIMING = Object.freeze({
   durationMs: 60_000,
-  requestTimeoutMs: 15_000,
+  requestTimeoutMs: DEFAULT_REQUEST_TIMEOUT_MS,
   clockSkewMs: 5_000,
 });
 
@@ -121,7 +123,7 @@ export function leaseTiming(
     requestTimeoutMs: options.requestTimeoutMs ?? DEFAULT_LEASE_TIMING.requestTimeoutMs,
     clockSkewMs: options.clockSkewMs ?? DEFAULT_LEASE_TIMING.clockSkewMs,
   };
-  const neededMs = ((timing.requestTimeoutMs + timing.clockSkewMs) * 4) / 3;
+  const neededMs = ((2 * timing.requestTimeoutMs + timing.clockSkewMs) * 4) / 3;
   if (!(timing.durationMs > neededMs)) {
     throw new LeaseTimingError(
       `a lease of ${timing.durationMs / 1000} s is too short: with a request timeout of ` +
@@ -152,6 +154,8 @@ export class Lease {
   #lost: LeaseLostError | undefined;
   #cancelRenewal: (() => void) | undefined;
   #renewing: Promise<void> | undefined;
+  /** When the last renewal (or the acquisition) was sent, on the monotonic clock. */
+  #lastSentAtMs: number;
   #released = false;
   readonly #store: ObjectStore;
   readonly #clock: Clock;
@@ -175,6 +179,7 @@ export class Lease {
     this.#options = options;
     this.#wallMs = options.wallClockMs ?? Date.now;
     this.#validUntilMs = sentAtMs + options.durationMs - options.clockSkewMs;
+    this.#lastSentAtMs = sentAtMs;
   }
 
   /** Take the lease of the volume at `prefix`, and arm `fence` with it. */
@@ -274,14 +279,22 @@ export class Lease {
     }, this.key);
   }
 
+  /**
+   * Renew a quarter of the duration after the last renewal was *sent*, not after it ended: the
+   * validity counts from the send, so a slow renewal must not push the next one later.
+   */
   #scheduleRenewal(): void {
     if (this.#released || this.#lost !== undefined) return;
-    this.#cancelRenewal = this.#clock.schedule(() => {
-      this.#renewing = this.renew().finally(() => {
-        this.#renewing = undefined;
-        this.#scheduleRenewal();
-      });
-    }, this.#options.durationMs / 4);
+    const dueMs = this.#lastSentAtMs + this.#options.durationMs / 4;
+    this.#cancelRenewal = this.#clock.schedule(
+      () => {
+        this.#renewing = this.renew().finally(() => {
+          this.#renewing = undefined;
+          this.#scheduleRenewal();
+        });
+      },
+      Math.max(0, dueMs - this.#clock.nowMs()),
+    );
   }
 
   /** Extend the lease now. Failures are reported through `onLost`/`log`, never thrown. */
@@ -289,6 +302,7 @@ export class Lease {
     if (this.#released || this.#lost !== undefined) return;
     const record = { ...this.#record, expiresAtMs: this.#wallMs() + this.#options.durationMs };
     const sentAtMs = this.#clock.nowMs();
+    this.#lastSentAtMs = sentAtMs;
     try {
       const { etag } = await this.#store.put(this.key, encodeRecord(record), {
         ifMatch: this.#etag,

@@ -60,3 +60,21 @@ describe("listenForStop", () => {
     expect(s.seconds).toEqual(["SIGINT"]);
   });
 });
+
+describe("listenForStop while the caller is still starting", () => {
+  it("hands a second request to onSecondWhileStarting, and SIGHUP counts as a stop", async () => {
+    const source = new EventEmitter();
+    let nowMs = 0;
+    const early: string[] = [];
+    const waitForStop = listenForStop({
+      source: { on: (signal, listener) => source.on(signal, listener) },
+      clock: { nowMs: () => nowMs },
+      onSecondWhileStarting: (signal) => early.push(signal),
+    });
+    source.emit("SIGHUP", "SIGHUP"); // the terminal closed
+    nowMs = 2 * STOP_SIGNAL_WINDOW_MS;
+    source.emit("SIGINT", "SIGINT"); // Ctrl-C again, before start-up has finished
+    expect(early).toEqual(["SIGINT"]);
+    expect(await waitForStop(() => {})).toBe("SIGHUP");
+  });
+});

@@ -20,7 +20,7 @@ import { runCli, startServe, type ServeProcess } from "../support/serve-process.
 import { requireS3, s3Env } from "../support/s3-target.js";
 import { pattern } from "../support/volumes.js";
 
-const LEASE_MS = 12_000;
+const LEASE_MS = 14_000;
 const REQUEST_TIMEOUT_MS = 2_000;
 /** The lease's default clock-skew margin. */
 const SKEW_MS = 5_000;

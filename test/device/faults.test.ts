@@ -5,7 +5,8 @@
 import { describe, expect, it } from "vitest";
 import { ChunkCorruptError } from "../../src/volume/format.js";
 import { FaultStore } from "../../src/store/fault-store.js";
-import type { ObjectStore } from "../../src/store/object-store.js";
+import { StoreError, type ObjectStore, type PutOptions } from "../../src/store/object-store.js";
+import { StoreLayer } from "../../src/store/store-layer.js";
 import { MemoryStore } from "../../src/store/memory-store.js";
 import {
   chunkKey,
@@ -27,18 +28,12 @@ const PARAMS = { sizeBytes: 256 * CHUNK, chunkSizeBytes: CHUNK };
 
 /** A store whose PUTs take a while, so that write-back falls behind a writer. */
 function slowPuts(inner: ObjectStore, ms: number): ObjectStore {
-  return new Proxy(inner, {
-    get(target, prop, receiver) {
-      if (prop === "put") {
-        return async (...args: Parameters<ObjectStore["put"]>) => {
-          await new Promise((r) => setTimeout(r, ms));
-          return target.put(...args);
-        };
-      }
-      const value = Reflect.get(target, prop, receiver);
-      return typeof value === "function" ? value.bind(target) : value;
-    },
-  });
+  return new (class extends StoreLayer {
+    override async put(key: string, body: Uint8Array, options?: PutOptions) {
+      await new Promise((r) => setTimeout(r, ms));
+      return super.put(key, body, options);
+    }
+  })(inner);
 }
 
 describe("backpressure", () => {
@@ -290,6 +285,42 @@ describe("retries", () => {
     await device.disconnect();
     const again = await volume.open();
     expect((await again.read(100, [out])).ok).toBe(true);
+    expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
+    await again.disconnect();
+  });
+
+  it("lets a flush that joined an upload begun before recovery try once more", async () => {
+    // The first chunk PUT is held, then refused the way the lease's fence refuses a write that
+    // was admitted before a renewal came back: it is not retried below the cache.
+    let release: () => void = () => {};
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let holding = false;
+    class RefuseFirstPut extends StoreLayer {
+      override async put(key: string, body: Uint8Array, options?: PutOptions) {
+        if (!holding && key.includes("chunks/")) {
+          holding = true;
+          await held;
+          throw new StoreError("Fenced", "refused: the lease was not renewed in time");
+        }
+        return super.put(key, body, options);
+      }
+    }
+    const volume = await newTestVolume(memoryBackend, "joined", PARAMS);
+    const device = await volume.open(
+      { writebackDelayMs: 1 },
+      volume.stack({ wrap: (s) => new RefuseFirstPut(s) }),
+    );
+    const data = pattern(5, 0, CHUNK / 512);
+    expect((await device.write(0, [data])).ok).toBe(true);
+    while (!holding) await new Promise((r) => setTimeout(r, 1));
+    // The flush joins the upload in flight; that upload then fails.
+    const flushed = device.flush();
+    release();
+    expect(await flushed).toEqual({ ok: true, value: undefined });
+    await device.disconnect();
+    const again = await volume.open({ readOnly: true });
+    const out = new Uint8Array(data.length);
+    expect((await again.read(0, [out])).ok).toBe(true);
     expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
     await again.disconnect();
   });

@@ -48,10 +48,16 @@ export interface RunResult {
 export function run(
   command: string,
   args: readonly string[],
-  options: { env?: NodeJS.ProcessEnv; cwd?: string; timeoutMs?: number } = {},
+  options: {
+    env?: NodeJS.ProcessEnv;
+    cwd?: string;
+    timeoutMs?: number;
+    /** Told of standard output as it arrives. */
+    onStdout?: (text: string) => void;
+  } = {},
 ): Promise<RunResult> {
   return new Promise((resolve) => {
-    execFile(
+    const child = execFile(
       command,
       [...args],
       {
@@ -65,6 +71,8 @@ export function run(
         resolve({ code, stdout: String(stdout), stderr: String(stderr) });
       },
     );
+    const onStdout = options.onStdout;
+    if (onStdout !== undefined) child.stdout?.on("data", (d: Buffer) => onStdout(d.toString()));
   });
 }
 

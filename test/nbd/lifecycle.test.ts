@@ -85,9 +85,18 @@ describe.each(backends)("stopping s3blk serve on $name", (backend) => {
 
       // A reader checking the pattern over and over, and a copy of the whole 32 GiB, both cut off.
       const reads = Array.from({ length: 300 }, () => ["-c", "read -P 0xab 0 16M"]).flat();
-      const reader = run("qemu-io", ["-f", "raw", ...reads, uri], { timeoutMs: 60_000 });
+      let readerOut = "";
+      const reader = run("qemu-io", ["-f", "raw", ...reads, uri], {
+        timeoutMs: 60_000,
+        onStdout: (text) => (readerOut += text),
+      });
       const copy = run("nbdcopy", ["--no-extents", uri, "null:"], { timeoutMs: 60_000 });
-      await new Promise((r) => setTimeout(r, 700));
+      // Kill once a read has succeeded (on a loaded machine the first may take a second or more),
+      // and while the 32 GiB copy is surely still running.
+      const deadline = Date.now() + 30_000;
+      while (!/read 16777216\/16777216 bytes/.test(readerOut) && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
       expect(await server.stop("SIGKILL")).toBe("SIGKILL");
 
       const [read, copied] = await Promise.all([reader, copy]);

@@ -5,36 +5,19 @@
  * `region`, `use_dualstack_endpoint` or `auth_scheme_preference` (the last two apply even to a
  * client given its endpoint, region and credentials), `AWS_SESSION_TOKEN` is sent with any key.
  * A developer's MinIO settings would then take a test around the fault proxy, or to another
- * server. So the AWS part of the environment is an allow-list: every `AWS_*` variable is dropped
- * except the ones named in {@link KEPT_AWS_VARIABLES}, both SDK files are /dev/null (so
- * neither ~/.aws file is read), and a test adds what it means to set (see `s3Env`).
+ * server. So the AWS part of the environment is an allow-list (src/util/aws-environment.ts, which
+ * the benchmark uses too): every `AWS_*` variable is dropped but a few that only quiet the SDK,
+ * both SDK files are /dev/null (so neither ~/.aws file is read), and a test adds what it means to
+ * set (see `s3Env`).
  *
  * Everything else (PATH, HOME, TMPDIR, CI, S3_*...) is inherited.
  */
 
-/** `AWS_*` variables kept from the caller: they only quiet the SDK. */
-export const KEPT_AWS_VARIABLES: readonly string[] = [
-  "AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED",
-];
-
-/** Set instead of inherited: the SDK's config and credentials files hold nothing. */
-export const EMPTY_SDK_FILES: Readonly<NodeJS.ProcessEnv> = Object.freeze({
-  AWS_CONFIG_FILE: "/dev/null",
-  AWS_SHARED_CREDENTIALS_FILE: "/dev/null",
-});
-
-function dropped(name: string): boolean {
-  return name.startsWith("AWS_") && !KEPT_AWS_VARIABLES.includes(name);
-}
-
-/** `env` without the AWS variables the allow-list drops, plus {@link EMPTY_SDK_FILES}. */
-export function withoutAws(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  const out: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(env)) {
-    if (!dropped(name)) out[name] = value;
-  }
-  return { ...out, ...EMPTY_SDK_FILES };
-}
+import {
+  EMPTY_SDK_FILES,
+  isDroppedAwsVariable,
+  withoutAws,
+} from "../../src/util/aws-environment.js";
 
 /**
  * The environment for a process a test starts: this process's environment through the
@@ -58,7 +41,7 @@ export function restrictTestProcessEnv(env: NodeJS.ProcessEnv = process.env): vo
   if (accessKey !== undefined) env.S3_ACCESS_KEY = accessKey;
   if (secretKey !== undefined) env.S3_SECRET_KEY = secretKey;
   for (const name of Object.keys(env)) {
-    if (dropped(name)) delete env[name];
+    if (isDroppedAwsVariable(name)) delete env[name];
   }
   Object.assign(env, EMPTY_SDK_FILES);
 }

@@ -9,7 +9,20 @@ import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { FaultStore } from "../../src/store/fault-store.js";
 import { chunkKey } from "../../src/volume/format.js";
-import { leaseKey, LeaseHeldError, type LeaseRecord } from "../../src/volume/lease.js";
+import {
+  Lease,
+  leaseKey,
+  LeaseHeldError,
+  leaseTiming,
+  LeaseTimingError,
+  type LeaseRecord,
+} from "../../src/volume/lease.js";
+import { Fence } from "../../src/store/fenced-store.js";
+import { openVolume } from "../../src/lifecycle/volume-lifecycle.js";
+import { MemoryStore } from "../../src/store/memory-store.js";
+import type { PutOptions } from "../../src/store/object-store.js";
+import { StoreLayer } from "../../src/store/store-layer.js";
+import type { Clock } from "../../src/util/clock.js";
 import { requireS3 } from "../support/s3-target.js";
 import {
   memoryBackend,
@@ -21,8 +34,13 @@ import {
 
 const CHUNK = 64 * 1024;
 const PARAMS = { sizeBytes: 16 * CHUNK, chunkSizeBytes: CHUNK };
-/** Short leases so the tests see expiry and renewal in well under a second or two. */
-const SHORT = { durationMs: 1200, requestTimeoutMs: 150, clockSkewMs: 100 };
+/**
+ * Short leases so the tests see expiry and renewal in seconds, yet long enough that a loaded
+ * machine still refuses a second writer before the first one's lease runs out.
+ */
+const SHORT = { durationMs: 3000, requestTimeoutMs: 300, clockSkewMs: 100 };
+/** The stack's request timeout is the one the lease's fence counts on: they go together. */
+const SHORT_STACK = { requestTimeoutMs: SHORT.requestTimeoutMs };
 
 const s3 = await requireS3("lease suite on S3");
 const backends: Backend[] = [memoryBackend, ...(s3 ? [s3Backend(s3)] : [])];
@@ -73,17 +91,19 @@ describe.each(backends)("lease on $name", (backend) => {
 
   it("renews itself while held, and can be taken once it expired", async () => {
     const volume = await newTestVolume(backend, "expiry", PARAMS);
-    const holder = await volume.open({ lease: SHORT });
+    const holder = await volume.open({ lease: SHORT }, volume.stack(SHORT_STACK));
     const before = await leaseRecord(volume);
-    await new Promise((r) => setTimeout(r, 700));
+    await new Promise((r) => setTimeout(r, SHORT.durationMs / 2)); // two renewals are due by now
     const renewed = await leaseRecord(volume);
     expect(renewed.epoch).toBe(before.epoch);
     expect(renewed.expiresAtMs).toBeGreaterThan(before.expiresAtMs);
     // A holder that stops renewing (as if hung) loses the lease to the next writer at expiry.
     await holder.abort();
-    await expect(volume.open({ lease: SHORT })).rejects.toThrow(LeaseHeldError);
+    await expect(volume.open({ lease: SHORT }, volume.stack(SHORT_STACK))).rejects.toThrow(
+      LeaseHeldError,
+    );
     await new Promise((r) => setTimeout(r, SHORT.durationMs + 100));
-    const next = await volume.open({ lease: SHORT });
+    const next = await volume.open({ lease: SHORT }, volume.stack(SHORT_STACK));
     expect((await leaseRecord(volume)).epoch).toBe(before.epoch + 1);
     await next.disconnect();
   });
@@ -117,10 +137,13 @@ describe.each(backends)("lease on $name", (backend) => {
 
   it("on a forced takeover, the old writer's dirty data never lands after the new writer starts", async () => {
     const volume = await newTestVolume(backend, "takeover", PARAMS);
-    const old = await volume.open({ lease: SHORT, writebackDelayMs: 60_000 });
+    const old = await volume.open(
+      { lease: SHORT, writebackDelayMs: 60_000 },
+      volume.stack(SHORT_STACK),
+    );
     expect((await old.write(0, [pattern(1, 0, 8)])).ok).toBe(true); // dirty, not uploaded
 
-    const stack = volume.stack();
+    const stack = volume.stack(SHORT_STACK);
     const forced = await volume.open({ lease: { ...SHORT, force: true } }, stack);
     // The takeover waited out the old lease: by now the old writer must have stopped.
     const flushed = await old.flush();
@@ -147,7 +170,7 @@ describe.each(backends)("lease on $name", (backend) => {
   it("stops writing before its lease lapses when it cannot renew, and resumes when it can", async () => {
     const volume = await newTestVolume(backend, "selffence", PARAMS);
     let fault: FaultStore | undefined;
-    const stack = volume.stack({ wrap: (s) => (fault = new FaultStore(s)) });
+    const stack = volume.stack({ ...SHORT_STACK, wrap: (s) => (fault = new FaultStore(s)) });
     const device = await volume.open({ lease: SHORT, writebackDelayMs: 60_000 }, stack);
     fault?.inject({ operations: ["put"], keyIncludes: "lease.json" });
     await new Promise((r) => setTimeout(r, SHORT.durationMs));
@@ -168,5 +191,84 @@ describe.each(backends)("lease on $name", (backend) => {
     }
     expect(flushed.ok).toBe(true);
     await device.disconnect();
+  });
+});
+
+describe("lease timing", () => {
+  /** A clock that moves only when told to, firing what falls due. */
+  class ManualClock implements Clock {
+    #nowMs = 0;
+    #timers: { atMs: number; callback: () => void }[] = [];
+    nowMs = () => this.#nowMs;
+    sleep = (ms: number) => new Promise<void>((resolve) => this.schedule(resolve, ms));
+    schedule(callback: () => void, ms: number) {
+      const timer = { atMs: this.#nowMs + ms, callback };
+      this.#timers.push(timer);
+      return () => void (this.#timers = this.#timers.filter((t) => t !== timer));
+    }
+    async advanceTo(ms: number) {
+      for (;;) {
+        const due = this.#timers.filter((t) => t.atMs <= ms).sort((a, b) => a.atMs - b.atMs)[0];
+        if (due === undefined) break;
+        this.#timers = this.#timers.filter((t) => t !== due);
+        this.#nowMs = due.atMs;
+        due.callback();
+        await new Promise((r) => setImmediate(r));
+      }
+      this.#nowMs = ms;
+    }
+  }
+
+  it("sends each renewal a quarter of the duration after the last was sent, however slow", async () => {
+    const clock = new ManualClock();
+    const sentAtMs: number[] = [];
+    let answer: () => void = () => {};
+    class SlowLease extends StoreLayer {
+      override async put(key: string, body: Uint8Array, options?: PutOptions) {
+        if (key === leaseKey("")) {
+          sentAtMs.push(clock.nowMs());
+          if (sentAtMs.length > 1) await new Promise<void>((resolve) => (answer = resolve));
+        }
+        return super.put(key, body, options);
+      }
+    }
+    const lease = await Lease.acquire(new SlowLease(new MemoryStore()), "", new Fence(), clock, {
+      durationMs: 1200,
+      requestTimeoutMs: 150,
+      clockSkewMs: 100,
+    });
+    await clock.advanceTo(300); // the first renewal is sent, and takes 100 ms to answer
+    await clock.advanceTo(400);
+    answer();
+    await new Promise((r) => setImmediate(r));
+    await clock.advanceTo(600);
+    expect(sentAtMs).toEqual([0, 300, 600]);
+    answer();
+    lease.abandon();
+  });
+
+  it("refuses timings under which a healthy holder would fence itself between renewals", () => {
+    // 3/4 of the duration must exceed two request timeouts and the skew margin.
+    expect(() => leaseTiming({ durationMs: 46_000 })).toThrow(LeaseTimingError);
+    expect(() => leaseTiming({ durationMs: 46_000 })).toThrow(/must last more than 47 s/);
+    expect(leaseTiming({ durationMs: 47_000 }).durationMs).toBe(47_000);
+    expect(leaseTiming({}).durationMs).toBe(60_000);
+    expect(() =>
+      leaseTiming({ durationMs: 12_000, requestTimeoutMs: 2_000, clockSkewMs: 5_000 }),
+    ).toThrow(LeaseTimingError);
+  });
+});
+
+describe("a writable open's stack", () => {
+  it("must be one the stack builder made, whose fence is below its retries", async () => {
+    const volume = await newTestVolume(memoryBackend, "handmade", PARAMS);
+    const built = volume.stack();
+    // The same store, with a fence that no layer consults.
+    const handmade = { ...built, fence: new Fence() };
+    await expect(openVolume(handmade)).rejects.toThrow(/needs the store stack that openStoreStack/);
+    const reader = await openVolume(handmade, { readOnly: true }); // reads are never fenced
+    await reader.disconnect();
+    const writer = await openVolume(volume.stack());
+    await writer.disconnect();
   });
 });
