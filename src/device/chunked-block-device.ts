@@ -10,6 +10,7 @@
  * the store. `abort` is the other way to stop: it drops dirty data and says how much.
  */
 
+import { randomUUID } from "node:crypto";
 import {
   disconnected,
   err,
@@ -108,6 +109,14 @@ export class ChunkedBlockDevice implements BlockDevice {
       prefix,
       superblock,
       concurrency: options.concurrency,
+      ...(options.readOnly
+        ? {}
+        : {
+            term:
+              lease === undefined
+                ? { writerId: randomUUID() }
+                : { epoch: lease.epoch, writerId: lease.holderId },
+          }),
     });
     return new ChunkedBlockDevice(store, chunks, options, lease);
   }
@@ -141,6 +150,8 @@ export class ChunkedBlockDevice implements BlockDevice {
   flush(): Promise<Result<void, WriteError>> {
     return this.#run(true, async () => {
       await this.#cache.flush();
+      // Superseded objects are garbage now; deleting them need not delay the flush.
+      void this.#chunks.deleteSuperseded();
       return ok;
     });
   }
@@ -168,6 +179,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     }
     this.#cache.close();
     await this.#chunks.drain();
+    if (this.#info.readWrite && result.ok) await this.#chunks.deleteSuperseded();
     await this.#lease?.release();
     await this.#store.close();
     return result;
@@ -209,12 +221,17 @@ export class ChunkedBlockDevice implements BlockDevice {
     return this.#cache.allocationMap(offsetBytes, lengthBytes);
   }
 
-  /** Whether chunk `index` may have an object: false means it reads as zeros. */
+  /** Whether chunk `index` holds data: false means it reads as zeros. */
   isChunkAllocated(index: number): boolean {
     return this.#chunks.isAllocated(index);
   }
 
-  /** Chunks that may have an object. */
+  /** The key chunk `index` reads from, if it holds data. */
+  chunkObjectKey(index: number): string | undefined {
+    return this.#chunks.refOf(index)?.key;
+  }
+
+  /** Chunks that hold data. */
   allocatedChunks(): number {
     return this.#chunks.allocatedCount();
   }
