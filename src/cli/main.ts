@@ -15,13 +15,14 @@ import {
   type StoreStack,
   type StoreStackOptions,
 } from "../store/store-stack.js";
-import { FormatError } from "../volume/format.js";
+import { FORMAT_VERSION, FormatError } from "../volume/format.js";
 import { LeaseHeldError, LeaseTimingError } from "../volume/lease.js";
 import {
   createVolume,
   deleteVolume,
   describeVolume,
   openVolume,
+  upgradeVolume,
   readSuperblock,
   VolumeError,
 } from "../lifecycle/volume-lifecycle.js";
@@ -36,7 +37,13 @@ import {
 } from "../transfer/import-export.js";
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { stat } from "node:fs/promises";
-import { DEFAULT_LISTEN, serve, ServeError } from "./serve.js";
+import {
+  DEFAULT_LISTEN,
+  DEFAULT_LOCAL_VOLUME,
+  openUpgradingDefault,
+  serve,
+  ServeError,
+} from "./serve.js";
 
 /** The AWS SDK warns on every start under Node 20, which we support on purpose. */
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
@@ -46,8 +53,7 @@ export class UserError extends Error {
   override readonly name = "UserError";
 }
 
-/** Where `npm start` keeps its volume. */
-export const DEFAULT_LOCAL_VOLUME = ".s3blk/volumes/default";
+export { DEFAULT_LOCAL_VOLUME } from "./serve.js";
 
 interface GlobalOptions {
   endpoint?: string;
@@ -187,6 +193,23 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     });
 
   program
+    .command("upgrade")
+    .description("Convert a volume of an older format to the current one, in place")
+    .argument("<url>", "the volume")
+    .option("--force", "take the volume over from another process (waits out its lease)")
+    .action(async (url: string, options: { force?: boolean }) => {
+      await withStack(url, program, async (stack) => {
+        const outcome = await upgradeVolume(stack, { lease: { force: options.force ?? false } });
+        out(
+          outcome.upgraded
+            ? `upgraded ${stack.url} from format version ${outcome.fromVersion} to ${FORMAT_VERSION} ` +
+                `in place (${outcome.chunks} chunks kept as they are)`
+            : `${stack.url} is already format version ${outcome.version}; nothing to do`,
+        );
+      });
+    });
+
+  program
     .command("delete")
     .description("Delete a volume and every chunk it stores")
     .argument("<url>", "the volume")
@@ -275,9 +298,11 @@ export function buildProgram(out: (line: string) => void = console.log): Command
             if (!(error instanceof VolumeError)) throw error;
           },
         );
-        const device = await openVolume(stack, {
-          lease: { force: options.force ?? false },
-        });
+        const device = await openUpgradingDefault(
+          stack,
+          { lease: { force: options.force ?? false } },
+          { out },
+        );
         const message = Buffer.alloc(4096);
         message.write(`hello from s3blk at ${new Date().toISOString()}\n`);
         const written = await device.write(2048, [message], { fua: true });

@@ -13,13 +13,15 @@ import { describe, expect, it } from "vitest";
 import { parseSize } from "../../src/cli/sizes.js";
 import { requireS3, s3Env } from "../support/s3-target.js";
 import { CLI, startServe } from "../support/serve-process.js";
+import { FileStore } from "../../src/store/file-store.js";
+import { pattern, writeVersion1Volume } from "../support/volumes.js";
 
 const run = promisify(execFile);
 
-async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}) {
+async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}, cwd = work) {
   try {
     const { stdout, stderr } = await run("node", [CLI, ...args], {
-      cwd: work,
+      cwd,
       env: { ...process.env, ...env },
     });
     return { code: 0, stdout, stderr };
@@ -65,7 +67,7 @@ describe("s3blk on a local directory", () => {
       sizeBytes: 2 * 1024 ** 3,
       chunkSizeBytes: 4 * 1024 ** 2,
       sectorSizeBytes: 512,
-      formatVersion: 1,
+      formatVersion: 2,
       storedChunks: 0,
     });
     expectOneLineError(await s3blk(["create", "vol", "--size", "1G"]), /already exists/);
@@ -135,6 +137,35 @@ describe("s3blk on a local directory", () => {
     expect(second.stdout).toMatch(/stored chunks: 1/);
   });
 
+  it("opens a version 1 volume read-only until upgraded, and upgrades the default one on start", async () => {
+    const data = new Map([[3, pattern(31, 3 * 2048, 2048)]]);
+    const old = new FileStore(path.join(work, "old1"));
+    await writeVersion1Volume(old, "", { sizeBytes: 16 * 1024 ** 2 }, data);
+    expectOneLineError(
+      await s3blk(["demo", "old1"]),
+      /read-only; to write it, run: s3blk upgrade file:\/\/.*old1$/,
+    );
+    expect((await s3blk(["info", "old1"])).stdout).toMatch(/format\s+s3blk v1/);
+    expect((await s3blk(["upgrade", "old1"])).stdout).toMatch(
+      /upgraded file:\/\/.*old1 from format version 1 to 2 in place \(1 chunks kept/,
+    );
+    expect((await s3blk(["upgrade", "old1"])).stdout).toMatch(
+      /already format version 2; nothing to do/,
+    );
+    const demo = await s3blk(["demo", "old1"]);
+    expect(demo.code).toBe(0);
+    expect(demo.stdout).toMatch(/stored chunks: 2/);
+
+    const fallback = path.join(work, "default-v1");
+    const def = new FileStore(path.join(fallback, ".s3blk/volumes/default"));
+    await writeVersion1Volume(def, "", { sizeBytes: 16 * 1024 ** 2 }, data);
+    const started = await s3blk(["demo"], {}, fallback);
+    expect(started.code).toBe(0);
+    expect(started.stdout).toMatch(
+      /upgraded the default volume file:\/\/.*default from format version 1 to 2/,
+    );
+  });
+
   it("answers bad input with one clear line", async () => {
     expectOneLineError(await s3blk(["create", "x", "--size", "10X"]), /"10X" is not a size/, 2);
     expectOneLineError(await s3blk(["create", "x"]), /--size/, 2);
@@ -166,7 +197,8 @@ describe.skipIf(s3 === undefined)("s3blk against S3", () => {
     expect((await s3blk(["create", url, "--size", "1G"], env())).code).toBe(0);
     expect((await s3blk(["demo", url], env())).stdout).toMatch(/stored chunks: 1/);
     expect((await s3blk(["info", url], env())).stdout).toMatch(/stored\s+1 of 1024 chunks, 1 MiB/);
-    expect((await s3blk(["delete", "-y", url], env())).stdout).toMatch(/\(2 objects\)/);
+    // The chunk, the demo's seal, the superblock.
+    expect((await s3blk(["delete", "-y", url], env())).stdout).toMatch(/\(3 objects\)/);
   });
 
   it("names a missing bucket and wrong credentials in one line", async () => {
