@@ -47,10 +47,17 @@ export interface RunResult {
 export function run(
   command: string,
   args: readonly string[],
-  options: { env?: NodeJS.ProcessEnv; cwd?: string; timeoutMs?: number } = {},
+  options: {
+    env?: NodeJS.ProcessEnv;
+    cwd?: string;
+    timeoutMs?: number;
+    /** Told of the output so far, as it arrives. */
+    onStdout?: (soFar: string) => void;
+  } = {},
 ): Promise<RunResult> {
   return new Promise((resolve) => {
-    execFile(
+    let soFar = "";
+    const child = execFile(
       command,
       [...args],
       {
@@ -64,6 +71,12 @@ export function run(
         resolve({ code, stdout: String(stdout), stderr: String(stderr) });
       },
     );
+    if (options.onStdout !== undefined) {
+      child.stdout?.on("data", (data: Buffer | string) => {
+        soFar += String(data);
+        options.onStdout?.(soFar);
+      });
+    }
   });
 }
 

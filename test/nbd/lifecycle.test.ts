@@ -84,9 +84,17 @@ describe.each(backends)("stopping s3blk serve on $name", (backend) => {
 
       // A reader checking the pattern over and over, and a copy of the whole 32 GiB, both cut off.
       const reads = Array.from({ length: 300 }, () => ["-c", "read -P 0xab 0 16M"]).flat();
-      const reader = run("qemu-io", ["-f", "raw", ...reads, uri], { timeoutMs: 60_000 });
+      let firstRead: () => void = () => {};
+      const readOnce = new Promise<void>((resolve) => (firstRead = resolve));
+      const reader = run("qemu-io", ["-f", "raw", ...reads, uri], {
+        timeoutMs: 60_000,
+        onStdout: (soFar) => (soFar.includes("read 16777216/16777216") ? firstRead() : undefined),
+      });
       const copy = run("nbdcopy", ["--no-extents", uri, "null:"], { timeoutMs: 60_000 });
-      await new Promise((r) => setTimeout(r, 700));
+      // Kill once a read has gone through (a fixed delay was too short on a loaded machine),
+      // and soon after, while the reader and the copy are still going.
+      await Promise.race([readOnce, new Promise((r) => setTimeout(r, 20_000))]);
+      await new Promise((r) => setTimeout(r, 300));
       expect(await server.stop("SIGKILL")).toBe("SIGKILL");
 
       const [read, copied] = await Promise.all([reader, copy]);
