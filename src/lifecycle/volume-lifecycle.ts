@@ -24,6 +24,7 @@ import type { StoreStack } from "../store/store-stack.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { resolveChunkMap, sealChunkMap } from "../volume/chunk-map.js";
 import { Lease, type LeaseOptions } from "../volume/lease.js";
+import { decodeChunkMap, readSnapshot, snapshotPrefix } from "../volume/snapshots.js";
 import {
   FORMAT_VERSION,
   chunkPrefix,
@@ -87,6 +88,8 @@ export interface OpenOptions extends DeviceOptions {
    * with the stack's `requestTimeoutMs` as the time a write must be able to finish in.
    */
   readonly lease?: LeaseOptions | false;
+  /** Open this snapshot of the volume, read-only, instead of the volume. */
+  readonly snapshot?: string;
 }
 
 /**
@@ -99,6 +102,14 @@ export async function openVolume(
 ): Promise<ChunkedBlockDevice> {
   const { store, prefix } = stack;
   const superblock = await readSuperblock(stack);
+  if (options.snapshot !== undefined) {
+    const record = await readSnapshot(store, prefix, superblock, options.snapshot);
+    return ChunkedBlockDevice.open(store, prefix, superblock, {
+      ...options,
+      readOnly: true,
+      startFrom: decodeChunkMap(prefix, superblock, record.chunks),
+    });
+  }
   if (superblock.formatVersion < FORMAT_VERSION && !options.readOnly) {
     throw new VolumeVersionError(
       `${stack.url} is a format version ${superblock.formatVersion} volume, which this s3blk ` +
@@ -151,8 +162,9 @@ export async function deleteVolume(stack: VolumeStack): Promise<number> {
   await readSuperblock(stack);
   const chunks = await deletePrefix(stack.store, chunkPrefix(stack.prefix));
   const seals = await deletePrefix(stack.store, sealPrefix(stack.prefix));
+  const snapshots = await deletePrefix(stack.store, snapshotPrefix(stack.prefix));
   await stack.store.delete(superblockKey(stack.prefix));
-  return chunks + seals + 1;
+  return chunks + seals + snapshots + 1;
 }
 
 /** What `upgradeVolume` did. */
@@ -189,16 +201,10 @@ export async function upgradeVolume(
   );
   try {
     const map = await resolveChunkMap(stack.store, stack.prefix, old);
-    await sealChunkMap(
-      stack.store,
-      stack.prefix,
-      old,
-      { ...map, garbage: [] },
-      {
-        epoch: lease.epoch,
-        writerId: lease.holderId,
-      },
-    );
+    await sealChunkMap(stack.store, stack.prefix, old, map, {
+      epoch: lease.epoch,
+      writerId: lease.holderId,
+    });
     const upgraded: Superblock = { ...old, formatVersion: FORMAT_VERSION };
     try {
       await stack.store.put(key, encodeSuperblock(upgraded), { ifMatch: got.etag });

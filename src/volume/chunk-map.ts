@@ -60,8 +60,10 @@ export interface ResolvedMap {
   readonly sealEpoch: number;
   /** Every seal key listed. */
   readonly sealKeys: readonly string[];
-  /** Chunk objects no reader of this resolution would read. */
+  /** Chunk objects no reader of this resolution would read (snapshots aside). */
   readonly garbage: readonly string[];
+  /** Every chunk object listed. */
+  readonly listed: readonly string[];
 }
 
 /** Resolve the map of the volume at `prefix` (see the module comment). */
@@ -125,6 +127,7 @@ async function resolveOnce(
     sealEpoch,
     sealKeys: seals.map((s) => s.key),
     garbage: listed.filter((r) => !live.has(r.key)).map((r) => r.key),
+    listed: listed.map((r) => r.key),
   };
 }
 
@@ -156,19 +159,31 @@ async function readSeal(
   return seal;
 }
 
+/** What a writer term starts from. */
+export interface TermStart {
+  readonly epoch: number;
+  readonly writerId: string;
+  /** The map the term starts from. Default: the resolution's (a rollback names a snapshot's). */
+  readonly refs?: ReadonlyMap<number, ChunkRef>;
+  /** Objects a snapshot names: never garbage. */
+  readonly pinned?: ReadonlySet<string>;
+}
+
 /**
- * Start writer term `epoch` (above the resolution's seal): PUT its seal naming `map.refs`,
- * then delete the garbage and the older seals, in batches. Returns the keys deleted. A crash
- * anywhere leaves either the old seal as the newest (nothing changed) or the new one (the term
- * began); garbage left behind is deleted by the next writer's start.
+ * Start writer term `epoch` (above the resolution's seal): PUT its seal naming the map it
+ * starts from, then delete, in batches, every listed chunk object that neither that map nor a
+ * snapshot names, and the older seals. Returns the keys deleted. A crash anywhere leaves
+ * either the old seal as the newest (nothing changed) or the new one (the term began); garbage
+ * left behind is deleted by the next writer's start.
  */
 export async function sealChunkMap(
   store: ObjectStore,
   prefix: string,
   superblock: Superblock,
   map: ResolvedMap,
-  term: { readonly epoch: number; readonly writerId: string },
+  term: TermStart,
 ): Promise<number> {
+  const refs = term.refs ?? map.refs;
   if (!(term.epoch > map.sealEpoch)) {
     throw new FormatError(
       `the lease's epoch ${term.epoch} is not above the newest seal's (${map.sealEpoch}): ` +
@@ -176,8 +191,8 @@ export async function sealChunkMap(
     );
   }
   const chunks: Record<string, string> = {};
-  for (const [index, ref] of [...map.refs].sort((a, b) => a[0] - b[0])) {
-    chunks[index.toString(16)] = ref.generation;
+  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
+    if (!ref.zero) chunks[index.toString(16)] = ref.generation;
   }
   const seal: SealRecord = {
     format: SEAL_FORMAT,
@@ -189,8 +204,9 @@ export async function sealChunkMap(
     chunks,
   };
   await putSeal(store, sealKey(prefix, term.epoch), seal, superblock.volumeId);
+  const live = new Set([...refs.values()].map((r) => r.key));
   const obsolete = [
-    ...map.garbage,
+    ...map.listed.filter((k) => !live.has(k) && !(term.pinned?.has(k) ?? false)),
     ...map.sealKeys.filter((k) => k !== sealKey(prefix, term.epoch)),
   ];
   for (let at = 0; at < obsolete.length; at += MAX_DELETE_BATCH) {

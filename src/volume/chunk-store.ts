@@ -15,6 +15,9 @@
  * generation), because the seal, or an older object a failed delete left, would otherwise
  * speak for it again at the next open.
  *
+ * An object a snapshot names is pinned: it is never superseded into the delete batches, and the
+ * garbage deletion at a writer's start spares it (see snapshots.ts).
+ *
  * A chunk absent from the map reads as zeros without any request: this is how a never-written
  * volume costs no GET. A chunk the map names whose object is missing (404) is an I/O error
  * naming the key, never zeros. The map also answers NBD block-status queries. A read-only open
@@ -30,6 +33,7 @@
 import PQueue from "p-queue";
 import { MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
 import { resolveChunkMap, sealChunkMap } from "./chunk-map.js";
+import { pinnedKeys, readSnapshots } from "./snapshots.js";
 import {
   ChunkMissingError,
   MAX_SEQUENCE,
@@ -57,6 +61,12 @@ export interface ChunkStoreOptions {
    * under this epoch before anything is written. Absent: a read-only open.
    */
   readonly term?: WriterTerm;
+  /**
+   * The map to start from instead of the resolved one: a snapshot's. With a term, the term
+   * seals it (a rollback); without, it is read as it is and nothing is listed (a snapshot
+   * opened read-only).
+   */
+  readonly startFrom?: ReadonlyMap<number, ChunkRef>;
 }
 
 /** Who writes, in which epoch. */
@@ -80,6 +90,8 @@ export class ChunkStore {
   readonly #queue: PQueue;
   readonly #refs: Map<number, ChunkRef>;
   readonly #epoch: number | undefined;
+  /** Objects a snapshot names: never deleted by this store. */
+  readonly #pinned: Set<string>;
   #sequence = 0;
   #allocatedCount = 0;
   /** Keys replaced by a durable newer generation, not yet deleted. */
@@ -91,6 +103,7 @@ export class ChunkStore {
     options: ChunkStoreOptions,
     refs: Map<number, ChunkRef>,
     epoch: number | undefined,
+    pinned: Set<string>,
   ) {
     this.superblock = options.superblock;
     this.chunkCount = Math.ceil(this.superblock.sizeBytes / this.superblock.chunkSizeBytes);
@@ -99,6 +112,7 @@ export class ChunkStore {
     this.#queue = new PQueue({ concurrency: options.concurrency ?? 32 });
     this.#refs = refs;
     this.#epoch = epoch;
+    this.#pinned = pinned;
     for (const ref of refs.values()) if (!ref.zero) this.#allocatedCount++;
   }
 
@@ -107,12 +121,36 @@ export class ChunkStore {
    * delete the garbage the resolution found).
    */
   static async open(options: ChunkStoreOptions): Promise<ChunkStore> {
-    const { superblock, prefix, store, term } = options;
+    const { superblock, prefix, store, term, startFrom } = options;
+    if (term === undefined && startFrom !== undefined) {
+      return new ChunkStore(options, new Map(startFrom), undefined, new Set());
+    }
     const map = await resolveChunkMap(store, prefix, superblock);
-    if (term === undefined) return new ChunkStore(options, map.refs, undefined);
+    if (term === undefined) return new ChunkStore(options, map.refs, undefined, new Set());
+    const pinned = pinnedKeys(prefix, superblock, await readSnapshots(store, prefix, superblock));
+    const refs = startFrom === undefined ? map.refs : new Map(startFrom);
     const epoch = term.epoch ?? map.sealEpoch + 1;
-    await sealChunkMap(store, prefix, superblock, map, { epoch, writerId: term.writerId });
-    return new ChunkStore(options, map.refs, epoch);
+    await sealChunkMap(store, prefix, superblock, map, {
+      epoch,
+      writerId: term.writerId,
+      refs,
+      pinned,
+    });
+    return new ChunkStore(options, refs, epoch, pinned);
+  }
+
+  /**
+   * The map as it is now, for a snapshot: every chunk holding data and its object. Its objects
+   * are pinned from this moment: this store never deletes them.
+   */
+  snapshotRefs(): Map<number, ChunkRef> {
+    const refs = new Map<number, ChunkRef>();
+    for (const [index, ref] of this.#refs) {
+      if (ref.zero) continue;
+      refs.set(index, ref);
+      this.#pinned.add(ref.key);
+    }
+    return refs;
   }
 
   /** False when chunk `index` certainly reads as zeros. */
@@ -213,7 +251,7 @@ export class ChunkStore {
     if (!ref.zero) this.#allocatedCount++;
     if (previous === undefined) return;
     if (!previous.zero) this.#allocatedCount--;
-    this.#superseded.push(previous.key);
+    if (!this.#pinned.has(previous.key)) this.#superseded.push(previous.key);
   }
 
   /**

@@ -205,11 +205,11 @@ describe.each(backends)("request accounting on $name", (backend) => {
 
     const writing = volume.stack();
     const writer = await volume.open({}, writing);
-    // Plus the lease (a GET and a PUT), this term's seal (a PUT), and one DeleteObjects of the
-    // previous seal.
+    // Plus the lease (a GET and a PUT), a LIST of snapshots/ (none here: no GET), this term's
+    // seal (a PUT), and one DeleteObjects of the previous seal.
     expect(writing.counter.counts()).toMatchObject({
       gets: 3,
-      lists: 2,
+      lists: 3,
       puts: 2,
       deleteBatches: 1,
       deletes: 0,
@@ -218,5 +218,28 @@ describe.each(backends)("request accounting on $name", (backend) => {
     for (let i = 0; i < 3; i++) expect((await writer.flush()).ok).toBe(true);
     expect(writing.counter.counts().puts).toBe(0); // no map is written per flush
     await writer.disconnect();
+  });
+
+  it("takes a snapshot for one flush and one PUT, copying nothing, and opens it with one GET", async () => {
+    const volume = await newFilledVolume(backend, "snap", PARAMS, 11, (3 * CHUNK) / 512);
+    const stack = volume.stack();
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    expect((await device.write(0, [pattern(12, 0, 8)])).ok).toBe(true); // one dirty chunk
+    stack.counter.reset();
+    expect((await device.snapshot("s")).ok).toBe(true);
+    // The flush's read-modify-write of chunk 0 (a GET and a PUT), then the record (a PUT).
+    expect(stack.counter.counts()).toMatchObject({ gets: 1, puts: 2, lists: 0, deletes: 0 });
+    expect(stack.counter.counts().bytesOut).toBeLessThan(CHUNK + 4096);
+    await device.disconnect();
+
+    const reading = volume.stack();
+    const snap = await volume.open({ snapshot: "s" }, reading);
+    // The superblock and the record; no LIST.
+    expect(reading.counter.counts()).toMatchObject({ gets: 2, lists: 0, puts: 0 });
+    await snap.disconnect();
+    // A writer reads every snapshot record at open: one more LIST, one GET per snapshot.
+    const writing = volume.stack();
+    await (await volume.open({}, writing)).disconnect();
+    expect(writing.counter.counts()).toMatchObject({ gets: 4, lists: 3 });
   });
 });
