@@ -16,6 +16,9 @@ import {
   type StoreStackOptions,
 } from "../store/store-stack.js";
 import { FORMAT_VERSION, FormatError } from "../volume/format.js";
+import { SnapshotError, splitSnapshotUrl } from "../volume/snapshots.js";
+import { listSnapshots } from "../lifecycle/snapshot-lifecycle.js";
+import { register as registerSnapshotCommands } from "./snapshot-commands.js";
 import { LeaseHeldError, LeaseTimingError } from "../volume/lease.js";
 import {
   createVolume,
@@ -168,29 +171,42 @@ export function buildProgram(out: (line: string) => void = console.log): Command
 
   program
     .command("info")
-    .description("Show a volume's parameters and how much of it is stored")
-    .argument("<url>", "the volume")
+    .description("Show a volume's (or a snapshot's) parameters, what it stores, its snapshots")
+    .argument("<url>", "the volume, or <url>@<snapshot>")
     .option("--json", "print JSON")
     .action(async (url: string, options: { json?: boolean }) => {
-      await withStack(url, program, async (stack) => {
+      const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
+      await withStack(volumeUrl, program, async (stack) => {
         const { superblock, storedChunks, storedBytes } = await describeVolume(stack);
+        const snapshots = superblock.formatVersion < 2 ? [] : await listSnapshots(stack);
+        const shown = snapshots.find((s) => s.name === snapshot);
+        if (snapshot !== undefined && shown === undefined) {
+          throw new SnapshotError(`no snapshot named "${snapshot}" of ${stack.url}`);
+        }
         if (options.json) {
-          out(
-            JSON.stringify({ url: stack.url, ...superblock, storedChunks, storedBytes }, null, 2),
-          );
+          const described = { url: stack.url, ...superblock, storedChunks, storedBytes };
+          out(JSON.stringify({ ...described, snapshots, snapshot: shown }, null, 2));
           return;
         }
         const chunks = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
         out(`volume        ${stack.url}`);
+        if (shown !== undefined) {
+          out(
+            `snapshot      ${shown.name}: ${shown.chunks} of ${chunks} chunks, taken ${shown.createdAt}`,
+          );
+        }
         out(`id            ${superblock.volumeId}`);
         out(`format        ${superblock.format} v${superblock.formatVersion}`);
         out(`size          ${formatSize(superblock.sizeBytes)} (${superblock.sizeBytes} bytes)`);
         out(`sector size   ${superblock.sectorSizeBytes} bytes`);
         out(`chunk size    ${formatSize(superblock.chunkSizeBytes)}`);
         out(`stored        ${storedChunks} of ${chunks} chunks, ${formatSize(storedBytes)}`);
+        out(`snapshots     ${snapshots.map((s) => s.name).join(", ") || "none"}`);
         out(`created       ${superblock.createdAt}`);
       });
     });
+
+  registerSnapshotCommands(program, (url, use) => withStack(url, program, use), out);
 
   program
     .command("upgrade")
@@ -274,13 +290,17 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<url>", "the volume")
     .argument("<file>", "the image file, created or truncated")
     .action(async (url: string, file: string) => {
-      await withStack(url, program, async (stack) => {
-        const device = await openVolume(stack, { readOnly: true });
+      const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
+      await withStack(volumeUrl, program, async (stack) => {
+        const device = await openVolume(stack, {
+          readOnly: true,
+          ...(snapshot === undefined ? {} : { snapshot }),
+        });
         await transfer(
           device,
           "export",
           (onProgress) => exportVolume(device, file, { onProgress }),
-          `exported ${stack.url} to ${file}`,
+          `exported ${stack.url}${snapshot === undefined ? "" : `@${snapshot}`} to ${file}`,
         );
       });
     });
@@ -437,6 +457,7 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof ServeError ||
     error instanceof TransferError ||
     error instanceof LeaseHeldError ||
+    error instanceof SnapshotError ||
     error instanceof LeaseTimingError
   ) {
     return error.message;

@@ -22,6 +22,7 @@ import {
 } from "../lifecycle/volume-lifecycle.js";
 import { LeaseHeldError } from "../volume/lease.js";
 import { FORMAT_VERSION } from "../volume/format.js";
+import { splitSnapshotUrl } from "../volume/snapshots.js";
 import { NbdExport } from "../nbd/exports.js";
 import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
 import { formatSize } from "./sizes.js";
@@ -217,7 +218,13 @@ async function openOne(
   deviceOptions: OpenOptions,
   env: ServeEnvironment,
 ): Promise<{ stack: StoreStack; device: ChunkedBlockDevice }> {
-  const stack = env.stackFor(url);
+  const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
+  const stack = env.stackFor(volumeUrl);
+  if (snapshot !== undefined) {
+    // A snapshot is immutable: served read-only, never created.
+    deviceOptions = { ...deviceOptions, readOnly: true, snapshot };
+    createSize = undefined;
+  }
   try {
     if (createSize !== undefined) {
       try {

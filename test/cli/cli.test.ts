@@ -166,6 +166,62 @@ describe("s3blk on a local directory", () => {
     );
   });
 
+  it("snapshots, lists, exports, serves, rolls back and deletes a snapshot", async () => {
+    const message = (stdout: string) => /sector 2048: (hello from s3blk at \S+)/.exec(stdout)?.[1];
+    const first = message((await s3blk(["demo", "snapvol"])).stdout);
+    expect(first).toBeDefined();
+    expect((await s3blk(["snapshot", "create", "snapvol", "s1"])).stdout).toMatch(
+      /created snapshot file:\/\/.*snapvol@s1 \(1 chunks\)/,
+    );
+    expectOneLineError(await s3blk(["snapshot", "create", "snapvol", "s1"]), /"s1" already exists/);
+    expectOneLineError(
+      await s3blk(["snapshot", "create", "snapvol", "a b"]),
+      /invalid snapshot name "a b": use 1 to 64 characters of A-Z, a-z, 0-9/,
+    );
+    const listed = JSON.parse((await s3blk(["snapshot", "list", "snapvol", "--json"])).stdout);
+    expect(listed).toMatchObject([{ name: "s1", chunks: 1 }]);
+    await new Promise((r) => setTimeout(r, 5)); // a later timestamp for the second demo
+    const second = message((await s3blk(["demo", "snapvol"])).stdout);
+    expect(second).not.toBe(first);
+
+    const exported = path.join(work, "s1.raw");
+    expect((await s3blk(["export", "snapvol@s1", exported])).code).toBe(0);
+    const at = (file: string) =>
+      readFileSync(file)
+        .subarray(2048 * 512, 2048 * 512 + 60)
+        .toString();
+    expect(at(exported)).toContain(first);
+    expect((await s3blk(["info", "snapvol@s1"])).stdout).toMatch(/snapshot\s+s1: 1 of 1024 chunks/);
+    expect((await s3blk(["info", "snapvol"])).stdout).toMatch(/snapshots\s+s1/);
+    expectOneLineError(await s3blk(["info", "snapvol@nope"]), /no snapshot named "nope"/);
+    expectOneLineError(await s3blk(["info", "snapvol@bad!"]), /invalid snapshot name "bad!"/);
+
+    const socket = path.join(work, "snap.sock");
+    const server = await startServe(["snapvol@s1", "--socket", socket], { cwd: work });
+    try {
+      // The export is named <last path segment>@<name>, and a snapshot is served read-only.
+      expect(server.uris[0]).toMatch(/snapvol%40s1/);
+      expect(server.stdout()).toMatch(/serving snapvol@s1: 1 GiB, read-only/);
+    } finally {
+      await server.stop();
+    }
+
+    expect((await s3blk(["snapshot", "rollback", "snapvol", "s1"])).stdout).toMatch(
+      /rolled .*snapvol back to snapshot s1/,
+    );
+    const now = path.join(work, "now.raw");
+    expect((await s3blk(["export", "snapvol", now])).code).toBe(0);
+    expect(at(now)).toContain(first);
+    expect((await s3blk(["snapshot", "delete", "snapvol", "s1"])).stdout).toMatch(
+      /deleted snapshot/,
+    );
+    expect((await s3blk(["snapshot", "list", "snapvol"])).stdout).toMatch(/has no snapshots/);
+    expectOneLineError(
+      await s3blk(["snapshot", "delete", "snapvol", "s1"]),
+      /no snapshot named "s1"/,
+    );
+  });
+
   it("answers bad input with one clear line", async () => {
     expectOneLineError(await s3blk(["create", "x", "--size", "10X"]), /"10X" is not a size/, 2);
     expectOneLineError(await s3blk(["create", "x"]), /--size/, 2);
