@@ -272,3 +272,42 @@ describe.each(backends)("block device on $name", (backend) => {
     expectOk(await device.disconnect());
   });
 });
+
+describe.each(backends)("a snapshot opened read-only on $name", (backend) => {
+  it("reads the pattern it was taken with, refuses every change, and checks its arguments", async () => {
+    const v = await newTestVolume(backend, "snapshot-ro", PARAMS);
+    const writer = await v.open();
+    const all = pattern(40, 0, SIZE_SECTORS);
+    expectOk(await writer.write(0, splitSectors(all, [7, 300, 129])));
+    const taken = await writer.snapshot("ro");
+    expect(taken.ok).toBe(true);
+    // Overwritten after the snapshot: the snapshot must not see it.
+    expectOk(await writer.write(0, [pattern(41, 0, SIZE_SECTORS)]));
+    expectOk(await writer.discard(SECTORS_PER_CHUNK, 2 * SECTORS_PER_CHUNK));
+    expectOk(await writer.disconnect());
+
+    const device = await v.open({ snapshot: "ro" });
+    expect(await device.getInfo()).toEqual({
+      readWrite: false,
+      sectorSize: 512,
+      sizeSectors: BigInt(SIZE_SECTORS),
+    });
+    expect(Buffer.from(await readSectors(device, 0, SIZE_SECTORS)).equals(Buffer.from(all))).toBe(
+      true,
+    );
+    const start = SECTORS_PER_CHUNK - 5;
+    const span = await readSectors(device, start, 2 * SECTORS_PER_CHUNK + 9);
+    expect(
+      Buffer.from(span).equals(Buffer.from(all.subarray(start * 512, span.length + start * 512))),
+    ).toBe(true);
+    const refused = [
+      await device.write(0, [new Uint8Array(512)]),
+      await device.discard(0, 1),
+      await device.flush(),
+    ];
+    for (const result of refused) expect(result.ok ? "ok" : result.error.kind).toBe("Is_read_only");
+    expectInvalid(await device.read(SIZE_SECTORS, [new Uint8Array(512)]), /past the end|end/);
+    expectOk(await device.disconnect());
+    expect((await device.disconnect()).ok).toBe(false);
+  });
+});
