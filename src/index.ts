@@ -89,6 +89,9 @@ export {
 // The volume lifecycle, its format and its lease.
 export {
   VolumeError,
+  VolumeVersionError,
+  upgradeVolume,
+  type UpgradeOutcome,
   createVolume,
   deleteVolume,
   describeVolume,
@@ -98,6 +101,14 @@ export {
   type VolumeDescription,
   type VolumeStack,
 } from "./lifecycle/volume-lifecycle.js";
+export {
+  createSnapshot,
+  deleteSnapshot,
+  listSnapshots,
+  rollbackVolume,
+  type SnapshotSummary,
+} from "./lifecycle/snapshot-lifecycle.js";
+export { SnapshotError, type SnapshotRecord } from "./volume/snapshots.js";
 export {
   ChunkCorruptError,
   FORMAT_VERSION,

@@ -15,13 +15,17 @@ import {
   type StoreStack,
   type StoreStackOptions,
 } from "../store/store-stack.js";
-import { FormatError } from "../volume/format.js";
+import { FORMAT_VERSION, FormatError } from "../volume/format.js";
+import { SnapshotError, splitSnapshotUrl } from "../volume/snapshots.js";
+import { listSnapshots } from "../lifecycle/snapshot-lifecycle.js";
+import { register as registerSnapshotCommands } from "./snapshot-commands.js";
 import { LeaseHeldError, LeaseTimingError } from "../volume/lease.js";
 import {
   createVolume,
   deleteVolume,
   describeVolume,
   openVolume,
+  upgradeVolume,
   readSuperblock,
   VolumeError,
 } from "../lifecycle/volume-lifecycle.js";
@@ -36,7 +40,13 @@ import {
 } from "../transfer/import-export.js";
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { stat } from "node:fs/promises";
-import { DEFAULT_LISTEN, serve, ServeError } from "./serve.js";
+import {
+  DEFAULT_LISTEN,
+  DEFAULT_LOCAL_VOLUME,
+  openUpgradingDefault,
+  serve,
+  ServeError,
+} from "./serve.js";
 import { listenForStop } from "./stop-signals.js";
 import { printNodeVersionNotice } from "./node-version.js";
 
@@ -49,8 +59,7 @@ export class UserError extends Error {
   override readonly name = "UserError";
 }
 
-/** Where `npm start` keeps its volume. */
-export const DEFAULT_LOCAL_VOLUME = ".s3blk/volumes/default";
+export { DEFAULT_LOCAL_VOLUME } from "./serve.js";
 
 interface GlobalOptions {
   endpoint?: string;
@@ -165,27 +174,57 @@ export function buildProgram(out: (line: string) => void = console.log): Command
 
   program
     .command("info")
-    .description("Show a volume's parameters and how much of it is stored")
-    .argument("<url>", "the volume")
+    .description("Show a volume's (or a snapshot's) parameters, what it stores, its snapshots")
+    .argument("<url>", "the volume, or <url>@<snapshot>")
     .option("--json", "print JSON")
     .action(async (url: string, options: { json?: boolean }) => {
-      await withStack(url, program, async (stack) => {
+      const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
+      await withStack(volumeUrl, program, async (stack) => {
         const { superblock, storedChunks, storedBytes } = await describeVolume(stack);
+        const snapshots = superblock.formatVersion < 2 ? [] : await listSnapshots(stack);
+        const shown = snapshots.find((s) => s.name === snapshot);
+        if (snapshot !== undefined && shown === undefined) {
+          throw new SnapshotError(`no snapshot named "${snapshot}" of ${stack.url}`);
+        }
         if (options.json) {
-          out(
-            JSON.stringify({ url: stack.url, ...superblock, storedChunks, storedBytes }, null, 2),
-          );
+          const described = { url: stack.url, ...superblock, storedChunks, storedBytes };
+          out(JSON.stringify({ ...described, snapshots, snapshot: shown }, null, 2));
           return;
         }
         const chunks = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
         out(`volume        ${stack.url}`);
+        if (shown !== undefined) {
+          out(
+            `snapshot      ${shown.name}: ${shown.chunks} of ${chunks} chunks, taken ${shown.createdAt}`,
+          );
+        }
         out(`id            ${superblock.volumeId}`);
         out(`format        ${superblock.format} v${superblock.formatVersion}`);
         out(`size          ${formatSize(superblock.sizeBytes)} (${superblock.sizeBytes} bytes)`);
         out(`sector size   ${superblock.sectorSizeBytes} bytes`);
         out(`chunk size    ${formatSize(superblock.chunkSizeBytes)}`);
         out(`stored        ${storedChunks} of ${chunks} chunks, ${formatSize(storedBytes)}`);
+        out(`snapshots     ${snapshots.map((s) => s.name).join(", ") || "none"}`);
         out(`created       ${superblock.createdAt}`);
+      });
+    });
+
+  registerSnapshotCommands(program, (url, use) => withStack(url, program, use), out);
+
+  program
+    .command("upgrade")
+    .description("Convert a volume of an older format to the current one, in place")
+    .argument("<url>", "the volume")
+    .option("--force", "take the volume over from another process (waits out its lease)")
+    .action(async (url: string, options: { force?: boolean }) => {
+      await withStack(url, program, async (stack) => {
+        const outcome = await upgradeVolume(stack, { lease: { force: options.force ?? false } });
+        out(
+          outcome.upgraded
+            ? `upgraded ${stack.url} from format version ${outcome.fromVersion} to ${FORMAT_VERSION} ` +
+                `in place (${outcome.chunks} chunks kept as they are)`
+            : `${stack.url} is already format version ${outcome.version}; nothing to do`,
+        );
       });
     });
 
@@ -254,13 +293,17 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<url>", "the volume")
     .argument("<file>", "the image file, created or truncated")
     .action(async (url: string, file: string) => {
-      await withStack(url, program, async (stack) => {
-        const device = await openVolume(stack, { readOnly: true });
+      const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
+      await withStack(volumeUrl, program, async (stack) => {
+        const device = await openVolume(stack, {
+          readOnly: true,
+          ...(snapshot === undefined ? {} : { snapshot }),
+        });
         await transfer(
           device,
           "export",
           (onProgress) => exportVolume(device, file, { onProgress }),
-          `exported ${stack.url} to ${file}`,
+          `exported ${stack.url}${snapshot === undefined ? "" : `@${snapshot}`} to ${file}`,
         );
       });
     });
@@ -278,9 +321,11 @@ export function buildProgram(out: (line: string) => void = console.log): Command
             if (!(error instanceof VolumeError)) throw error;
           },
         );
-        const device = await openVolume(stack, {
-          lease: { force: options.force ?? false },
-        });
+        const device = await openUpgradingDefault(
+          stack,
+          { lease: { force: options.force ?? false } },
+          { out },
+        );
         const message = Buffer.alloc(4096);
         message.write(`hello from s3blk at ${new Date().toISOString()}\n`);
         const written = await device.write(2048, [message], { fua: true });
@@ -396,6 +441,7 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof ServeError ||
     error instanceof TransferError ||
     error instanceof LeaseHeldError ||
+    error instanceof SnapshotError ||
     error instanceof LeaseTimingError
   ) {
     return error.message;

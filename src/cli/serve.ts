@@ -14,16 +14,21 @@
  * chunks each lost, and exit 130.
  */
 
+import path from "node:path";
 import type { ChunkedBlockDevice } from "../device/chunked-block-device.js";
 import { ppWriteError } from "../block/block-device.js";
 import type { StoreStack } from "../store/store-stack.js";
 import {
   createVolume,
   openVolume,
+  upgradeVolume,
   VolumeError,
+  VolumeVersionError,
   type OpenOptions,
 } from "../lifecycle/volume-lifecycle.js";
 import { LeaseHeldError } from "../volume/lease.js";
+import { FORMAT_VERSION } from "../volume/format.js";
+import { splitSnapshotUrl } from "../volume/snapshots.js";
 import { NbdExport } from "../nbd/exports.js";
 import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
 import { formatSize } from "./sizes.js";
@@ -244,13 +249,49 @@ function chunks(n: number): string {
   return `${n} chunk${n === 1 ? "" : "s"}`;
 }
 
+/** Where `npm start` keeps its volume. */
+export const DEFAULT_LOCAL_VOLUME = ".s3blk/volumes/default";
+
+/**
+ * Open a volume; the default volume of `npm start`, if of an older format, is upgraded first
+ * (saying so), since nobody else would ever be told to run `s3blk upgrade` on it.
+ */
+export async function openUpgradingDefault(
+  stack: StoreStack,
+  deviceOptions: OpenOptions,
+  env: Pick<ServeEnvironment, "out">,
+): Promise<ChunkedBlockDevice> {
+  try {
+    return await openVolume(stack, deviceOptions);
+  } catch (error) {
+    if (!(error instanceof VolumeVersionError)) throw error;
+    if (stack.url !== `file://${path.resolve(DEFAULT_LOCAL_VOLUME)}`) throw error;
+    const outcome = await upgradeVolume(stack, {
+      ...(deviceOptions.lease === false ? {} : { lease: deviceOptions.lease ?? {} }),
+    });
+    if (outcome.upgraded) {
+      env.out(
+        `upgraded the default volume ${stack.url} from format version ${outcome.fromVersion} ` +
+          `to ${FORMAT_VERSION} in place (${outcome.chunks} chunks kept as they are)`,
+      );
+    }
+    return openVolume(stack, deviceOptions);
+  }
+}
+
 async function openOne(
   url: string,
   createSize: number | undefined,
   deviceOptions: OpenOptions,
   env: ServeEnvironment,
 ): Promise<{ stack: StoreStack; device: ChunkedBlockDevice }> {
-  const stack = env.stackFor(url);
+  const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
+  const stack = env.stackFor(volumeUrl);
+  if (snapshot !== undefined) {
+    // A snapshot is immutable: served read-only, never created.
+    deviceOptions = { ...deviceOptions, readOnly: true, snapshot };
+    createSize = undefined;
+  }
   try {
     if (createSize !== undefined) {
       try {
@@ -261,7 +302,7 @@ async function openOne(
       }
     }
     try {
-      return { stack, device: await openVolume(stack, deviceOptions) };
+      return { stack, device: await openUpgradingDefault(stack, deviceOptions, env) };
     } catch (error) {
       if (error instanceof VolumeError && createSize === undefined) {
         throw new ServeError(`${error.message}; create it with --create-size SIZE`);

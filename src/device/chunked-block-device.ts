@@ -8,8 +8,19 @@
  *
  * `disconnect` refuses new operations at once, waits for those in flight, flushes, then closes
  * the store. `abort` is the other way to stop: it drops dirty data and says how much.
+ *
+ * ## Snapshots
+ *
+ * `snapshot(name)` closes a gate: writes and discards that start after the call wait at it.
+ * It waits for those in flight (so each is in the snapshot, whole), flushes, takes the chunk
+ * map as it then is, pins its objects, writes the record, and opens the gate. So the writes
+ * completed before the call are in, the writes started after it resolves are not, and a write
+ * in flight during it is in, whole. No page is frozen or copied: writers wait instead, for one
+ * flush of the dirty pages (at most `maxDirtyChunks` uploads), and the dirty bound counts
+ * exactly what it counted before. Reads are not held.
  */
 
+import { randomUUID } from "node:crypto";
 import {
   disconnected,
   err,
@@ -30,7 +41,12 @@ import { PageCache, type CacheStats, type Extent } from "../cache/page-cache.js"
 import type { ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { ChunkStore } from "../volume/chunk-store.js";
-import type { Superblock } from "../volume/format.js";
+import type { ChunkRef, Superblock } from "../volume/format.js";
+import {
+  checkSnapshotName,
+  createSnapshotRecord,
+  type SnapshotRecord,
+} from "../volume/snapshots.js";
 import type { Lease } from "../volume/lease.js";
 
 export interface DeviceOptions {
@@ -46,6 +62,12 @@ export interface DeviceOptions {
   readonly writebackDelayMs?: number;
   /** Store requests in flight. Default 32. */
   readonly concurrency?: number;
+  /**
+   * Open with this map instead of the volume's: a snapshot's. Read-only, it reads the snapshot;
+   * writable, the new writer term starts from it (a rollback). Set by `openVolume`.
+   * @internal
+   */
+  readonly startFrom?: ReadonlyMap<number, ChunkRef>;
   /** A read miss of at least this many bytes of a chunk fetches the whole chunk. */
   readonly wholeChunkReadBytes?: number;
   /** The smallest span a ranged GET asks for. Default 64 KiB. */
@@ -62,17 +84,23 @@ export class ChunkedBlockDevice implements BlockDevice {
   readonly #info: Info;
   readonly #inFlight = new Set<Promise<unknown>>();
   readonly #lease: Lease | undefined;
+  readonly #prefix: string;
+  readonly #writesInFlight = new Set<Promise<unknown>>();
+  /** Closed while a snapshot is taken: modifying operations wait for it. */
+  #gate: Promise<void> | undefined;
   #connected = true;
 
   /** `lease`: the volume's lease, held by a writable open and released on disconnect. */
   private constructor(
     store: ObjectStore,
+    prefix: string,
     chunks: ChunkStore,
     options: DeviceOptions,
     lease: Lease | undefined,
   ) {
     this.superblock = chunks.superblock;
     this.#store = store;
+    this.#prefix = prefix;
     this.#chunks = chunks;
     this.#lease = lease;
     this.#cache = new PageCache({
@@ -112,8 +140,17 @@ export class ChunkedBlockDevice implements BlockDevice {
       prefix,
       superblock,
       concurrency: options.concurrency,
+      ...(options.startFrom === undefined ? {} : { startFrom: options.startFrom }),
+      ...(options.readOnly
+        ? {}
+        : {
+            term:
+              lease === undefined
+                ? { writerId: randomUUID() }
+                : { epoch: lease.epoch, writerId: lease.holderId },
+          }),
     });
-    return new ChunkedBlockDevice(store, chunks, options, lease);
+    return new ChunkedBlockDevice(store, prefix, chunks, options, lease);
   }
 
   async getInfo(): Promise<Info> {
@@ -145,6 +182,8 @@ export class ChunkedBlockDevice implements BlockDevice {
   flush(): Promise<Result<void, WriteError>> {
     return this.#run(true, async () => {
       await this.#cache.flush();
+      // Superseded objects are garbage now; deleting them need not delay the flush.
+      void this.#chunks.deleteSuperseded();
       return ok;
     });
   }
@@ -172,6 +211,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     }
     this.#cache.close();
     await this.#chunks.drain();
+    if (this.#info.readWrite && result.ok) await this.#chunks.deleteSuperseded();
     await this.#lease?.release();
     await this.#store.close();
     return result;
@@ -194,6 +234,39 @@ export class ChunkedBlockDevice implements BlockDevice {
     return { lostDirtyChunks };
   }
 
+  /**
+   * Take snapshot `name` of the device as it is now, while writes continue (see the module
+   * comment). Fails with `Is_read_only` on a read-only device, and with an I/O error whose
+   * cause is a SnapshotError for an invalid or taken name.
+   */
+  async snapshot(name: string): Promise<Result<SnapshotRecord, WriteError>> {
+    if (!this.#connected) return err(disconnected);
+    if (!this.#info.readWrite) return err(isReadOnly);
+    const invalid = checkSnapshotName(name);
+    if (invalid !== undefined) return err(ioError(invalid));
+    while (this.#gate !== undefined) await this.#gate;
+    let open: () => void = () => {};
+    this.#gate = new Promise((resolve) => (open = resolve));
+    try {
+      await Promise.allSettled([...this.#writesInFlight]);
+      await this.#cache.flush();
+      const refs = this.#chunks.snapshotRefs();
+      const record = await createSnapshotRecord(
+        this.#store,
+        this.#prefix,
+        this.superblock,
+        name,
+        refs,
+      );
+      return { ok: true, value: record };
+    } catch (error) {
+      return err(ioError(error));
+    } finally {
+      this.#gate = undefined;
+      open();
+    }
+  }
+
   /** Warm the cache with the chunks under `sectors` sectors from `sectorStart`. */
   prefetch(sectorStart: Sector, sectors: Sector): Promise<Result<void, BlockError>> {
     return this.#run<BlockError>(false, async () => {
@@ -213,12 +286,17 @@ export class ChunkedBlockDevice implements BlockDevice {
     return this.#cache.allocationMap(offsetBytes, lengthBytes);
   }
 
-  /** Whether chunk `index` may have an object: false means it reads as zeros. */
+  /** Whether chunk `index` holds data: false means it reads as zeros. */
   isChunkAllocated(index: number): boolean {
     return this.#chunks.isAllocated(index);
   }
 
-  /** Chunks that may have an object. */
+  /** The key chunk `index` reads from, if it holds data. */
+  chunkObjectKey(index: number): string | undefined {
+    return this.#chunks.refOf(index)?.key;
+  }
+
+  /** Chunks that hold data. */
   allocatedChunks(): number {
     return this.#chunks.allocatedCount();
   }
@@ -234,14 +312,18 @@ export class ChunkedBlockDevice implements BlockDevice {
   ): Promise<Result<void, E>> {
     if (!this.#connected) return err(disconnected as E);
     if (modifies && !this.#info.readWrite) return err(isReadOnly as E);
+    while (modifies && this.#gate !== undefined) await this.#gate;
+    if (!this.#connected) return err(disconnected as E);
     const lost = this.#lease?.lost;
     if (lost !== undefined) return err(ioError(lost) as E);
     const running = operation().catch((error: unknown) => err(ioError(error) as E));
     this.#inFlight.add(running);
+    if (modifies) this.#writesInFlight.add(running);
     try {
       return await running;
     } finally {
       this.#inFlight.delete(running);
+      this.#writesInFlight.delete(running);
     }
   }
 }

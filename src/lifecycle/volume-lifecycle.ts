@@ -6,10 +6,14 @@
  * writable open arms the stack's own fence with the volume's lease, and that fence sits below
  * the retries, so each attempt of each write is checked against the lease.
  *
- * A volume is a prefix in a store holding a superblock and chunk objects (see format.ts). Create
- * writes the superblock with `If-None-Match: *`, so two creates of one volume cannot both
- * succeed. Delete removes the chunks first and the superblock last, so an interrupted delete
- * can be run again.
+ * A volume is a prefix in a store holding a superblock, seals and chunk objects (see format.ts).
+ * Create writes the superblock with `If-None-Match: *`, so two creates of one volume cannot both
+ * succeed; a 412 answering a retried create whose first attempt landed is recognised by the
+ * volume id read back. Delete removes the chunks and seals first and the superblock last, so an
+ * interrupted delete can be run again.
+ *
+ * A version 1 volume opens read-only; a writable open says to run `s3blk upgrade`, which
+ * converts it in place without copying a chunk (see `upgradeVolume`).
  *
  * This module sits above the device (it builds one), and below the CLI and the NBD server.
  */
@@ -17,11 +21,15 @@
 import { ChunkedBlockDevice, type DeviceOptions } from "../device/chunked-block-device.js";
 import { StoreError, deletePrefix, listAll } from "../store/object-store.js";
 import { isBuiltStack, type StoreStack } from "../store/store-stack.js";
-import { systemClock } from "../util/clock.js";
+import { systemClock, type Clock } from "../util/clock.js";
+import { resolveChunkMap, sealChunkMap } from "../volume/chunk-map.js";
 import { Lease, type LeaseOptions } from "../volume/lease.js";
+import { decodeChunkMap, readSnapshot, snapshotPrefix } from "../volume/snapshots.js";
 import {
+  FORMAT_VERSION,
   chunkPrefix,
   decodeSuperblock,
+  sealPrefix,
   encodeSuperblock,
   newSuperblock,
   superblockKey,
@@ -30,12 +38,18 @@ import {
 } from "../volume/format.js";
 
 /** What the lifecycle needs of a store stack. */
-export type VolumeStack = Pick<StoreStack, "store" | "prefix" | "fence" | "requestTimeoutMs">;
+export type VolumeStack = Pick<
+  StoreStack,
+  "store" | "prefix" | "fence" | "requestTimeoutMs" | "url"
+>;
 
 /** The volume does not exist, or already exists. */
 export class VolumeError extends Error {
   override readonly name = "VolumeError";
 }
+
+/** A writable open of a volume of an older format version: it needs `s3blk upgrade`. */
+export class VolumeVersionError extends VolumeError {}
 
 /** Write the superblock of a new volume; refused if one exists. */
 export async function createVolume(
@@ -48,10 +62,12 @@ export async function createVolume(
       ifNoneMatch: "*",
     });
   } catch (error) {
-    if (error instanceof StoreError && error.code === "PreconditionFailed") {
+    if (!(error instanceof StoreError) || error.code !== "PreconditionFailed") throw error;
+    // Ours, if a retried PUT whose first attempt landed: the volume id is random.
+    const there = await readSuperblock(stack).catch(() => undefined);
+    if (there?.volumeId !== superblock.volumeId) {
       throw new VolumeError(`a volume already exists at ${describe(stack)}`);
     }
-    throw error;
   }
   return superblock;
 }
@@ -72,6 +88,8 @@ export interface OpenOptions extends DeviceOptions {
    * with the stack's `requestTimeoutMs` as the time a write must be able to finish in.
    */
   readonly lease?: LeaseOptions | false;
+  /** Open this snapshot of the volume, read-only, instead of the volume. */
+  readonly snapshot?: string;
 }
 
 /**
@@ -84,6 +102,20 @@ export async function openVolume(
 ): Promise<ChunkedBlockDevice> {
   const { store, prefix } = stack;
   const superblock = await readSuperblock(stack);
+  if (options.snapshot !== undefined) {
+    const record = await readSnapshot(store, prefix, superblock, options.snapshot);
+    return ChunkedBlockDevice.open(store, prefix, superblock, {
+      ...options,
+      readOnly: true,
+      startFrom: decodeChunkMap(prefix, superblock, record.chunks),
+    });
+  }
+  if (superblock.formatVersion < FORMAT_VERSION && !options.readOnly) {
+    throw new VolumeVersionError(
+      `${stack.url} is a format version ${superblock.formatVersion} volume, which this s3blk ` +
+        `opens read-only; to write it, run: s3blk upgrade ${stack.url}`,
+    );
+  }
   if (options.readOnly || options.lease === false) {
     return ChunkedBlockDevice.open(store, prefix, superblock, options);
   }
@@ -110,28 +142,91 @@ export async function openVolume(
 
 export interface VolumeDescription {
   readonly superblock: Superblock;
+  /** Chunks holding data, by the volume's map. */
   readonly storedChunks: number;
+  /** Bytes of every object under `chunks/`, garbage included. */
   readonly storedBytes: number;
+  /** Objects under `chunks/` that no reader reads: superseded, tombstones, late writes. */
+  readonly garbageObjects: number;
 }
 
-/** The superblock, and what the volume stores: one LIST request per 1000 chunks. */
+/** The superblock, and what the volume stores: its map's LISTs, one GET of its seal. */
 export async function describeVolume(stack: VolumeStack): Promise<VolumeDescription> {
   const superblock = await readSuperblock(stack);
-  let storedChunks = 0;
+  const map = await resolveChunkMap(stack.store, stack.prefix, superblock);
   let storedBytes = 0;
   for await (const entry of listAll(stack.store, chunkPrefix(stack.prefix))) {
-    storedChunks++;
     storedBytes += entry.sizeBytes;
   }
-  return { superblock, storedChunks, storedBytes };
+  return {
+    superblock,
+    storedChunks: map.refs.size,
+    storedBytes,
+    garbageObjects: map.garbage.length,
+  };
 }
 
-/** Delete the volume's chunks, then its superblock. Returns the number of objects deleted. */
+/** Delete the volume's chunks and seals, then its superblock. Returns the objects deleted. */
 export async function deleteVolume(stack: VolumeStack): Promise<number> {
   await readSuperblock(stack);
   const chunks = await deletePrefix(stack.store, chunkPrefix(stack.prefix));
+  const seals = await deletePrefix(stack.store, sealPrefix(stack.prefix));
+  const snapshots = await deletePrefix(stack.store, snapshotPrefix(stack.prefix));
   await stack.store.delete(superblockKey(stack.prefix));
-  return chunks + 1;
+  return chunks + seals + snapshots + 1;
+}
+
+/** What `upgradeVolume` did. */
+export type UpgradeOutcome =
+  | { readonly upgraded: true; readonly fromVersion: number; readonly chunks: number }
+  | { readonly upgraded: false; readonly version: number };
+
+/**
+ * Convert a version 1 volume to version 2 in place, without copying a chunk: under the lease
+ * (so no writer runs meanwhile), seal a map naming every version 1 chunk object as generation
+ * "", then rewrite the superblock with `If-Match` (the commit). Before the commit the volume is
+ * still version 1, whose readers ignore `seals/`; a crash anywhere is undone by running it
+ * again, which seals afresh under a new epoch. Cost: a GET of the superblock and the lease, a
+ * LIST per 1000 chunks, two PUTs of the lease, one of the seal, one of the superblock.
+ */
+export async function upgradeVolume(
+  stack: VolumeStack,
+  options: { readonly lease?: LeaseOptions; readonly clock?: Clock } = {},
+): Promise<UpgradeOutcome> {
+  const key = superblockKey(stack.prefix);
+  const got = await stack.store.get(key);
+  if (got === undefined) throw new VolumeError(`no volume at ${describe(stack)} (no ${key})`);
+  const old = decodeSuperblock(got.body, key);
+  if (old.formatVersion >= FORMAT_VERSION) return { upgraded: false, version: old.formatVersion };
+  const lease = await Lease.acquire(
+    stack.store,
+    stack.prefix,
+    stack.fence,
+    options.clock ?? systemClock,
+    {
+      requestTimeoutMs: stack.requestTimeoutMs,
+      ...options.lease,
+    },
+  );
+  try {
+    const map = await resolveChunkMap(stack.store, stack.prefix, old);
+    await sealChunkMap(stack.store, stack.prefix, old, map, {
+      epoch: lease.epoch,
+      writerId: lease.holderId,
+    });
+    const upgraded: Superblock = { ...old, formatVersion: FORMAT_VERSION };
+    try {
+      await stack.store.put(key, encodeSuperblock(upgraded), { ifMatch: got.etag });
+    } catch (error) {
+      if (!(error instanceof StoreError) || error.code !== "PreconditionFailed") throw error;
+      // A retried PUT that had landed; nobody else writes it while we hold the lease.
+      const now = await readSuperblock(stack);
+      if (now.volumeId !== old.volumeId || now.formatVersion !== FORMAT_VERSION) throw error;
+    }
+    return { upgraded: true, fromVersion: old.formatVersion, chunks: map.refs.size };
+  } finally {
+    await lease.release();
+  }
 }
 
 function describe(stack: VolumeStack): string {

@@ -309,6 +309,11 @@ function translateError(error: unknown, what: string): StoreError {
   if (status === 412 || name === "PreconditionFailed") {
     return new StoreError("PreconditionFailed", message, { cause: error });
   }
+  if (status === 409 && name === "ConditionalRequestConflict") {
+    // AWS, to a conditional write racing another on the same key: try again, and the condition
+    // then decides (a 412 that a caller reads back, as the lease and the seals do).
+    return new StoreError("Transient", message, { cause: error });
+  }
   if (name === "CredentialsProviderError") {
     return new StoreError("AccessDenied", `${what}: no S3 credentials: ${detail}`, {
       cause: error,
@@ -323,6 +328,7 @@ function translateError(error: unknown, what: string): StoreError {
   ) {
     return new StoreError("AccessDenied", message, { cause: error });
   }
+  // RGW may answer racing If-Match writers with a 500: transient, like any 5xx, below.
   const transient =
     (status !== undefined && (status >= 500 || status === 429 || status === 408)) ||
     TRANSIENT_NAMES.has(name) ||

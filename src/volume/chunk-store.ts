@@ -1,18 +1,28 @@
 /**
  * Chunk I/O for one volume: turns "chunk i, these bytes" into verified object-store requests,
- * through one bounded request queue (p-queue), and keeps the allocation map.
+ * through one bounded request queue (p-queue), and keeps the chunk map.
  *
- * ## The allocation map
+ * ## The chunk map (format version 2)
  *
- * One bit per chunk: set when an object may exist for that chunk. It is built from a LIST of
- * `<prefix>/chunks/` when the volume is opened, set *before* every PUT (so a PUT that failed
- * after landing is still counted), and cleared only after a DELETE succeeded. So a clear bit
- * proves the chunk is absent, and the cache answers reads of such chunks with zeros without any
- * request: this is how a never-written volume costs no GET. A set bit whose object turns out
- * absent (404) reads as zeros too. The map also answers NBD block-status queries.
+ * For every chunk holding data, the object that holds it (see chunk-map.ts for how it is
+ * resolved at open, and how a writer term seals it before writing). Chunk objects are written
+ * once and never overwritten: an upload of chunk i writes a new key whose generation is this
+ * term's lease epoch and the next sequence number, and only once that PUT succeeded does the
+ * map point at it. The object it replaced is then superseded, and deleted later in batches (at
+ * flush, on disconnect, or when a batch is full): a newer generation is always durable before
+ * an older one is deleted, so a crash leaves at most garbage, which the next writer's start
+ * deletes. A chunk that becomes all zeros gets a tombstone (an empty object of the next
+ * generation), because the seal, or an older object a failed delete left, would otherwise
+ * speak for it again at the next open.
  *
- * A writable open is the only writer of its volume (issue #3 adds the lease that enforces it), so
- * the map stays exact. A read-only open sees the map as of its open.
+ * An object a snapshot names is pinned: it is never superseded into the delete batches, and the
+ * garbage deletion at a writer's start spares it (see snapshots.ts).
+ *
+ * A chunk absent from the map reads as zeros without any request: this is how a never-written
+ * volume costs no GET. A chunk the map names whose object is missing (404) is an I/O error
+ * naming the key, never zeros. The map also answers NBD block-status queries. A read-only open
+ * sees the map as of its open; if a writer meanwhile deletes an object it superseded, such a
+ * read fails with that error rather than return anything stale.
  *
  * ## The queue
  *
@@ -21,15 +31,18 @@
  */
 
 import PQueue from "p-queue";
-import type { ObjectStore } from "../store/object-store.js";
-import { listAll } from "../store/object-store.js";
-import { Bitmap } from "../util/bitmap.js";
+import { MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
+import { resolveChunkMap, sealChunkMap } from "./chunk-map.js";
+import { pinnedKeys, readSnapshots } from "./snapshots.js";
 import {
-  chunkIndexOfKey,
-  chunkKey,
+  ChunkMissingError,
+  MAX_SEQUENCE,
   chunkMetadata,
-  chunkPrefix,
+  chunkRef,
+  generation,
+  tombstoneMetadata,
   verifyChunk,
+  type ChunkRef,
   type Superblock,
 } from "./format.js";
 
@@ -43,7 +56,31 @@ export interface ChunkStoreOptions {
   readonly superblock: Superblock;
   /** Requests in flight at once. Default 32. */
   readonly concurrency?: number;
+  /**
+   * The writer term of a writable open: its lease epoch and holder id. The open seals the map
+   * under this epoch before anything is written. Absent: a read-only open.
+   */
+  readonly term?: WriterTerm;
+  /**
+   * The map to start from instead of the resolved one: a snapshot's. With a term, the term
+   * seals it (a rollback); without, it is read as it is and nothing is listed (a snapshot
+   * opened read-only).
+   */
+  readonly startFrom?: ReadonlyMap<number, ChunkRef>;
 }
+
+/** Who writes, in which epoch. */
+export interface WriterTerm {
+  /**
+   * The lease epoch. Absent: one above the newest seal, for opens without a lease (tests),
+   * which nothing then protects from a second writer.
+   */
+  readonly epoch?: number;
+  readonly writerId: string;
+}
+
+/** GETs of one chunk that found their object superseded meanwhile, at most, before failing. */
+const MAX_SUPERSEDED_RETRIES = 3;
 
 export class ChunkStore {
   readonly superblock: Superblock;
@@ -51,43 +88,91 @@ export class ChunkStore {
   readonly #store: ObjectStore;
   readonly #prefix: string;
   readonly #queue: PQueue;
-  readonly #allocated: Bitmap;
+  readonly #refs: Map<number, ChunkRef>;
+  readonly #epoch: number | undefined;
+  /** Objects a snapshot names: never deleted by this store. */
+  readonly #pinned: Set<string>;
+  #sequence = 0;
+  #allocatedCount = 0;
+  /** Keys replaced by a durable newer generation, not yet deleted. */
+  #superseded: string[] = [];
+  #deleting: Promise<void> | undefined;
   #fenced: Error | undefined;
 
-  private constructor(options: ChunkStoreOptions, allocated: Bitmap) {
+  private constructor(
+    options: ChunkStoreOptions,
+    refs: Map<number, ChunkRef>,
+    epoch: number | undefined,
+    pinned: Set<string>,
+  ) {
     this.superblock = options.superblock;
-    this.chunkCount = allocated.size;
+    this.chunkCount = Math.ceil(this.superblock.sizeBytes / this.superblock.chunkSizeBytes);
     this.#store = options.store;
     this.#prefix = options.prefix;
     this.#queue = new PQueue({ concurrency: options.concurrency ?? 32 });
-    this.#allocated = allocated;
+    this.#refs = refs;
+    this.#epoch = epoch;
+    this.#pinned = pinned;
+    for (const ref of refs.values()) if (!ref.zero) this.#allocatedCount++;
   }
 
-  /** Open the chunk space of a volume: list which chunks exist. */
+  /**
+   * Open the chunk space of a volume: resolve its map, and for a writer term seal it (and
+   * delete the garbage the resolution found).
+   */
   static async open(options: ChunkStoreOptions): Promise<ChunkStore> {
-    const { superblock, prefix, store } = options;
-    const chunkCount = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
-    const allocated = new Bitmap(chunkCount);
-    for await (const entry of listAll(store, chunkPrefix(prefix))) {
-      const index = chunkIndexOfKey(prefix, entry.key);
-      if (index !== undefined && index < chunkCount) allocated.set(index);
+    const { superblock, prefix, store, term, startFrom } = options;
+    if (term === undefined && startFrom !== undefined) {
+      return new ChunkStore(options, new Map(startFrom), undefined, new Set());
     }
-    return new ChunkStore(options, allocated);
+    const map = await resolveChunkMap(store, prefix, superblock);
+    if (term === undefined) return new ChunkStore(options, map.refs, undefined, new Set());
+    const pinned = pinnedKeys(prefix, superblock, await readSnapshots(store, prefix, superblock));
+    const refs = startFrom === undefined ? map.refs : new Map(startFrom);
+    const epoch = term.epoch ?? map.sealEpoch + 1;
+    await sealChunkMap(store, prefix, superblock, map, {
+      epoch,
+      writerId: term.writerId,
+      refs,
+      pinned,
+    });
+    return new ChunkStore(options, refs, epoch, pinned);
   }
 
-  /** False when no object exists for chunk `index`: it reads as zeros. */
+  /**
+   * The map as it is now, for a snapshot: every chunk holding data and its object. Its objects
+   * are pinned from this moment: this store never deletes them.
+   */
+  snapshotRefs(): Map<number, ChunkRef> {
+    const refs = new Map<number, ChunkRef>();
+    for (const [index, ref] of this.#refs) {
+      if (ref.zero) continue;
+      refs.set(index, ref);
+      this.#pinned.add(ref.key);
+    }
+    return refs;
+  }
+
+  /** False when chunk `index` certainly reads as zeros. */
   isAllocated(index: number): boolean {
-    return this.#allocated.has(index);
+    const ref = this.#refs.get(index);
+    return ref !== undefined && !ref.zero;
   }
 
-  /** How many chunks may have an object. */
+  /** How many chunks hold data. */
   allocatedCount(): number {
-    return this.#allocated.count();
+    return this.#allocatedCount;
+  }
+
+  /** The object chunk `index` reads from, if any (for tests and `info`). */
+  refOf(index: number): ChunkRef | undefined {
+    const ref = this.#refs.get(index);
+    return ref === undefined || ref.zero ? undefined : ref;
   }
 
   /**
    * Bytes `[offsetBytes, offsetBytes + lengthBytes)` of chunk `index`, verified; `undefined` if
-   * the chunk has no object (it reads as zeros). The range must be whole check blocks.
+   * the chunk reads as zeros. The range must be whole check blocks.
    */
   read(index: number, offsetBytes: number, lengthBytes: number): Promise<Uint8Array | undefined> {
     return this.#queue.add(() => this.#get(index, offsetBytes, lengthBytes), {
@@ -100,22 +185,29 @@ export class ChunkStore {
     offsetBytes: number,
     lengthBytes: number,
   ): Promise<Uint8Array | undefined> {
-    const key = chunkKey(this.#prefix, index);
     const whole = offsetBytes === 0 && lengthBytes === this.superblock.chunkSizeBytes;
-    const got = await this.#store.get(
-      key,
-      whole ? undefined : { range: { offsetBytes, lengthBytes } },
-    );
-    if (got === undefined) return undefined;
-    return verifyChunk(this.superblock, key, index, got, offsetBytes, lengthBytes);
+    for (let attempt = 0; ; attempt++) {
+      const ref = this.#refs.get(index);
+      if (ref === undefined || ref.zero) return undefined;
+      const got = await this.#store.get(
+        ref.key,
+        whole ? undefined : { range: { offsetBytes, lengthBytes } },
+      );
+      if (got !== undefined)
+        return verifyChunk(this.superblock, ref, got, offsetBytes, lengthBytes);
+      // Superseded and deleted while the GET was on its way: read the newer object.
+      if (this.#refs.get(index) === ref || attempt >= MAX_SUPERSEDED_RETRIES) {
+        throw new ChunkMissingError(ref.key);
+      }
+    }
   }
 
   /**
    * Store chunk `index`. `produce` runs when the request's turn comes and returns the chunk's
-   * bytes, or `undefined` if the chunk is all zeros (then its object is deleted, if any). Taking
-   * the bytes only then keeps memory bounded by the queue's concurrency, not its length.
-   * `produce` may call `readWhole` for a read-modify-write: it runs in the same queue slot, so
-   * uploads waiting on reads can never fill the queue and deadlock.
+   * bytes, or `undefined` if the chunk is all zeros (then it gets a tombstone, if it held
+   * data). Taking the bytes only then keeps memory bounded by the queue's concurrency, not its
+   * length. `produce` may call `readWhole` for a read-modify-write: it runs in the same queue
+   * slot, so uploads waiting on reads can never fill the queue and deadlock.
    */
   write(
     index: number,
@@ -125,20 +217,62 @@ export class ChunkStore {
       async () => {
         if (this.#fenced !== undefined) throw this.#fenced;
         const data = await produce(() => this.#get(index, 0, this.superblock.chunkSizeBytes));
-        const key = chunkKey(this.#prefix, index);
-        if (data === undefined) {
-          if (!this.#allocated.has(index)) return;
-          await this.#store.delete(key);
-          this.#allocated.clear(index);
-          return;
-        }
-        this.#allocated.set(index);
-        await this.#store.put(key, data, {
-          metadata: chunkMetadata(this.superblock, index, data),
+        const previous = this.#refs.get(index);
+        if (data === undefined && (previous === undefined || previous.zero)) return;
+        const ref = chunkRef(
+          this.#prefix,
+          this.superblock.volumeId,
+          index,
+          this.#nextGeneration(),
+          data === undefined,
+        );
+        await this.#store.put(ref.key, data ?? new Uint8Array(0), {
+          metadata:
+            data === undefined ? tombstoneMetadata(ref) : chunkMetadata(this.superblock, ref, data),
         });
+        this.#replace(index, ref, previous);
+        if (this.#superseded.length >= MAX_DELETE_BATCH) await this.deleteSuperseded();
       },
       { priority: PRIORITY_WRITE },
     );
+  }
+
+  #nextGeneration(): string {
+    if (this.#epoch === undefined) throw new Error("a read-only chunk store does not write");
+    if (this.#sequence > MAX_SEQUENCE) {
+      throw new Error(`writer term ${this.#epoch} used up its generations: reopen the volume`);
+    }
+    return generation(this.#epoch, this.#sequence++);
+  }
+
+  /** `ref` is durable: the map points at it, and what it replaced is superseded. */
+  #replace(index: number, ref: ChunkRef, previous: ChunkRef | undefined): void {
+    this.#refs.set(index, ref);
+    if (!ref.zero) this.#allocatedCount++;
+    if (previous === undefined) return;
+    if (!previous.zero) this.#allocatedCount--;
+    if (!this.#pinned.has(previous.key)) this.#superseded.push(previous.key);
+  }
+
+  /**
+   * Delete the objects superseded so far, in batches. A failure keeps them for the next call
+   * (or leaves them for the next writer's start): garbage, never lost data.
+   */
+  async deleteSuperseded(): Promise<void> {
+    while (this.#deleting !== undefined) await this.#deleting;
+    if (this.#superseded.length === 0 || this.#fenced !== undefined) return;
+    const batch = this.#superseded.splice(0, MAX_DELETE_BATCH);
+    this.#deleting = this.#store.deleteMany(batch).then(
+      () => {
+        this.#deleting = undefined;
+      },
+      () => {
+        this.#superseded.push(...batch);
+        this.#deleting = undefined;
+      },
+    );
+    await this.#deleting;
+    if (this.#superseded.length >= MAX_DELETE_BATCH) await this.deleteSuperseded();
   }
 
   /**
@@ -149,8 +283,9 @@ export class ChunkStore {
     this.#fenced = reason;
   }
 
-  /** Wait for every queued request to finish. */
+  /** Wait for every queued request, and a batch of deletes in flight, to finish. */
   async drain(): Promise<void> {
     await this.#queue.onIdle();
+    await this.#deleting;
   }
 }

@@ -1,24 +1,34 @@
 /**
- * The on-bucket format, version 1: how a volume is laid out under its prefix. docs/format.md is
+ * The on-bucket format, version 2: how a volume is laid out under its prefix. docs/format.md is
  * the prose version of this module; change both together, and bump FORMAT_VERSION for any change
  * an older reader would misread.
  *
- *     <prefix>/volume.json                 the superblock (JSON)
- *     <prefix>/chunks/<16 hex digits>      chunk i, `chunkSizeBytes` bytes, i in lower-case hex
+ *     <prefix>/volume.json                          the superblock (JSON)
+ *     <prefix>/seals/<8 hex epoch>.json             the chunk map a writer term started from
+ *     <prefix>/chunks/<16 hex index>.<20 hex gen>   chunk i as of generation gen (never rewritten)
+ *     <prefix>/chunks/<16 hex index>.<20 hex gen>.zero   a tombstone: chunk i is zeros from gen on
+ *     <prefix>/chunks/<16 hex index>                a version 1 chunk object (generation "")
+ *
+ * A generation is the writer term's lease epoch (8 hex digits) followed by a sequence number
+ * within the term (12 hex digits), so generations of one chunk grow with time and two terms can
+ * never produce the same key. How a reader resolves a chunk from these is in chunk-map.ts.
  *
  * A chunk with no object reads as zeros. Each chunk object carries, in its user metadata, the
- * format version, the volume id, its own index, and a CRC-32 of every check block (a fixed
- * slice of the chunk, at most 256 per chunk), so that a ranged GET can be verified without
- * fetching the whole chunk, and an object copied under the wrong key or from another volume is
- * caught.
+ * format version, the id of the volume that wrote it, its own index and generation, and a
+ * CRC-32 of every check block (a fixed slice of the chunk, at most 256 per chunk), so that a
+ * ranged GET can be verified without fetching the whole chunk, and an object copied under the
+ * wrong key or from another volume is caught.
  */
 
+import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { crc32 } from "node:zlib";
 import type { GetResult, ObjectMetadata } from "../store/object-store.js";
 
 export const FORMAT_NAME = "s3blk";
-export const FORMAT_VERSION = 1;
+export const FORMAT_VERSION = 2;
+/** Versions this s3blk opens: version 1 read-only (until `s3blk upgrade`), version 2 fully. */
+export const READABLE_FORMAT_VERSIONS: readonly number[] = [1, 2];
 
 export const SECTOR_SIZES = [512, 4096] as const;
 export const MIN_CHUNK_SIZE_BYTES = 64 * 1024;
@@ -47,6 +57,16 @@ export interface Superblock {
 /** The superblock, a chunk, or the volume's parameters are not what this version can read. */
 export class FormatError extends Error {
   override readonly name = "FormatError";
+}
+
+/** An object the chunk map references is not in the store: data is lost, never read as zeros. */
+export class ChunkMissingError extends Error {
+  override readonly name = "ChunkMissingError";
+  constructor(readonly key: string) {
+    super(
+      `chunk ${key} is missing: the volume's map references it, but the store has no such object`,
+    );
+  }
 }
 
 /** A chunk object failed verification. */
@@ -141,9 +161,10 @@ export function decodeSuperblock(bytes: Uint8Array, key: string): Superblock {
   if (s === null || typeof s !== "object" || s.format !== FORMAT_NAME) {
     throw new FormatError(`${key} is not an s3blk superblock`);
   }
-  if (s.formatVersion !== FORMAT_VERSION) {
+  if (typeof s.formatVersion !== "number" || !READABLE_FORMAT_VERSIONS.includes(s.formatVersion)) {
     throw new FormatError(
-      `${key} has format version ${String(s.formatVersion)}; this s3blk reads version ${FORMAT_VERSION} only` +
+      `${key} has format version ${String(s.formatVersion)}; this s3blk reads versions ` +
+        `${READABLE_FORMAT_VERSIONS.join(" and ")} only` +
         (typeof s.formatVersion === "number" && s.formatVersion > FORMAT_VERSION
           ? " (upgrade s3blk)"
           : ""),
@@ -166,31 +187,161 @@ export function chunkPrefix(prefix: string): string {
   return under(prefix, "chunks/");
 }
 
-export function chunkKey(prefix: string, chunkIndex: number): string {
+/** Version 1's key of chunk `chunkIndex`: the index alone (generation ""). */
+export function legacyChunkKey(prefix: string, chunkIndex: number): string {
   return chunkPrefix(prefix) + chunkIndex.toString(16).padStart(16, "0");
 }
 
-/** The chunk index a key names, or undefined if it is not a chunk key of this volume. */
-export function chunkIndexOfKey(prefix: string, key: string): number | undefined {
+/** The largest lease epoch a generation can carry (8 hex digits). */
+export const MAX_EPOCH = 0xffff_ffff;
+/** The largest sequence number within one writer term (12 hex digits). */
+export const MAX_SEQUENCE = 0xffff_ffff_ffff;
+
+/**
+ * The generation of the `sequence`-th object a writer term of lease epoch `epoch` writes:
+ * 20 hex digits, so that comparing two generations as strings compares them in time.
+ */
+export function generation(epoch: number, sequence: number): string {
+  assert(Number.isSafeInteger(epoch) && epoch >= 1 && epoch <= MAX_EPOCH, `epoch ${epoch}`);
+  assert(Number.isSafeInteger(sequence) && sequence >= 0 && sequence <= MAX_SEQUENCE);
+  return epoch.toString(16).padStart(8, "0") + sequence.toString(16).padStart(12, "0");
+}
+
+/** The lease epoch of a generation; 0 for version 1's generation "". */
+export function epochOfGeneration(gen: string): number {
+  return gen === "" ? 0 : Number.parseInt(gen.slice(0, 8), 16);
+}
+
+/** One object of a chunk: what a map entry, a seal or a LIST names. */
+export interface ChunkRef {
+  readonly index: number;
+  /** "" for a version 1 object. */
+  readonly generation: string;
+  /** A tombstone: the chunk reads as zeros from this generation on. */
+  readonly zero: boolean;
+  /** Its full key. */
+  readonly key: string;
+  /** The volume that wrote it, whose id its metadata must carry. */
+  readonly volumeId: string;
+}
+
+/** The key of chunk `chunkIndex` at generation `gen` (a tombstone if `zero`). */
+export function chunkKey(prefix: string, chunkIndex: number, gen: string, zero = false): string {
+  const base = legacyChunkKey(prefix, chunkIndex);
+  return gen === "" ? base : `${base}.${gen}${zero ? ".zero" : ""}`;
+}
+
+/** The ref of chunk `index` at `gen` written by volume `volumeId` under `prefix`. */
+export function chunkRef(
+  prefix: string,
+  volumeId: string,
+  index: number,
+  gen: string,
+  zero = false,
+): ChunkRef {
+  assert(!(zero && gen === ""), "version 1 has no tombstones");
+  return { index, generation: gen, zero, key: chunkKey(prefix, index, gen, zero), volumeId };
+}
+
+const CHUNK_KEY_PATTERN = /^([0-9a-f]{16})(?:\.([0-9a-f]{20})(\.zero)?)?$/;
+
+/** What a key under `chunks/` names, or undefined if it is not a chunk key of this format. */
+export function parseChunkKey(prefix: string, volumeId: string, key: string): ChunkRef | undefined {
   const base = chunkPrefix(prefix);
   if (!key.startsWith(base)) return undefined;
-  const hex = key.slice(base.length);
-  if (!/^[0-9a-f]{16}$/.test(hex)) return undefined;
-  const index = Number.parseInt(hex, 16);
-  return Number.isSafeInteger(index) ? index : undefined;
+  const match = CHUNK_KEY_PATTERN.exec(key.slice(base.length));
+  if (match === null) return undefined;
+  const index = Number.parseInt(match[1] ?? "", 16);
+  if (!Number.isSafeInteger(index)) return undefined;
+  const gen = match[2] ?? "";
+  if (gen !== "" && epochOfGeneration(gen) === 0) return undefined;
+  return { index, generation: gen, zero: match[3] !== undefined, key, volumeId };
+}
+
+export function sealPrefix(prefix: string): string {
+  return under(prefix, "seals/");
+}
+
+export function sealKey(prefix: string, epoch: number): string {
+  assert(Number.isSafeInteger(epoch) && epoch >= 1 && epoch <= MAX_EPOCH);
+  return sealPrefix(prefix) + epoch.toString(16).padStart(8, "0") + ".json";
+}
+
+/** The epoch a seal key names, or undefined. */
+export function epochOfSealKey(prefix: string, key: string): number | undefined {
+  const base = sealPrefix(prefix);
+  if (!key.startsWith(base)) return undefined;
+  const match = /^([0-9a-f]{8})\.json$/.exec(key.slice(base.length));
+  return match === null ? undefined : Number.parseInt(match[1] ?? "", 16);
+}
+
+export const SEAL_FORMAT = "s3blk-seal";
+
+/**
+ * A seal: written once, by a writer term at its start, before it writes any chunk. It names the
+ * generation of every chunk that holds data at that moment (a chunk absent reads as zeros).
+ */
+export interface SealRecord {
+  readonly format: typeof SEAL_FORMAT;
+  readonly version: 1;
+  readonly volumeId: string;
+  readonly epoch: number;
+  /** Who wrote it: the lease holder's id, read back after a retried create. */
+  readonly writer: string;
+  readonly createdAt: string;
+  /** Chunk index in lower-case hex → generation ("" for a version 1 object). */
+  readonly chunks: Readonly<Record<string, string>>;
+}
+
+export function encodeSeal(seal: SealRecord): Uint8Array {
+  return Buffer.from(`${JSON.stringify(seal)}\n`, "utf8");
+}
+
+/** Parse and check a seal of the volume `volumeId`. Throws a FormatError naming the key. */
+export function decodeSeal(bytes: Uint8Array, key: string, volumeId: string): SealRecord {
+  let seal: Partial<SealRecord> | null;
+  try {
+    seal = JSON.parse(Buffer.from(bytes).toString("utf8")) as Partial<SealRecord> | null;
+  } catch {
+    throw new FormatError(`${key} is not an s3blk seal (not JSON)`);
+  }
+  if (seal === null || typeof seal !== "object" || seal.format !== SEAL_FORMAT) {
+    throw new FormatError(`${key} is not an s3blk seal`);
+  }
+  if (seal.version !== 1) {
+    throw new FormatError(`${key} has seal version ${String(seal.version)}; this s3blk reads 1`);
+  }
+  if (seal.volumeId !== volumeId) {
+    throw new FormatError(`${key} belongs to volume ${String(seal.volumeId)}, not ${volumeId}`);
+  }
+  if (
+    typeof seal.chunks !== "object" ||
+    seal.chunks === null ||
+    !Number.isSafeInteger(seal.epoch)
+  ) {
+    throw new FormatError(`${key} is a malformed seal`);
+  }
+  for (const [hex, gen] of Object.entries(seal.chunks)) {
+    if (!/^[0-9a-f]{1,16}$/.test(hex) || !/^(|[0-9a-f]{20})$/.test(gen)) {
+      throw new FormatError(`${key} is a malformed seal: entry ${hex} → ${gen}`);
+    }
+  }
+  return seal as SealRecord;
 }
 
 const META_FORMAT = "s3blk-format";
 const META_VOLUME = "s3blk-volume";
 const META_CHUNK = "s3blk-chunk";
+const META_GENERATION = "s3blk-generation";
 const META_CRC = "s3blk-crc32";
 
-/** The metadata to store with chunk `chunkIndex` whose bytes are `data`. */
+/** The metadata to store with the object `ref` (not a tombstone) whose bytes are `data`. */
 export function chunkMetadata(
   superblock: Superblock,
-  chunkIndex: number,
+  ref: ChunkRef,
   data: Uint8Array,
 ): ObjectMetadata {
+  assert(!ref.zero && ref.generation !== "" && ref.volumeId === superblock.volumeId);
   const blocks = data.byteLength / superblock.checkBlockBytes;
   const table = Buffer.allocUnsafe(blocks * 4);
   for (let i = 0; i < blocks; i++) {
@@ -200,35 +351,56 @@ export function chunkMetadata(
   return {
     [META_FORMAT]: String(FORMAT_VERSION),
     [META_VOLUME]: superblock.volumeId,
-    [META_CHUNK]: chunkIndex.toString(16),
+    [META_CHUNK]: ref.index.toString(16),
+    [META_GENERATION]: ref.generation,
     [META_CRC]: table.toString("base64"),
   };
 }
 
+/** The metadata of a tombstone (an empty object): enough to tell whose it is. */
+export function tombstoneMetadata(ref: ChunkRef): ObjectMetadata {
+  assert(ref.zero);
+  return {
+    [META_FORMAT]: String(FORMAT_VERSION),
+    [META_VOLUME]: ref.volumeId,
+    [META_CHUNK]: ref.index.toString(16),
+    [META_GENERATION]: ref.generation,
+  };
+}
+
 /**
- * Verify a GET of chunk `chunkIndex` that asked for bytes `[offsetBytes, offsetBytes + length)`
- * (whole check blocks). Returns the bytes, or throws a ChunkCorruptError naming the chunk.
+ * Verify a GET of the object `ref` that asked for bytes `[offsetBytes, offsetBytes + length)`
+ * (whole check blocks). The object must be one the volume `ref.volumeId` wrote for that chunk
+ * and generation: a version 1 object (generation "") says format 1 and has no generation.
+ * Returns the bytes, or throws a ChunkCorruptError naming the key.
  */
 export function verifyChunk(
   superblock: Superblock,
-  key: string,
-  chunkIndex: number,
+  ref: ChunkRef,
   got: GetResult,
   offsetBytes: number,
   lengthBytes: number,
 ): Uint8Array {
+  const { key } = ref;
   const m = got.metadata;
   if (m[META_FORMAT] === undefined || m[META_CRC] === undefined) {
     throw new ChunkCorruptError(key, "it has no s3blk metadata (a foreign object?)");
   }
-  if (m[META_FORMAT] !== String(FORMAT_VERSION)) {
+  const expectedFormat = ref.generation === "" ? "1" : String(FORMAT_VERSION);
+  if (m[META_FORMAT] !== expectedFormat) {
     throw new ChunkCorruptError(key, `it has format version ${m[META_FORMAT]}`);
   }
-  if (m[META_VOLUME] !== superblock.volumeId) {
+  if (m[META_VOLUME] !== ref.volumeId) {
     throw new ChunkCorruptError(key, `it belongs to volume ${m[META_VOLUME]}`);
   }
-  if (m[META_CHUNK] !== chunkIndex.toString(16)) {
+  if (m[META_CHUNK] !== ref.index.toString(16)) {
     throw new ChunkCorruptError(key, `it is chunk ${m[META_CHUNK]} stored under the wrong key`);
+  }
+  if (ref.generation !== "" && m[META_GENERATION] !== ref.generation) {
+    throw new ChunkCorruptError(
+      key,
+      `it is generation ${String(m[META_GENERATION])} stored under the wrong key`,
+    );
   }
   if (got.objectSizeBytes !== superblock.chunkSizeBytes) {
     throw new ChunkCorruptError(

@@ -256,8 +256,14 @@ export class Lease {
     throw new StoreError("Transient", `could not take ${key}: it kept changing under us`);
   }
 
+  /** This term's epoch: it grows with every new holder, and never repeats. */
   get epoch(): number {
     return this.#record.epoch;
+  }
+
+  /** This acquisition's random id, as written in the record. */
+  get holderId(): string {
+    return this.#record.holder?.id ?? "";
   }
 
   /** Set once the lease was lost to another holder. */

@@ -14,13 +14,15 @@ import { parseSize } from "../../src/cli/sizes.js";
 import { childEnv } from "../support/environment.js";
 import { requireS3, s3Env } from "../support/s3-target.js";
 import { CLI, startServe } from "../support/serve-process.js";
+import { FileStore } from "../../src/store/file-store.js";
+import { pattern, writeVersion1Volume } from "../support/volumes.js";
 
 const run = promisify(execFile);
 
-async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}) {
+async function s3blk(args: string[], env: NodeJS.ProcessEnv = {}, cwd = work) {
   try {
     const { stdout, stderr } = await run("node", [CLI, ...args], {
-      cwd: work,
+      cwd,
       env: childEnv(env),
     });
     return { code: 0, stdout, stderr };
@@ -66,7 +68,7 @@ describe("s3blk on a local directory", () => {
       sizeBytes: 2 * 1024 ** 3,
       chunkSizeBytes: 4 * 1024 ** 2,
       sectorSizeBytes: 512,
-      formatVersion: 1,
+      formatVersion: 2,
       storedChunks: 0,
     });
     expectOneLineError(await s3blk(["create", "vol", "--size", "1G"]), /already exists/);
@@ -136,6 +138,91 @@ describe("s3blk on a local directory", () => {
     expect(second.stdout).toMatch(/stored chunks: 1/);
   });
 
+  it("opens a version 1 volume read-only until upgraded, and upgrades the default one on start", async () => {
+    const data = new Map([[3, pattern(31, 3 * 2048, 2048)]]);
+    const old = new FileStore(path.join(work, "old1"));
+    await writeVersion1Volume(old, "", { sizeBytes: 16 * 1024 ** 2 }, data);
+    expectOneLineError(
+      await s3blk(["demo", "old1"]),
+      /read-only; to write it, run: s3blk upgrade file:\/\/.*old1$/,
+    );
+    expect((await s3blk(["info", "old1"])).stdout).toMatch(/format\s+s3blk v1/);
+    expect((await s3blk(["upgrade", "old1"])).stdout).toMatch(
+      /upgraded file:\/\/.*old1 from format version 1 to 2 in place \(1 chunks kept/,
+    );
+    expect((await s3blk(["upgrade", "old1"])).stdout).toMatch(
+      /already format version 2; nothing to do/,
+    );
+    const demo = await s3blk(["demo", "old1"]);
+    expect(demo.code).toBe(0);
+    expect(demo.stdout).toMatch(/stored chunks: 2/);
+
+    const fallback = path.join(work, "default-v1");
+    const def = new FileStore(path.join(fallback, ".s3blk/volumes/default"));
+    await writeVersion1Volume(def, "", { sizeBytes: 16 * 1024 ** 2 }, data);
+    const started = await s3blk(["demo"], {}, fallback);
+    expect(started.code).toBe(0);
+    expect(started.stdout).toMatch(
+      /upgraded the default volume file:\/\/.*default from format version 1 to 2/,
+    );
+  });
+
+  it("snapshots, lists, exports, serves, rolls back and deletes a snapshot", async () => {
+    const message = (stdout: string) => /sector 2048: (hello from s3blk at \S+)/.exec(stdout)?.[1];
+    const first = message((await s3blk(["demo", "snapvol"])).stdout);
+    expect(first).toBeDefined();
+    expect((await s3blk(["snapshot", "create", "snapvol", "s1"])).stdout).toMatch(
+      /created snapshot file:\/\/.*snapvol@s1 \(1 chunks\)/,
+    );
+    expectOneLineError(await s3blk(["snapshot", "create", "snapvol", "s1"]), /"s1" already exists/);
+    expectOneLineError(
+      await s3blk(["snapshot", "create", "snapvol", "a b"]),
+      /invalid snapshot name "a b": use 1 to 64 characters of A-Z, a-z, 0-9/,
+    );
+    const listed = JSON.parse((await s3blk(["snapshot", "list", "snapvol", "--json"])).stdout);
+    expect(listed).toMatchObject([{ name: "s1", chunks: 1 }]);
+    await new Promise((r) => setTimeout(r, 5)); // a later timestamp for the second demo
+    const second = message((await s3blk(["demo", "snapvol"])).stdout);
+    expect(second).not.toBe(first);
+
+    const exported = path.join(work, "s1.raw");
+    expect((await s3blk(["export", "snapvol@s1", exported])).code).toBe(0);
+    const at = (file: string) =>
+      readFileSync(file)
+        .subarray(2048 * 512, 2048 * 512 + 60)
+        .toString();
+    expect(at(exported)).toContain(first);
+    expect((await s3blk(["info", "snapvol@s1"])).stdout).toMatch(/snapshot\s+s1: 1 of 1024 chunks/);
+    expect((await s3blk(["info", "snapvol"])).stdout).toMatch(/snapshots\s+s1/);
+    expectOneLineError(await s3blk(["info", "snapvol@nope"]), /no snapshot named "nope"/);
+    expectOneLineError(await s3blk(["info", "snapvol@bad!"]), /invalid snapshot name "bad!"/);
+
+    const socket = path.join(work, "snap.sock");
+    const server = await startServe(["snapvol@s1", "--socket", socket], { cwd: work });
+    try {
+      // The export is named <last path segment>@<name>, and a snapshot is served read-only.
+      expect(server.uris[0]).toMatch(/snapvol%40s1/);
+      expect(server.stdout()).toMatch(/serving snapvol@s1: 1 GiB, read-only/);
+    } finally {
+      await server.stop();
+    }
+
+    expect((await s3blk(["snapshot", "rollback", "snapvol", "s1"])).stdout).toMatch(
+      /rolled .*snapvol back to snapshot s1/,
+    );
+    const now = path.join(work, "now.raw");
+    expect((await s3blk(["export", "snapvol", now])).code).toBe(0);
+    expect(at(now)).toContain(first);
+    expect((await s3blk(["snapshot", "delete", "snapvol", "s1"])).stdout).toMatch(
+      /deleted snapshot/,
+    );
+    expect((await s3blk(["snapshot", "list", "snapvol"])).stdout).toMatch(/has no snapshots/);
+    expectOneLineError(
+      await s3blk(["snapshot", "delete", "snapvol", "s1"]),
+      /no snapshot named "s1"/,
+    );
+  });
+
   it("answers bad input with one clear line", async () => {
     expectOneLineError(await s3blk(["create", "x", "--size", "10X"]), /"10X" is not a size/, 2);
     expectOneLineError(await s3blk(["create", "x"]), /--size/, 2);
@@ -167,7 +254,8 @@ describe.skipIf(s3 === undefined)("s3blk against S3", () => {
     expect((await s3blk(["create", url, "--size", "1G"], env())).code).toBe(0);
     expect((await s3blk(["demo", url], env())).stdout).toMatch(/stored chunks: 1/);
     expect((await s3blk(["info", url], env())).stdout).toMatch(/stored\s+1 of 1024 chunks, 1 MiB/);
-    expect((await s3blk(["delete", "-y", url], env())).stdout).toMatch(/\(2 objects\)/);
+    // The chunk, the demo's seal, the superblock.
+    expect((await s3blk(["delete", "-y", url], env())).stdout).toMatch(/\(3 objects\)/);
   });
 
   it("names a missing bucket and wrong credentials in one line", async () => {

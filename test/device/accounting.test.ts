@@ -1,6 +1,11 @@
 /**
  * Request accounting: what the cache promises to cost in S3 requests, counted on the real
  * store (every attempt counts). Runs on memory and on S3.
+ *
+ * Format version 2 changed two figures, on purpose: a rewrite of a chunk that held data
+ * supersedes its object, which is deleted afterwards in one batched DeleteObjects per flush (up
+ * to 1000 keys), never per chunk; and every writable open writes its term's seal once (and
+ * deletes the previous seal), never per flush.
  */
 
 import { describe, expect, it } from "vitest";
@@ -93,6 +98,13 @@ describe.each(backends)("request accounting on $name", (backend) => {
     Buffer.from(pattern(2, 8, 8)).copy(expected, 8 * 512);
     expect(Buffer.from(out).equals(expected)).toBe(true);
     await device.disconnect();
+    // The superseded object of chunk 0, in one batch (plus the lease's release).
+    expect(stack.counter.counts()).toMatchObject({
+      gets: 1,
+      puts: 2,
+      deleteBatches: 1,
+      deletes: 0,
+    });
   });
 
   it("serves a small random miss with one 64 KiB ranged GET, and a second miss with the whole chunk", async () => {
@@ -163,5 +175,71 @@ describe.each(backends)("request accounting on $name", (backend) => {
     }
     expect(stack.counter.counts().gets).toBe(4);
     await device.disconnect();
+  });
+
+  it("rewrites N chunks for N PUTs and one batched DELETE of the superseded objects", async () => {
+    const volume = await newFilledVolume(backend, "rewrite-all", PARAMS, 8, (8 * CHUNK) / 512);
+    const stack = volume.stack();
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    stack.counter.reset();
+    expect((await device.write(0, [pattern(9, 0, (8 * CHUNK) / 512)])).ok).toBe(true);
+    expect((await device.flush()).ok).toBe(true);
+    expect((await device.disconnect()).ok).toBe(true);
+    // 8 chunk PUTs and the lease's release; no GET (whole chunks), one DeleteObjects.
+    expect(stack.counter.counts()).toMatchObject({
+      puts: 9,
+      gets: 0,
+      deleteBatches: 1,
+      deletes: 0,
+      lists: 0,
+    });
+  });
+
+  it("opens with two LISTs and one GET of the seal, and a writer seals once", async () => {
+    const volume = await newFilledVolume(backend, "open", PARAMS, 10, (3 * CHUNK) / 512);
+    const reading = volume.stack();
+    const reader = await volume.open({ readOnly: true }, reading);
+    // The superblock and the seal; LISTs of seals/ and chunks/; nothing per chunk.
+    expect(reading.counter.counts()).toMatchObject({ gets: 2, lists: 2, puts: 0 });
+    await reader.disconnect();
+
+    const writing = volume.stack();
+    const writer = await volume.open({}, writing);
+    // Plus the lease (a GET and a PUT), a LIST of snapshots/ (none here: no GET), this term's
+    // seal (a PUT), and one DeleteObjects of the previous seal.
+    expect(writing.counter.counts()).toMatchObject({
+      gets: 3,
+      lists: 3,
+      puts: 2,
+      deleteBatches: 1,
+      deletes: 0,
+    });
+    writing.counter.reset();
+    for (let i = 0; i < 3; i++) expect((await writer.flush()).ok).toBe(true);
+    expect(writing.counter.counts().puts).toBe(0); // no map is written per flush
+    await writer.disconnect();
+  });
+
+  it("takes a snapshot for one flush and one PUT, copying nothing, and opens it with one GET", async () => {
+    const volume = await newFilledVolume(backend, "snap", PARAMS, 11, (3 * CHUNK) / 512);
+    const stack = volume.stack();
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    expect((await device.write(0, [pattern(12, 0, 8)])).ok).toBe(true); // one dirty chunk
+    stack.counter.reset();
+    expect((await device.snapshot("s")).ok).toBe(true);
+    // The flush's read-modify-write of chunk 0 (a GET and a PUT), then the record (a PUT).
+    expect(stack.counter.counts()).toMatchObject({ gets: 1, puts: 2, lists: 0, deletes: 0 });
+    expect(stack.counter.counts().bytesOut).toBeLessThan(CHUNK + 4096);
+    await device.disconnect();
+
+    const reading = volume.stack();
+    const snap = await volume.open({ snapshot: "s" }, reading);
+    // The superblock and the record; no LIST.
+    expect(reading.counter.counts()).toMatchObject({ gets: 2, lists: 0, puts: 0 });
+    await snap.disconnect();
+    // A writer reads every snapshot record at open: one more LIST, one GET per snapshot.
+    const writing = volume.stack();
+    await (await volume.open({}, writing)).disconnect();
+    expect(writing.counter.counts()).toMatchObject({ gets: 4, lists: 3 });
   });
 });

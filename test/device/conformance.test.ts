@@ -224,7 +224,7 @@ describe.each(backends)("block device on $name", (backend) => {
     expectOk(await device.disconnect());
   });
 
-  it("reads discarded ranges as zeros, and deletes wholly discarded chunks", async () => {
+  it("reads discarded ranges as zeros, and frees wholly discarded chunks", async () => {
     const v = await volume("discard");
     const device = await v.open();
     const all = pattern(10, 0, 6 * SECTORS_PER_CHUNK);
@@ -246,10 +246,14 @@ describe.each(backends)("block device on $name", (backend) => {
     expected.fill(0, start * 512, (start + count) * 512);
     expect(Buffer.from(await readSectors(device, 0, all.length / 512)).equals(expected)).toBe(true);
     expectOk(await device.flush());
-    expect(await countChunks()).toBe(4);
+    expect(device.allocatedChunks()).toBe(4);
     expectOk(await device.disconnect());
+    // Chunks 2 and 3 are empty tombstones now; the superseded objects of 1 to 4 are gone.
+    expect(await countChunks()).toBe(6);
 
     const again = await v.open();
+    // The next writer term sealed a map without them: the tombstones are garbage, and deleted.
+    expect(await countChunks()).toBe(4);
     expect(Buffer.from(await readSectors(again, 0, all.length / 512)).equals(expected)).toBe(true);
     expectOk(await again.disconnect());
   });
@@ -263,7 +267,47 @@ describe.each(backends)("block device on $name", (backend) => {
     const stack = v.stack();
     const keys: string[] = [];
     for await (const e of listAll(stack.store, chunkPrefix(stack.prefix))) keys.push(e.key);
-    expect(keys).toEqual([`${chunkPrefix(stack.prefix)}0000000000000001`]);
+    expect(keys).toHaveLength(1);
+    expect(keys[0]).toMatch(/chunks\/0000000000000001\.[0-9a-f]{20}$/);
     expectOk(await device.disconnect());
+  });
+});
+
+describe.each(backends)("a snapshot opened read-only on $name", (backend) => {
+  it("reads the pattern it was taken with, refuses every change, and checks its arguments", async () => {
+    const v = await newTestVolume(backend, "snapshot-ro", PARAMS);
+    const writer = await v.open();
+    const all = pattern(40, 0, SIZE_SECTORS);
+    expectOk(await writer.write(0, splitSectors(all, [7, 300, 129])));
+    const taken = await writer.snapshot("ro");
+    expect(taken.ok).toBe(true);
+    // Overwritten after the snapshot: the snapshot must not see it.
+    expectOk(await writer.write(0, [pattern(41, 0, SIZE_SECTORS)]));
+    expectOk(await writer.discard(SECTORS_PER_CHUNK, 2 * SECTORS_PER_CHUNK));
+    expectOk(await writer.disconnect());
+
+    const device = await v.open({ snapshot: "ro" });
+    expect(await device.getInfo()).toEqual({
+      readWrite: false,
+      sectorSize: 512,
+      sizeSectors: BigInt(SIZE_SECTORS),
+    });
+    expect(Buffer.from(await readSectors(device, 0, SIZE_SECTORS)).equals(Buffer.from(all))).toBe(
+      true,
+    );
+    const start = SECTORS_PER_CHUNK - 5;
+    const span = await readSectors(device, start, 2 * SECTORS_PER_CHUNK + 9);
+    expect(
+      Buffer.from(span).equals(Buffer.from(all.subarray(start * 512, span.length + start * 512))),
+    ).toBe(true);
+    const refused = [
+      await device.write(0, [new Uint8Array(512)]),
+      await device.discard(0, 1),
+      await device.flush(),
+    ];
+    for (const result of refused) expect(result.ok ? "ok" : result.error.kind).toBe("Is_read_only");
+    expectInvalid(await device.read(SIZE_SECTORS, [new Uint8Array(512)]), /past the end|end/);
+    expectOk(await device.disconnect());
+    expect((await device.disconnect()).ok).toBe(false);
   });
 });

@@ -8,18 +8,14 @@ import { FaultStore } from "../../src/store/fault-store.js";
 import { StoreError, type ObjectStore, type PutOptions } from "../../src/store/object-store.js";
 import { StoreLayer } from "../../src/store/store-layer.js";
 import { MemoryStore } from "../../src/store/memory-store.js";
-import {
-  chunkKey,
-  superblockKey,
-  encodeSuperblock,
-  newSuperblock,
-} from "../../src/volume/format.js";
+import { superblockKey, encodeSuperblock, newSuperblock } from "../../src/volume/format.js";
 import {
   memoryBackend,
   newFilledVolume,
   newTestVolume,
   pattern,
   stackOver,
+  currentChunkKey,
 } from "../support/volumes.js";
 import { openVolume } from "../../src/lifecycle/volume-lifecycle.js";
 
@@ -360,7 +356,7 @@ describe("integrity", () => {
 
   it("reports a flipped bit as an I/O error naming the chunk", async () => {
     const store = await storedVolume();
-    store.corrupt(chunkKey("", 1), (b) => {
+    store.corrupt(await currentChunkKey(store, "", 1), (b) => {
       b[5000] = (b[5000] ?? 0) ^ 0x10;
       return b;
     });
@@ -377,30 +373,30 @@ describe("integrity", () => {
 
   it("reports a truncated object", async () => {
     const store = await storedVolume();
-    store.corrupt(chunkKey("", 0), (b) => b.subarray(0, 1000));
+    store.corrupt(await currentChunkKey(store, "", 0), (b) => b.subarray(0, 1000));
     expect((await readError(store, 0)).message).toMatch(/truncated/);
   });
 
   it("reports an object copied under another chunk's key", async () => {
     const store = await storedVolume();
-    const other = await store.get(chunkKey("", 0));
+    const other = await store.get(await currentChunkKey(store, "", 0));
     if (other === undefined) throw new Error("missing chunk");
-    await store.put(chunkKey("", 2), other.body, { metadata: other.metadata });
+    await store.put(await currentChunkKey(store, "", 2), other.body, { metadata: other.metadata });
     expect((await readError(store, (2 * CHUNK) / 512)).message).toMatch(/wrong key/);
   });
 
   it("reports a foreign object under a chunk key", async () => {
     const store = await storedVolume();
-    await store.put(chunkKey("", 1), new Uint8Array(CHUNK).fill(7));
+    await store.put(await currentChunkKey(store, "", 1), new Uint8Array(CHUNK).fill(7));
     expect((await readError(store, CHUNK / 512)).message).toMatch(/no s3blk metadata/);
   });
 
   it("refuses a superblock of a newer format, naming the version", async () => {
     const store = new MemoryStore();
-    const superblock = { ...newSuperblock(PARAMS), formatVersion: 2 };
+    const superblock = { ...newSuperblock(PARAMS), formatVersion: 3 };
     await store.put(superblockKey(""), encodeSuperblock(superblock));
     await expect(openVolume(stackOver(store))).rejects.toThrow(
-      /format version 2.*reads version 1 only \(upgrade s3blk\)/,
+      /format version 3.*reads versions 1 and 2 only \(upgrade s3blk\)/,
     );
   });
 });

@@ -1,6 +1,8 @@
 /**
- * Model-based property test: random sequences of write, read, flush, discard, close-and-reopen
- * and crash-and-reopen against the device and a plain in-memory model.
+ * Model-based property test: random sequences of write, read, flush, discard, close-and-reopen,
+ * crash-and-reopen, snapshot, snapshot deletion and rollback against the device and a plain
+ * in-memory model, which keeps a copy of every snapshot: each one that still exists must read
+ * exactly as its copy at the end.
  *
  * The model tracks, per sector, what the device must return now, what the store holds for
  * certain (as of the last flush), and which values written since might have reached the store
@@ -12,6 +14,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
 import { FaultStore } from "../../src/store/fault-store.js";
+import { deleteSnapshot, rollbackVolume } from "../../src/lifecycle/snapshot-lifecycle.js";
 import {
   memoryBackend,
   newTestVolume,
@@ -31,7 +34,10 @@ type Op =
   | { kind: "discard"; sector: number; sectors: number }
   | { kind: "flush" }
   | { kind: "reopen" }
-  | { kind: "crash" };
+  | { kind: "crash" }
+  | { kind: "snapshot" }
+  | { kind: "deleteSnapshot"; pick: number }
+  | { kind: "rollback"; pick: number };
 
 const range = fc
   .tuple(
@@ -56,6 +62,9 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.constant({ kind: "flush" as const }) },
   { weight: 1, arbitrary: fc.constant({ kind: "reopen" as const }) },
   { weight: 1, arbitrary: fc.constant({ kind: "crash" as const }) },
+  { weight: 2, arbitrary: fc.constant({ kind: "snapshot" as const }) },
+  { weight: 1, arbitrary: fc.nat().map((pick) => ({ kind: "deleteSnapshot" as const, pick })) },
+  { weight: 1, arbitrary: fc.nat().map((pick) => ({ kind: "rollback" as const, pick })) },
 );
 
 /** A sector's value: 0 is zeros, n > 0 is pattern(n, sector). */
@@ -81,6 +90,21 @@ class Model {
   flushed(): void {
     this.durable.set(this.current);
     this.since = new Array(SIZE_SECTORS);
+  }
+
+  /** Every snapshot that exists, by name: the sectors' values when it was taken. */
+  readonly snapshots = new Map<string, Int32Array>();
+}
+
+async function expectReads(device: ChunkedBlockDevice, want: Int32Array, what: string) {
+  const all = new Uint8Array(SIZE_SECTORS * SECTOR);
+  expect((await device.read(0, [all])).ok).toBe(true);
+  for (let s = 0; s < SIZE_SECTORS; s++) {
+    const value = want[s] ?? -1;
+    expect(
+      sectorValue(all.subarray(s * SECTOR, (s + 1) * SECTOR), s, [value]),
+      `${what} sector ${s}`,
+    ).toBe(value);
   }
 }
 
@@ -149,6 +173,30 @@ async function run(ops: Op[], faults: boolean): Promise<void> {
         model.flushed();
         device = await open();
         break;
+      case "snapshot": {
+        const name = `s${seed++}`;
+        expect((await device.snapshot(name)).ok).toBe(true);
+        model.snapshots.set(name, Int32Array.from(model.current));
+        model.flushed(); // a snapshot flushes
+        break;
+      }
+      case "deleteSnapshot": {
+        const name = [...model.snapshots.keys()][o.pick % Math.max(1, model.snapshots.size)];
+        if (name === undefined) break;
+        await deleteSnapshot(volume.stack(), name);
+        model.snapshots.delete(name);
+        break;
+      }
+      case "rollback": {
+        const name = [...model.snapshots.keys()][o.pick % Math.max(1, model.snapshots.size)];
+        if (name === undefined) break;
+        expect((await device.disconnect()).ok).toBe(true);
+        await rollbackVolume(volume.stack(), name, { lease: false });
+        model.current = Int32Array.from(model.snapshots.get(name) ?? []);
+        model.flushed();
+        device = await open();
+        break;
+      }
       case "crash": {
         await device.abort();
         device = await open();
@@ -178,6 +226,11 @@ async function run(ops: Op[], faults: boolean): Promise<void> {
     ).toBe(want);
   }
   expect((await device.disconnect()).ok).toBe(true);
+  for (const [name, want] of model.snapshots) {
+    const snapshot = await volume.open({ snapshot: name });
+    await expectReads(snapshot, want, `snapshot ${name}`);
+    await snapshot.disconnect();
+  }
 }
 
 function mulberry(seed: number): () => number {

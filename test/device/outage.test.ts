@@ -7,10 +7,15 @@
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ChunkedBlockDevice } from "../../src/device/chunked-block-device.js";
-import { chunkKey } from "../../src/volume/format.js";
 import { FaultProxy } from "../support/fault-proxy.js";
 import { requireS3 } from "../support/s3-target.js";
-import { newTestVolume, pattern, s3Backend, type TestVolume } from "../support/volumes.js";
+import {
+  currentChunkKey,
+  newTestVolume,
+  pattern,
+  s3Backend,
+  type TestVolume,
+} from "../support/volumes.js";
 
 const CHUNK = 256 * 1024;
 const CHUNKS = 32;
@@ -180,7 +185,10 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
     expect((await writer.write(0, [pattern(5, 0, 4 * SPC)])).ok).toBe(true);
     await writer.disconnect();
     const stack = volume.stack();
-    const key = (i: number) => chunkKey(stack.prefix, i);
+    const keys = await Promise.all(
+      [0, 1, 2].map((i) => currentChunkKey(stack.store, stack.prefix, i)),
+    );
+    const key = (i: number) => keys[i] ?? "";
     const original = await stack.store.get(key(0));
     if (original === undefined) throw new Error("chunk 0 missing");
     const flipped = Buffer.from(original.body);
@@ -193,9 +201,9 @@ describe.skipIf(s3 === undefined)("S3 faults through a proxy", () => {
     });
     await stack.store.put(key(2), new Uint8Array(CHUNK).fill(9));
     const expectations: [number, RegExp][] = [
-      [0, /chunks\/0000000000000000 is corrupt: checksum mismatch/],
-      [1, /chunks\/0000000000000001 is corrupt: it is 1000 bytes/],
-      [2, /chunks\/0000000000000002 is corrupt: it has no s3blk metadata/],
+      [0, /chunks\/0000000000000000\.[0-9a-f]{20} is corrupt: checksum mismatch/],
+      [1, /chunks\/0000000000000001\.[0-9a-f]{20} is corrupt: it is 1000 bytes/],
+      [2, /chunks\/0000000000000002\.[0-9a-f]{20} is corrupt: it has no s3blk metadata/],
     ];
     const reader = await volume.open({ readOnly: true });
     for (const [chunk, message] of expectations) {

@@ -11,10 +11,18 @@ import {
   type StoreStack,
   type StoreStackOptions,
 } from "../../src/store/store-stack.js";
-import type { ObjectStore } from "../../src/store/object-store.js";
+import { listAll, type ObjectStore } from "../../src/store/object-store.js";
 import { createVolume, openVolume } from "../../src/lifecycle/volume-lifecycle.js";
 import type { OpenOptions } from "../../src/lifecycle/volume-lifecycle.js";
-import type { VolumeParameters } from "../../src/volume/format.js";
+import { crc32 } from "node:zlib";
+import {
+  encodeSuperblock,
+  legacyChunkKey,
+  newSuperblock,
+  superblockKey,
+  type Superblock,
+  type VolumeParameters,
+} from "../../src/volume/format.js";
 import { stackOptions, type S3Target } from "./s3-target.js";
 
 export interface Backend {
@@ -148,4 +156,58 @@ export function splitSectors(
     at += n;
   }
   return out;
+}
+
+/** The keys of chunk `index`'s objects under `prefix`, oldest generation first. */
+export async function chunkObjectKeys(
+  store: ObjectStore,
+  prefix: string,
+  index: number,
+): Promise<string[]> {
+  const base = legacyChunkKey(prefix, index);
+  const keys: string[] = [];
+  for await (const entry of listAll(store, base)) keys.push(entry.key);
+  return keys;
+}
+
+/** The key of chunk `index`'s newest object (what a volume written by one term reads). */
+export async function currentChunkKey(
+  store: ObjectStore,
+  prefix: string,
+  index: number,
+): Promise<string> {
+  const key = (await chunkObjectKeys(store, prefix, index)).at(-1);
+  if (key === undefined) throw new Error(`chunk ${index} has no object`);
+  return key;
+}
+
+/** Store a version 1 volume by hand, as s3blk 0.1 wrote it: superblock and plain chunk keys. */
+export async function writeVersion1Volume(
+  store: ObjectStore,
+  prefix: string,
+  parameters: VolumeParameters,
+  chunks: ReadonlyMap<number, Uint8Array>,
+): Promise<Superblock> {
+  const superblock = { ...newSuperblock(parameters), formatVersion: 1 };
+  const chunkBytes = superblock.chunkSizeBytes;
+  await store.put(superblockKey(prefix), encodeSuperblock(superblock), { ifNoneMatch: "*" });
+  for (const [index, data] of chunks) {
+    const table = Buffer.alloc((chunkBytes / superblock.checkBlockBytes) * 4);
+    for (let i = 0; i < table.byteLength / 4; i++) {
+      const block = data.subarray(
+        i * superblock.checkBlockBytes,
+        (i + 1) * superblock.checkBlockBytes,
+      );
+      table.writeUInt32BE(crc32(block), i * 4);
+    }
+    await store.put(legacyChunkKey(prefix, index), data, {
+      metadata: {
+        "s3blk-format": "1",
+        "s3blk-volume": superblock.volumeId,
+        "s3blk-chunk": index.toString(16),
+        "s3blk-crc32": table.toString("base64"),
+      },
+    });
+  }
+  return superblock;
 }

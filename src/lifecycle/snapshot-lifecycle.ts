@@ -1,0 +1,83 @@
+/**
+ * Snapshot operations on a volume that is not open here: create, list, delete, roll back (the
+ * in-process snapshot of an open device is `ChunkedBlockDevice.snapshot`).
+ *
+ * Creating and rolling back take the volume's lease, like any writer: a volume another process
+ * serves is refused, naming the holder. Listing and reading need no lease. Deleting a snapshot
+ * removes its record only; the objects it alone named become garbage, deleted by the next
+ * writer's start, so a delete racing a writer can lose nothing the writer still reads.
+ */
+
+import { ppWriteError } from "../block/block-device.js";
+import {
+  deleteSnapshotRecord,
+  decodeChunkMap,
+  readSnapshot,
+  readSnapshots,
+  type SnapshotRecord,
+} from "../volume/snapshots.js";
+import {
+  openVolume,
+  readSuperblock,
+  type OpenOptions,
+  type VolumeStack,
+} from "./volume-lifecycle.js";
+
+/** Take snapshot `name` of the volume: open it writable, snapshot, close. */
+export async function createSnapshot(
+  stack: VolumeStack,
+  name: string,
+  options: OpenOptions = {},
+): Promise<SnapshotRecord> {
+  const device = await openVolume(stack, options);
+  const taken = await device.snapshot(name);
+  const closed = await device.disconnect();
+  if (!taken.ok)
+    throw taken.error.kind === "Io" ? taken.error.cause : new Error(ppWriteError(taken.error));
+  if (!closed.ok) throw new Error(ppWriteError(closed.error));
+  return taken.value;
+}
+
+/** What `snapshot list` shows of one snapshot. */
+export interface SnapshotSummary {
+  readonly name: string;
+  readonly createdAt: string;
+  /** Chunks holding data in it. */
+  readonly chunks: number;
+}
+
+/** The volume's snapshots, oldest first: one LIST, one GET per snapshot. */
+export async function listSnapshots(stack: VolumeStack): Promise<SnapshotSummary[]> {
+  const superblock = await readSuperblock(stack);
+  const records = await readSnapshots(stack.store, stack.prefix, superblock);
+  return records
+    .map((r) => ({ name: r.name, createdAt: r.createdAt, chunks: Object.keys(r.chunks).length }))
+    .sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.name.localeCompare(b.name));
+}
+
+/** Delete snapshot `name` (a SnapshotError if there is none). */
+export async function deleteSnapshot(stack: VolumeStack, name: string): Promise<void> {
+  const superblock = await readSuperblock(stack);
+  await deleteSnapshotRecord(stack.store, stack.prefix, superblock, name);
+}
+
+/**
+ * Make the volume read as snapshot `name` again: a new writer term starts from the snapshot's
+ * map and seals it. Later snapshots stay. Data written since is garbage unless a snapshot names
+ * it.
+ */
+export async function rollbackVolume(
+  stack: VolumeStack,
+  name: string,
+  options: OpenOptions = {},
+): Promise<SnapshotRecord> {
+  const superblock = await readSuperblock(stack);
+  const record = await readSnapshot(stack.store, stack.prefix, superblock, name);
+  const device = await openVolume(stack, {
+    ...options,
+    startFrom: decodeChunkMap(stack.prefix, superblock, record.chunks),
+  });
+  const closed = await device.disconnect();
+  if (!closed.ok) throw new Error(ppWriteError(closed.error));
+  return record;
+}

@@ -1,0 +1,233 @@
+/**
+ * The chunk map: which object holds each chunk of a volume, resolved at open without reading
+ * anything per chunk, and sealed by every writer term at its start.
+ *
+ * ## How a reader resolves chunk i (format version 2)
+ *
+ * 1. LIST `seals/` and take the seal of the highest epoch S (none: S = 0 and an empty map). GET
+ *    it: it names the generation of every chunk holding data when term S began.
+ * 2. LIST `chunks/`. For chunk i, the objects of epoch S (written by term S itself, after its
+ *    seal) decide if there are any: the highest generation wins, and a tombstone means zeros.
+ *    Otherwise the seal's entry decides. Otherwise chunk i is zeros.
+ * 3. Every other chunk object is garbage: superseded generations, tombstones a seal has made
+ *    unnecessary, and writes of an ended term that landed after the next term sealed.
+ *
+ * An object of an epoch above S cannot exist (a term seals before it writes a chunk): seeing
+ * one means the LIST raced a new term's start, and the resolution starts again, a bounded
+ * number of times, then fails closed.
+ *
+ * ## Why a new term seals
+ *
+ * "Highest generation wins" alone would let a write of an ended term that the S3 server executes
+ * late resurrect a chunk the new writer never rewrote. The seal fixes what term S+1 starts from:
+ * after it, only objects of epoch S+1 can change a chunk, and those only the lease holder writes.
+ * A late write of term S that lands before the seal is as if it had landed in time (it was sent
+ * in term S); one that lands after it is garbage and never read.
+ *
+ * A version 1 volume has no seals and only generation "" objects (epoch 0): the same rules
+ * resolve it, with S = 0.
+ *
+ * Cost: one LIST of `seals/` (one or two keys), one GET of a seal, one LIST per 1000 chunk
+ * objects; a writer adds one PUT (its seal) and batched DELETEs of the garbage and old seals.
+ */
+
+import { StoreError, listAll, MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
+import {
+  FormatError,
+  SEAL_FORMAT,
+  chunkPrefix,
+  chunkRef,
+  decodeSeal,
+  encodeSeal,
+  epochOfGeneration,
+  epochOfSealKey,
+  parseChunkKey,
+  sealKey,
+  sealPrefix,
+  type ChunkRef,
+  type SealRecord,
+  type Superblock,
+} from "./format.js";
+
+/** Resolutions started again because a LIST raced a new writer term, at most. */
+const MAX_RESOLVE_ATTEMPTS = 3;
+
+/** What a volume's objects say, as of one resolution. */
+export interface ResolvedMap {
+  /** The object of every chunk that holds data (tombstoned chunks are absent). */
+  readonly refs: Map<number, ChunkRef>;
+  /** The epoch of the newest seal; 0 if there is none. */
+  readonly sealEpoch: number;
+  /** Every seal key listed. */
+  readonly sealKeys: readonly string[];
+  /** Chunk objects no reader of this resolution would read (snapshots aside). */
+  readonly garbage: readonly string[];
+  /** Every chunk object listed. */
+  readonly listed: readonly string[];
+}
+
+/** Resolve the map of the volume at `prefix` (see the module comment). */
+export async function resolveChunkMap(
+  store: ObjectStore,
+  prefix: string,
+  superblock: Superblock,
+): Promise<ResolvedMap> {
+  for (let attempt = 1; ; attempt++) {
+    const resolved = await resolveOnce(store, prefix, superblock);
+    if (!(resolved instanceof RacedError)) return resolved;
+    if (attempt >= MAX_RESOLVE_ATTEMPTS) {
+      throw new FormatError(
+        `cannot resolve the chunk map of ${prefix || "the volume"}: ${resolved.message}`,
+      );
+    }
+  }
+}
+
+/** The LISTs raced a writer term starting: look again. */
+class RacedError extends Error {}
+
+async function resolveOnce(
+  store: ObjectStore,
+  prefix: string,
+  superblock: Superblock,
+): Promise<ResolvedMap | RacedError> {
+  const seals = superblock.formatVersion === 1 ? [] : await listSeals(store, prefix);
+  const sealEpoch = Math.max(0, ...seals.map((s) => s.epoch));
+  const seal = sealEpoch === 0 ? undefined : await readSeal(store, prefix, superblock, sealEpoch);
+  if (seal instanceof RacedError) return seal;
+  const chunkCount = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
+  const current = new Map<number, ChunkRef>();
+  const listed: ChunkRef[] = [];
+  for await (const entry of listAll(store, chunkPrefix(prefix))) {
+    const ref = parseChunkKey(prefix, superblock.volumeId, entry.key);
+    if (ref === undefined || ref.index >= chunkCount) continue;
+    const epoch = epochOfGeneration(ref.generation);
+    if (epoch > sealEpoch) {
+      return new RacedError(
+        `${ref.key} is of epoch ${epoch}, newer than the newest seal (${sealEpoch})`,
+      );
+    }
+    listed.push(ref);
+    if (epoch !== sealEpoch) continue;
+    const best = current.get(ref.index);
+    if (best === undefined || ref.generation > best.generation) current.set(ref.index, ref);
+  }
+  const refs = new Map<number, ChunkRef>();
+  for (const [hex, gen] of Object.entries(seal?.chunks ?? {})) {
+    const index = Number.parseInt(hex, 16);
+    if (index < chunkCount) refs.set(index, chunkRef(prefix, superblock.volumeId, index, gen));
+  }
+  for (const [index, ref] of current) {
+    if (ref.zero) refs.delete(index);
+    else refs.set(index, ref);
+  }
+  const live = new Set([...refs.values()].map((r) => r.key));
+  return {
+    refs,
+    sealEpoch,
+    sealKeys: seals.map((s) => s.key),
+    garbage: listed.filter((r) => !live.has(r.key)).map((r) => r.key),
+    listed: listed.map((r) => r.key),
+  };
+}
+
+async function listSeals(
+  store: ObjectStore,
+  prefix: string,
+): Promise<{ key: string; epoch: number }[]> {
+  const seals: { key: string; epoch: number }[] = [];
+  for await (const entry of listAll(store, sealPrefix(prefix))) {
+    const epoch = epochOfSealKey(prefix, entry.key);
+    if (epoch !== undefined) seals.push({ key: entry.key, epoch });
+  }
+  return seals;
+}
+
+async function readSeal(
+  store: ObjectStore,
+  prefix: string,
+  superblock: Superblock,
+  epoch: number,
+): Promise<SealRecord | RacedError> {
+  const key = sealKey(prefix, epoch);
+  const got = await store.get(key);
+  // Listed a moment ago: gone only because a newer term sealed and removed it.
+  if (got === undefined) return new RacedError(`${key} vanished after it was listed`);
+  const seal = decodeSeal(got.body, key, superblock.volumeId);
+  if (seal.epoch !== epoch)
+    throw new FormatError(`${key} says it is the seal of epoch ${seal.epoch}`);
+  return seal;
+}
+
+/** What a writer term starts from. */
+export interface TermStart {
+  readonly epoch: number;
+  readonly writerId: string;
+  /** The map the term starts from. Default: the resolution's (a rollback names a snapshot's). */
+  readonly refs?: ReadonlyMap<number, ChunkRef>;
+  /** Objects a snapshot names: never garbage. */
+  readonly pinned?: ReadonlySet<string>;
+}
+
+/**
+ * Start writer term `epoch` (above the resolution's seal): PUT its seal naming the map it
+ * starts from, then delete, in batches, every listed chunk object that neither that map nor a
+ * snapshot names, and the older seals. Returns the keys deleted. A crash anywhere leaves
+ * either the old seal as the newest (nothing changed) or the new one (the term began); garbage
+ * left behind is deleted by the next writer's start.
+ */
+export async function sealChunkMap(
+  store: ObjectStore,
+  prefix: string,
+  superblock: Superblock,
+  map: ResolvedMap,
+  term: TermStart,
+): Promise<number> {
+  const refs = term.refs ?? map.refs;
+  if (!(term.epoch > map.sealEpoch)) {
+    throw new FormatError(
+      `the lease's epoch ${term.epoch} is not above the newest seal's (${map.sealEpoch}): ` +
+        `was ${prefix || "the volume"}'s lease.json removed?`,
+    );
+  }
+  const chunks: Record<string, string> = {};
+  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
+    if (!ref.zero) chunks[index.toString(16)] = ref.generation;
+  }
+  const seal: SealRecord = {
+    format: SEAL_FORMAT,
+    version: 1,
+    volumeId: superblock.volumeId,
+    epoch: term.epoch,
+    writer: term.writerId,
+    createdAt: new Date().toISOString(),
+    chunks,
+  };
+  await putSeal(store, sealKey(prefix, term.epoch), seal, superblock.volumeId);
+  const live = new Set([...refs.values()].map((r) => r.key));
+  const obsolete = [
+    ...map.listed.filter((k) => !live.has(k) && !(term.pinned?.has(k) ?? false)),
+    ...map.sealKeys.filter((k) => k !== sealKey(prefix, term.epoch)),
+  ];
+  for (let at = 0; at < obsolete.length; at += MAX_DELETE_BATCH) {
+    await store.deleteMany(obsolete.slice(at, at + MAX_DELETE_BATCH));
+  }
+  return obsolete.length;
+}
+
+/** Create a seal; a 412 is ours if the seal there names us (a retried PUT that had landed). */
+async function putSeal(
+  store: ObjectStore,
+  key: string,
+  seal: SealRecord,
+  volumeId: string,
+): Promise<void> {
+  try {
+    await store.put(key, encodeSeal(seal), { ifNoneMatch: "*" });
+  } catch (error) {
+    if (!(error instanceof StoreError) || error.code !== "PreconditionFailed") throw error;
+    const there = await store.get(key);
+    if (there !== undefined && decodeSeal(there.body, key, volumeId).writer === seal.writer) return;
+    throw new FormatError(`${key} was written by another writer of epoch ${seal.epoch}`);
+  }
+}
