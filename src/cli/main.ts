@@ -333,6 +333,18 @@ export function buildProgram(out: (line: string) => void = console.log): Command
       "how long a volume's lease lasts unrenewed; a takeover of a dead holder waits this long (default 60s)",
       durationOption,
     )
+    .addOption(
+      new Option("--tls <mode>", "NBD over TLS: off, on (offered), require (default off)").choices([
+        "off",
+        "on",
+        "require",
+      ]),
+    )
+    .option(
+      "--tls-certificates <dir>",
+      "TLS key and certificates: server-cert.pem, server-key.pem, ca-cert.pem (as nbdkit, qemu)",
+    )
+    .option("--tls-verify-peer", "require a client certificate signed by ca-cert.pem")
     .option("-v, --verbose", "log connections")
     .action(
       async (
@@ -349,6 +361,9 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           force?: boolean;
           leaseDuration?: number;
           verbose?: boolean;
+          tls?: "off" | "on" | "require";
+          tlsCertificates?: string;
+          tlsVerifyPeer?: boolean;
         },
       ) => {
         const code = await serve(urls, options, {
