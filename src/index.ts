@@ -124,7 +124,9 @@ export { ExportRegistry, NbdExport, type AllocationExtent, type NbdDevice } from
 export type { ConnectionLimits, NbdLog } from "./nbd/connection.js";
 export type { TlsMode } from "./nbd/negotiation.js";
 export {
+  parsePskFile,
   readTlsCertificates,
+  readTlsPskFile,
   TlsSetupError,
   type NbdTlsOptions,
   type TlsCertificates,

@@ -345,6 +345,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
       "TLS key and certificates: server-cert.pem, server-key.pem, ca-cert.pem (as nbdkit, qemu)",
     )
     .option("--tls-verify-peer", "require a client certificate signed by ca-cert.pem")
+    .option("--tls-psk <file>", "TLS with pre-shared keys (identity:hexkey lines) instead")
     .option("-v, --verbose", "log connections")
     .action(
       async (
@@ -364,6 +365,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           tls?: "off" | "on" | "require";
           tlsCertificates?: string;
           tlsVerifyPeer?: boolean;
+          tlsPsk?: string;
         },
       ) => {
         const code = await serve(urls, options, {

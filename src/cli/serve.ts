@@ -27,7 +27,12 @@ import { LeaseHeldError } from "../volume/lease.js";
 import { NbdExport } from "../nbd/exports.js";
 import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
 import type { TlsMode } from "../nbd/negotiation.js";
-import { readTlsCertificates, TlsSetupError, type NbdTlsOptions } from "../nbd/tls.js";
+import {
+  readTlsCertificates,
+  readTlsPskFile,
+  TlsSetupError,
+  type NbdTlsOptions,
+} from "../nbd/tls.js";
 import { formatSize } from "./sizes.js";
 import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
 
@@ -59,6 +64,8 @@ export interface ServeOptions {
   readonly tlsCertificates?: string;
   /** nbdkit's `--tls-verify-peer`: client certificates must be signed by ca-cert.pem. */
   readonly tlsVerifyPeer?: boolean;
+  /** nbdkit's `--tls-psk`: a file of `identity:hexkey` lines, instead of certificates. */
+  readonly tlsPsk?: string;
 }
 
 export interface ServeEnvironment {
@@ -74,18 +81,37 @@ export class ServeError extends Error {
   override readonly name = "ServeError";
 }
 
-/** The server's TLS settings from `--tls`, `--tls-certificates` and `--tls-verify-peer`. */
+/**
+ * The server's TLS settings from `--tls`, `--tls-certificates`, `--tls-verify-peer` and
+ * `--tls-psk`.
+ */
 export function tlsSettings(options: ServeOptions): NbdTlsOptions {
   const mode = options.tls ?? "off";
   if (mode === "off") {
-    if (options.tlsCertificates !== undefined || options.tlsVerifyPeer) {
-      const flag = options.tlsVerifyPeer ? "--tls-verify-peer" : "--tls-certificates";
-      throw new ServeError(`${flag} needs --tls=on or --tls=require`);
-    }
+    const flag = options.tlsVerifyPeer
+      ? "--tls-verify-peer"
+      : options.tlsPsk !== undefined
+        ? "--tls-psk"
+        : options.tlsCertificates !== undefined
+          ? "--tls-certificates"
+          : undefined;
+    if (flag !== undefined) throw new ServeError(`${flag} needs --tls=on or --tls=require`);
     return { mode };
   }
+  if (options.tlsPsk !== undefined) {
+    if (options.tlsCertificates !== undefined || options.tlsVerifyPeer) {
+      const flag = options.tlsVerifyPeer ? "--tls-verify-peer" : "--tls-certificates";
+      throw new ServeError(`--tls-psk and ${flag} do not go together: keys or certificates`);
+    }
+    try {
+      return { mode, psk: readTlsPskFile(options.tlsPsk) };
+    } catch (error) {
+      if (error instanceof TlsSetupError) throw new ServeError(error.message);
+      throw error;
+    }
+  }
   if (options.tlsCertificates === undefined) {
-    throw new ServeError(`--tls=${mode} needs --tls-certificates DIR`);
+    throw new ServeError(`--tls=${mode} needs --tls-certificates DIR or --tls-psk FILE`);
   }
   try {
     const { key, cert, ca } = readTlsCertificates(options.tlsCertificates);
@@ -211,7 +237,11 @@ export async function serve(
   }
   const first = nbdUri(bound[0]!, exports[0]!.name, tls.mode === "require");
   if (tls.mode === "require") {
-    env.out(`connect with: nbdinfo '${first}?tls-certificates=CLIENT-CERTIFICATES-DIR'`);
+    const query = first.includes("?") ? "&" : "?";
+    const credentials =
+      tls.psk === undefined ? "tls-certificates=CLIENT-CERTIFICATES-DIR" : "tls-psk-file=KEYS";
+    const uri = tls.psk === undefined ? first : first.replace("nbds://", "nbds://IDENTITY@");
+    env.out(`connect with: nbdinfo '${uri}${query}${credentials}'`);
   } else {
     env.out(`connect with: qemu-img info ${first}`);
   }

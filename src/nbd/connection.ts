@@ -85,7 +85,7 @@ import type { BufferPool } from "./buffer-pool.js";
 import type { ExportRegistry } from "./exports.js";
 import { Negotiation, type TlsMode } from "./negotiation.js";
 import { ReplyWriter } from "./reply-writer.js";
-import { describeTlsSession, type TlsUpgrader } from "./tls.js";
+import type { TlsUpgrader } from "./tls.js";
 
 /** Per-connection limits. */
 export interface ConnectionLimits {
@@ -302,7 +302,7 @@ export class Connection {
       plain.pause();
       if (early.length > 0) plain.unshift(early);
       this.#context.tlsUpgrader!.upgrade(plain, {
-        secure: (socket) => this.#tlsUp(socket),
+        secure: (socket, session) => this.#tlsUp(socket, session),
         failed: (reason) => {
           if (this.#phase === "tls-handshake") this.#abort("warn", `TLS handshake: ${reason}`);
         },
@@ -310,12 +310,12 @@ export class Connection {
     });
   }
 
-  #tlsUp(socket: TLSSocket): void {
+  #tlsUp(socket: TLSSocket, session: string): void {
     if (this.#phase !== "tls-handshake") {
       socket.destroy();
       return;
     }
-    this.#log("debug", `TLS up: ${describeTlsSession(socket)}`);
+    this.#log("debug", `TLS up: ${session}`);
     this.#socket = socket;
     this.#writer = new ReplyWriter(socket);
     this.#negotiation.tlsEstablished();

@@ -14,6 +14,9 @@
  * - **Verification happens here, once.** With `verifyPeer`, the client must present a
  *   certificate that chains to `ca`; the handshake is let through and `authorized` checked
  *   after it, so that the refusal is logged with OpenSSL's reason, then the socket is closed.
+ * - **Pre-shared keys** (nbdkit's `--tls-psk`): instead of certificates, a file of `identity:hexkey`
+ *   lines, as nbdkit and qemu read it. A client is let in if it proves it holds the key of the
+ *   identity it names; TLS 1.3 (and TLS 1.2's PSK suites, for older clients).
  * - **No byte is lost or misread.** Bytes the client sent after NBD_OPT_STARTTLS in the same
  *   read (a client that did not wait for the ack) are given back to the plain socket with
  *   `unshift`, where the TLS socket reads them first, as the start of the TLS stream.
@@ -42,7 +45,60 @@ export interface NbdTlsOptions {
   readonly ca?: string | Buffer;
   /** Require a client certificate signed by `ca` (nbdkit `--tls-verify-peer`). Default false. */
   readonly verifyPeer?: boolean;
+  /**
+   * Pre-shared keys by identity, instead of `key` and `cert` (nbdkit `--tls-psk`): a client
+   * must hold the key of the identity it names. See {@link readTlsPskFile}.
+   */
+  readonly psk?: ReadonlyMap<string, Uint8Array>;
 }
+
+/**
+ * Parse a PSK file as nbdkit and qemu write it: one `identity:hexkey` a line. Blank lines are
+ * skipped; anything else that is not such a line is an error (a key must not be half read).
+ */
+export function parsePskFile(text: string, where = "PSK file"): Map<string, Uint8Array> {
+  const keys = new Map<string, Uint8Array>();
+  text.split(/\r?\n/).forEach((line, i) => {
+    if (line.trim() === "") return;
+    const match = /^([^:]+):((?:[0-9a-fA-F]{2})+)$/.exec(line);
+    if (match === null) {
+      throw new TlsSetupError(`${where}, line ${i + 1}: not IDENTITY:HEXKEY`);
+    }
+    if (keys.has(match[1]!)) {
+      throw new TlsSetupError(`${where}, line ${i + 1}: identity ${match[1]} again`);
+    }
+    keys.set(match[1]!, Buffer.from(match[2]!, "hex"));
+  });
+  if (keys.size === 0) throw new TlsSetupError(`${where} holds no key`);
+  return keys;
+}
+
+/** Read and parse a PSK file ({@link parsePskFile}). */
+export function readTlsPskFile(file: string): Map<string, Uint8Array> {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new TlsSetupError(`cannot read ${file}: ${code ?? String(error)}`);
+  }
+  return parsePskFile(text, file);
+}
+
+/**
+ * Suites a PSK server offers: TLS 1.3's (which OpenSSL's PSK callback needs with SHA-256), and
+ * TLS 1.2's PSK suites, which Node leaves out by default.
+ */
+const PSK_CIPHERS = [
+  "TLS_AES_128_GCM_SHA256",
+  "TLS_AES_256_GCM_SHA384",
+  "TLS_CHACHA20_POLY1305_SHA256",
+  "ECDHE-PSK-CHACHA20-POLY1305",
+  "ECDHE-PSK-AES256-CBC-SHA384",
+  "ECDHE-PSK-AES128-CBC-SHA256",
+  "PSK-AES256-GCM-SHA384",
+  "PSK-AES128-GCM-SHA256",
+].join(":");
 
 /** The PEM files of a certificate directory as nbdkit and qemu lay it out. */
 export interface TlsCertificates {
@@ -80,7 +136,8 @@ export function readTlsCertificates(dir: string): TlsCertificates {
 
 /** How an upgrade ended: a verified TLS socket to carry on with, or why there is none. */
 export interface TlsOutcome {
-  secure(socket: TLSSocket): void;
+  /** `session` is one line for the log: protocol, cipher, who the client is. */
+  secure(socket: TLSSocket, session: string): void;
   failed(reason: string): void;
 }
 
@@ -88,12 +145,22 @@ export interface TlsOutcome {
 export class TlsUpgrader {
   readonly #options: tls.TlsOptions;
   readonly #verifyPeer: boolean;
+  readonly #psk: ReadonlyMap<string, Uint8Array> | undefined;
 
   /** Throws {@link TlsSetupError} for a missing or unusable key, certificate or CA. */
   constructor(options: NbdTlsOptions) {
     assert(options.mode !== "off", "a TlsUpgrader for mode off");
-    const { key, cert, ca } = options;
+    const { key, cert, ca, psk } = options;
     this.#verifyPeer = options.verifyPeer ?? false;
+    this.#psk = psk;
+    if (psk !== undefined) {
+      if (key !== undefined || cert !== undefined || this.#verifyPeer) {
+        throw new TlsSetupError("pre-shared keys or certificates, not both");
+      }
+      if (psk.size === 0) throw new TlsSetupError("no pre-shared key");
+      this.#options = { minVersion: "TLSv1.2", ciphers: PSK_CIPHERS };
+      return;
+    }
     if (key === undefined || cert === undefined) {
       throw new TlsSetupError(`TLS mode ${options.mode} needs a key and a certificate`);
     }
@@ -121,28 +188,46 @@ export class TlsUpgrader {
    * already holds are read first), and report the outcome once.
    */
   upgrade(socket: Socket, outcome: TlsOutcome): void {
-    const server = tls.createServer(this.#options);
+    const psk = this.#psk;
+    let identity: string | undefined;
+    const server = tls.createServer({
+      ...this.#options,
+      ...(psk === undefined
+        ? {}
+        : {
+            // An unknown identity gets null, which ends the handshake.
+            pskCallback: (_socket: TLSSocket, id: string) => {
+              identity = id;
+              return psk.get(id) ?? null;
+            },
+          }),
+    });
     server.once("secureConnection", (secure: TLSSocket) => {
       if (this.#verifyPeer && !secure.authorized) {
         secure.destroy();
         outcome.failed(`client certificate refused: ${String(secure.authorizationError)}`);
         return;
       }
-      outcome.secure(secure);
+      outcome.secure(secure, describeSession(secure, identity));
     });
     server.once("tlsClientError", (error: NodeJS.ErrnoException) => {
-      outcome.failed(error.code ?? error.message);
+      const why = error.code ?? error.message;
+      if (psk !== undefined && identity !== undefined && !psk.has(identity)) {
+        outcome.failed(`unknown PSK identity ${JSON.stringify(identity)} (${why})`);
+      } else {
+        outcome.failed(why);
+      }
     });
     server.emit("connection", socket);
   }
 }
 
-/** One line on an established TLS session, for the debug log. */
-export function describeTlsSession(socket: TLSSocket): string {
+function describeSession(socket: TLSSocket, pskIdentity: string | undefined): string {
   const peer = socket.getPeerCertificate();
   const subject = peer !== null && typeof peer === "object" ? peer.subject?.CN : undefined;
   return (
     `${socket.getProtocol() ?? "TLS"} ${socket.getCipher()?.name ?? ""}`.trim() +
-    (subject === undefined ? "" : `, client certificate CN=${String(subject)}`)
+    (subject === undefined ? "" : `, client certificate CN=${String(subject)}`) +
+    (pskIdentity === undefined ? "" : `, PSK identity ${JSON.stringify(pskIdentity)}`)
   );
 }

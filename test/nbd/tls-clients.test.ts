@@ -8,16 +8,19 @@
  *   nbdinfo is used for that, and qemu with `sanity-check=off`, because qemu's own check would
  *   otherwise refuse such a certificate on the client side, which would prove nothing.
  * - `--tls=on`: plain and TLS clients both work.
+ * - `--tls-psk`: libnbd (`tls-psk-file=`) and qemu (`tls-creds-psk`) with the right key work;
+ *   a wrong key or an unknown identity is refused.
  */
 
-import { randomFillSync } from "node:crypto";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { randomBytes, randomFillSync } from "node:crypto";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
 import { makeTestCertificates, type TestCertificates } from "../support/tls-certificates.js";
 import {
+  CLI,
   fileServeBackend,
   missingTools,
   run,
@@ -246,4 +249,107 @@ describe.skipIf(without("openssl"))("s3blk serve --tls=on", () => {
       }
     },
   );
+});
+
+describe.skipIf(without("openssl"))("s3blk serve --tls=require --tls-psk", () => {
+  let served: Served;
+  const keys = path.join(work, "psk");
+  const keyLine = (identity: string) => `${identity}:${randomBytes(32).toString("hex")}\n`;
+
+  beforeAll(async () => {
+    mkdirSync(keys);
+    // qemu reads DIR/keys.psk; libnbd any file. The server knows alice and carol.
+    writeFileSync(path.join(keys, "keys.psk"), keyLine("alice") + keyLine("carol"));
+    writeFileSync(path.join(work, "wrong-key.psk"), keyLine("alice"));
+    writeFileSync(path.join(work, "unknown.psk"), keyLine("mallory"));
+    served = await serveWith("tls-psk", [
+      "--tls=require",
+      "--tls-psk",
+      path.join(keys, "keys.psk"),
+    ]);
+  });
+
+  afterAll(async () => {
+    expect(await served.serve.stop()).toBe(0);
+  });
+
+  const pskUri = (identity: string, file: string) =>
+    `nbds://${identity}@127.0.0.1:${served.port}/${served.name}?tls-psk-file=${file}`;
+
+  it.skipIf(without("nbdinfo"))(
+    "nbdinfo with the right key is served; a wrong key or identity is refused",
+    async () => {
+      for (const identity of ["alice", "carol"]) {
+        const good = await run("nbdinfo", [
+          "--size",
+          pskUri(identity, path.join(keys, "keys.psk")),
+        ]);
+        expect(good.stderr).toBe("");
+        expect(good.stdout.trim()).toBe(String(64 * MiB));
+      }
+      for (const [identity, file] of [
+        ["alice", path.join(work, "wrong-key.psk")],
+        ["mallory", path.join(work, "unknown.psk")],
+      ] as const) {
+        const refused = await run("nbdinfo", ["--size", pskUri(identity, file)]);
+        expect(refused.code).not.toBe(0);
+        expect(refused.stdout).toBe("");
+      }
+      expect(served.serve.stderr()).toMatch(/unknown PSK identity "mallory"/);
+      const plain = await run("nbdinfo", ["--list", "--json", `nbd://127.0.0.1:${served.port}`]);
+      expect(plain.stdout).not.toContain(served.name);
+    },
+  );
+
+  it.skipIf(without("qemu-io"))("qemu-io through tls-creds-psk", async () => {
+    const io = await run("qemu-io", [
+      ...["-c", "write -P 0x7e 2M 64k"],
+      ...["-c", "read -P 0x7e 2M 64k"],
+      "--object",
+      `tls-creds-psk,id=tls0,dir=${keys},username=carol,endpoint=client`,
+      "--image-opts",
+      `driver=nbd,host=127.0.0.1,port=${served.port},export=${served.name},tls-creds=tls0`,
+    ]);
+    expect(io.stderr).toBe("");
+    expect(io.code).toBe(0);
+    expect(io.stdout).not.toMatch(/Pattern verification failed/);
+  });
+});
+
+describe.skipIf(without("openssl"))("serve's TLS arguments", () => {
+  const serveArgs = (...args: string[]) =>
+    run(process.execPath, [CLI, "serve", backend.newUrl("args"), "--create-size", "1M", ...args]);
+
+  it.each([
+    [["--tls=require"], /--tls=require needs --tls-certificates DIR or --tls-psk FILE/],
+    [["--tls-verify-peer"], /--tls-verify-peer needs --tls=on or --tls=require/],
+    [["--tls-certificates", "/nonexistent"], /--tls-certificates needs --tls=on or --tls=require/],
+    [
+      ["--tls=on", "--tls-certificates", "/nonexistent"],
+      /cannot read \/nonexistent\/server-key.pem: ENOENT/,
+    ],
+    [["--tls=on", "--tls-psk", "/nonexistent.psk"], /cannot read \/nonexistent.psk: ENOENT/],
+  ])("%j: one line, exit 1", async (args, message) => {
+    const result = await serveArgs(...args);
+    expect(result.code).toBe(1);
+    expect(result.stderr.trim().split("\n").at(-1)).toMatch(message);
+    expect(result.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it("--tls-verify-peer without ca-cert.pem, and PSK with certificates, are refused", async () => {
+    const noCa = path.join(work, "no-ca");
+    mkdirSync(noCa);
+    for (const f of ["server-cert.pem", "server-key.pem"]) {
+      writeFileSync(path.join(noCa, f), readFileSync(path.join(certs.server, f)));
+    }
+    const verify = await serveArgs("--tls=on", "--tls-certificates", noCa, "--tls-verify-peer");
+    expect(verify.code).toBe(1);
+    expect(verify.stderr).toMatch(/--tls-verify-peer needs .*no-ca\/ca-cert.pem/);
+    const both = await serveArgs("--tls=on", "--tls-certificates", noCa, "--tls-psk", "x.psk");
+    expect(both.code).toBe(1);
+    expect(both.stderr).toMatch(/--tls-psk and --tls-certificates do not go together/);
+    const mode = await serveArgs("--tls=maybe");
+    expect(mode.code).toBe(2);
+    expect(mode.stderr).toMatch(/Allowed choices are off, on, require/);
+  });
 });

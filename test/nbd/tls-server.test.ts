@@ -31,7 +31,7 @@ import {
   encodeOption,
   parseOptionReply,
 } from "../../src/nbd/protocol/client.js";
-import { readTlsCertificates } from "../../src/nbd/tls.js";
+import { parsePskFile, readTlsCertificates, TlsSetupError } from "../../src/nbd/tls.js";
 import { NbdClient } from "../support/nbd-client.js";
 import { makeTestCertificates, type TestCertificates } from "../support/tls-certificates.js";
 import { memoryServer, type MemoryServer } from "./harness.js";
@@ -209,5 +209,24 @@ describe("--tls-verify-peer at the protocol level", () => {
       await new Promise((r) => setTimeout(r, 50));
       expect(logs.slice(before).join("\n")).toMatch(/client certificate refused/);
     }
+  });
+});
+
+describe("PSK files", () => {
+  it("parse identity:hexkey lines, skipping blank ones", () => {
+    const keys = parsePskFile("alice:00ff10\n\nbob:0123456789abcdef\r\n");
+    expect([...keys.keys()]).toEqual(["alice", "bob"]);
+    expect(Buffer.from(keys.get("alice")!).toString("hex")).toBe("00ff10");
+  });
+
+  it.each([
+    ["alice:0g", /line 1: not IDENTITY:HEXKEY/],
+    ["alice:abc", /line 1: not IDENTITY:HEXKEY/],
+    ["ok:00\nnocolon", /line 2: not IDENTITY:HEXKEY/],
+    ["a:00\na:01", /line 2: identity a again/],
+    ["\n\n", /holds no key/],
+  ])("refuse %j", (text, message) => {
+    expect(() => parsePskFile(text)).toThrow(TlsSetupError);
+    expect(() => parsePskFile(text)).toThrow(message);
   });
 });
