@@ -60,6 +60,8 @@ beforeAll(async () => {
   required = await memoryServer([{ name: "disk", sizeBytes: 16 * MiB }], {
     tls: { mode: "require", ...files },
     log: (_level, line) => logs.push(line),
+    // Tight bounds, so that flow control (pausing the TLS socket) is exercised.
+    limits: { maxInFlightRequests: 4, maxInFlightBytes: 1 * MiB },
   });
   verifying = await memoryServer([{ name: "disk", sizeBytes: 16 * MiB }], {
     tls: { mode: "require", ...files, verifyPeer: true },
@@ -122,6 +124,21 @@ describe("--tls=require at the protocol level", () => {
     for (let i = 0; i < data.length; i += 4096) data.writeUInt32BE(i, i);
     await c.pwrite(MiB, data);
     expect(Buffer.from(await c.pread(MiB, data.length)).equals(data)).toBe(true);
+    await c.close();
+  });
+
+  it("keeps its bounds over TLS: many pipelined writes and reads, all answered right", async () => {
+    const c = await NbdClient.connect({ host: "127.0.0.1", port: required.port }, "disk", {
+      tls: clientTls(certs.client),
+    });
+    const block = (i: number) => Buffer.alloc(256 * 1024, i + 1);
+    await Promise.all(Array.from({ length: 32 }, (_, i) => c.pwrite(i * 256 * 1024, block(i))));
+    const reads = await Promise.all(
+      Array.from({ length: 32 }, (_, i) => c.pread(i * 256 * 1024, 256 * 1024)),
+    );
+    reads.forEach((data, i) => expect(Buffer.from(data).equals(block(i))).toBe(true));
+    const connection = required.server.connections.at(-1)!;
+    expect(connection.inFlight).toEqual({ requests: 0, bytes: 0 });
     await c.close();
   });
 
