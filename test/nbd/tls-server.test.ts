@@ -137,7 +137,11 @@ describe("--tls=require at the protocol level", () => {
       Array.from({ length: 32 }, (_, i) => c.pread(i * 256 * 1024, 256 * 1024)),
     );
     reads.forEach((data, i) => expect(Buffer.from(data).equals(block(i))).toBe(true));
+    // Released once each reply's write completes, which may come just after the client has it.
     const connection = required.server.connections.at(-1)!;
+    for (let i = 0; i < 100 && connection.inFlight.requests > 0; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
     expect(connection.inFlight).toEqual({ requests: 0, bytes: 0 });
     await c.close();
   });
