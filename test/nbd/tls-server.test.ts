@@ -195,6 +195,29 @@ describe("--tls=require at the protocol level", () => {
     expect(c.ended).toBe(true);
     expect(logs.some((l) => /TLS handshake: /.test(l))).toBe(true);
   });
+
+  it("closes a connection that acknowledged STARTTLS and then stalls, at the handshake timeout", async () => {
+    const quick = await memoryServer([{ name: "disk", sizeBytes: MiB }], {
+      tls: { mode: "require", ...readTlsCertificates(certs.server) },
+      log: (_level, line) => logs.push(line),
+      limits: { handshakeTimeoutMs: 300 },
+    });
+    try {
+      const c = await RawClient.connect({ port: quick.port });
+      await c.greeting();
+      c.sendOption(encodeOption(NBD_OPT_STARTTLS));
+      expect((await c.optionReply()).replyType).toBe(NBD_REP_ACK);
+      await c.closed();
+      expect(c.ended).toBe(true);
+      // And the server let go of it.
+      for (let i = 0; i < 100 && quick.server.connections.length > 0; i++) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      expect(quick.server.connections).toEqual([]);
+    } finally {
+      await quick.close();
+    }
+  });
 });
 
 describe("--tls-verify-peer at the protocol level", () => {
@@ -230,6 +253,10 @@ describe("--tls-verify-peer at the protocol level", () => {
       await new Promise((r) => setTimeout(r, 50));
       expect(logs.slice(before).join("\n")).toMatch(/client certificate refused/);
     }
+    for (let i = 0; i < 100 && verifying.server.connections.length > 0; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(verifying.server.connections).toEqual([]);
   });
 });
 
