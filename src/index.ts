@@ -135,3 +135,12 @@ export { systemClock, type Clock } from "./util/clock.js";
 export { NbdServer, nbdUri, type Endpoint, type NbdServerOptions } from "./nbd/server.js";
 export { ExportRegistry, NbdExport, type AllocationExtent, type NbdDevice } from "./nbd/exports.js";
 export type { ConnectionLimits, NbdLog } from "./nbd/connection.js";
+export type { TlsMode } from "./nbd/negotiation.js";
+export {
+  parsePskFile,
+  readTlsCertificates,
+  readTlsPskFile,
+  TlsSetupError,
+  type NbdTlsOptions,
+  type TlsCertificates,
+} from "./nbd/tls.js";

@@ -378,6 +378,19 @@ export function buildProgram(out: (line: string) => void = console.log): Command
       "how long a volume's lease lasts unrenewed; a takeover of a dead holder waits this long (default 60s)",
       durationOption,
     )
+    .addOption(
+      new Option("--tls <mode>", "NBD over TLS: off, on (offered), require (default off)").choices([
+        "off",
+        "on",
+        "require",
+      ]),
+    )
+    .option(
+      "--tls-certificates <dir>",
+      "TLS key and certificates: server-cert.pem, server-key.pem, ca-cert.pem (as nbdkit, qemu)",
+    )
+    .option("--tls-verify-peer", "require a client certificate signed by ca-cert.pem")
+    .option("--tls-psk <file>", "TLS with pre-shared keys (identity:hexkey lines) instead")
     .option("-v, --verbose", "log connections")
     .action(
       async (
@@ -394,6 +407,10 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           force?: boolean;
           leaseDuration?: number;
           verbose?: boolean;
+          tls?: "off" | "on" | "require";
+          tlsCertificates?: string;
+          tlsVerifyPeer?: boolean;
+          tlsPsk?: string;
         },
       ) => {
         const code = await serve(urls, options, {

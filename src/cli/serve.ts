@@ -31,6 +31,13 @@ import { FORMAT_VERSION } from "../volume/format.js";
 import { splitSnapshotUrl } from "../volume/snapshots.js";
 import { NbdExport } from "../nbd/exports.js";
 import { nbdUri, NbdServer, type Endpoint } from "../nbd/server.js";
+import type { TlsMode } from "../nbd/negotiation.js";
+import {
+  readTlsCertificates,
+  readTlsPskFile,
+  TlsSetupError,
+  type NbdTlsOptions,
+} from "../nbd/tls.js";
 import { formatSize } from "./sizes.js";
 import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
 
@@ -56,6 +63,14 @@ export interface ServeOptions {
   /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
   readonly leaseDuration?: number;
   readonly verbose?: boolean;
+  /** nbdkit's `--tls`: off (default), on (offered), require. */
+  readonly tls?: TlsMode;
+  /** nbdkit's `--tls-certificates`: server-cert.pem, server-key.pem, ca-cert.pem. */
+  readonly tlsCertificates?: string;
+  /** nbdkit's `--tls-verify-peer`: client certificates must be signed by ca-cert.pem. */
+  readonly tlsVerifyPeer?: boolean;
+  /** nbdkit's `--tls-psk`: a file of `identity:hexkey` lines, instead of certificates. */
+  readonly tlsPsk?: string;
 }
 
 export interface ServeEnvironment {
@@ -69,6 +84,51 @@ export interface ServeEnvironment {
 /** A mistake in `serve`'s arguments, or a volume that cannot be served. */
 export class ServeError extends Error {
   override readonly name = "ServeError";
+}
+
+/**
+ * The server's TLS settings from `--tls`, `--tls-certificates`, `--tls-verify-peer` and
+ * `--tls-psk`.
+ */
+export function tlsSettings(options: ServeOptions): NbdTlsOptions {
+  const mode = options.tls ?? "off";
+  if (mode === "off") {
+    const flag = options.tlsVerifyPeer
+      ? "--tls-verify-peer"
+      : options.tlsPsk !== undefined
+        ? "--tls-psk"
+        : options.tlsCertificates !== undefined
+          ? "--tls-certificates"
+          : undefined;
+    if (flag !== undefined) throw new ServeError(`${flag} needs --tls=on or --tls=require`);
+    return { mode };
+  }
+  if (options.tlsPsk !== undefined) {
+    if (options.tlsCertificates !== undefined || options.tlsVerifyPeer) {
+      const flag = options.tlsVerifyPeer ? "--tls-verify-peer" : "--tls-certificates";
+      throw new ServeError(`--tls-psk and ${flag} do not go together: keys or certificates`);
+    }
+    try {
+      return { mode, psk: readTlsPskFile(options.tlsPsk) };
+    } catch (error) {
+      if (error instanceof TlsSetupError) throw new ServeError(error.message);
+      throw error;
+    }
+  }
+  if (options.tlsCertificates === undefined) {
+    throw new ServeError(`--tls=${mode} needs --tls-certificates DIR or --tls-psk FILE`);
+  }
+  try {
+    const { key, cert, ca } = readTlsCertificates(options.tlsCertificates);
+    const verifyPeer = options.tlsVerifyPeer ?? false;
+    if (verifyPeer && ca === undefined) {
+      throw new TlsSetupError(`--tls-verify-peer needs ${options.tlsCertificates}/ca-cert.pem`);
+    }
+    return { mode, key, cert, ca, verifyPeer };
+  } catch (error) {
+    if (error instanceof TlsSetupError) throw new ServeError(error.message);
+    throw error;
+  }
 }
 
 /** `name=url` or `url`; the name defaults to the URL's last path segment. */
@@ -117,6 +177,7 @@ export async function serve(
     endpoints.push({ kind: "tcp", ...parseListen(options.listen ?? DEFAULT_LISTEN) });
   }
   if (options.socket !== undefined) endpoints.push({ kind: "unix", path: options.socket });
+  const tls = tlsSettings(options);
 
   const deviceOptions: OpenOptions = {
     readOnly: options.readOnly ?? false,
@@ -145,12 +206,20 @@ export async function serve(
   const exports = await Promise.all(
     opened.map((o) => NbdExport.create(o.name, o.device, `s3blk volume ${o.stack.url}`)),
   );
-  const server = new NbdServer({
-    exports,
-    log: (level, line) => {
-      if (level === "warn" || options.verbose) env.err(`s3blk: ${line}`);
-    },
-  });
+  let server: NbdServer;
+  try {
+    server = new NbdServer({
+      exports,
+      tls,
+      log: (level, line) => {
+        if (level === "warn" || options.verbose) env.err(`s3blk: ${line}`);
+      },
+    });
+  } catch (error) {
+    await Promise.all(opened.map((o) => o.device.disconnect()));
+    if (error instanceof TlsSetupError) throw new ServeError(error.message);
+    throw error;
+  }
   const bound: Endpoint[] = [];
   try {
     for (const endpoint of endpoints) bound.push(await server.listen(endpoint));
@@ -169,10 +238,18 @@ export async function serve(
       `serving ${e.name}: ${formatSize(e.sizeBytes)}${e.readOnly ? ", read-only" : ""}, ` +
         `${e.description.replace(/^s3blk volume /, "")}`,
     );
-    for (const endpoint of bound) env.out(`  ${nbdUri(endpoint, e.name)}`);
+    for (const endpoint of bound) env.out(`  ${nbdUri(endpoint, e.name, tls.mode === "require")}`);
   }
-  const first = nbdUri(bound[0]!, exports[0]!.name);
-  env.out(`connect with: qemu-img info ${first}`);
+  const first = nbdUri(bound[0]!, exports[0]!.name, tls.mode === "require");
+  if (tls.mode === "require") {
+    const query = first.includes("?") ? "&" : "?";
+    const credentials =
+      tls.psk === undefined ? "tls-certificates=CLIENT-CERTIFICATES-DIR" : "tls-psk-file=KEYS";
+    const uri = tls.psk === undefined ? first : first.replace("nbds://", "nbds://IDENTITY@");
+    env.out(`connect with: nbdinfo '${uri}${query}${credentials}'`);
+  } else {
+    env.out(`connect with: qemu-img info ${first}`);
+  }
   env.out(`stop with Ctrl-C or SIGTERM (writes are flushed first)`);
 
   let forcing = false;

@@ -25,6 +25,15 @@
  * {@link ReplyWriter}: corked, header and data as separate writes, one `writev` per burst. READ
  * data is a fresh buffer per request, so it cannot change while queued.
  *
+ * ## TLS
+ *
+ * When the negotiation returns a `starttls` step, the ack goes out on the plain socket; once it
+ * is flushed, the plain socket (reading already stopped) goes to the server's {@link TlsUpgrader}.
+ * On success the connection carries on with the TLS socket: replies go through a new
+ * {@link ReplyWriter}, and its `data` events (fresh buffers) feed a new handshake decoder, then
+ * the transmission decoder. A failed handshake closes the connection. Plain connections are
+ * untouched: the reused read buffer and the same code paths as without TLS.
+ *
  * ## Ending
  *
  * - NBD_CMD_DISC, a clean end of stream, or a server shutdown: stop reading, drop a WRITE whose
@@ -35,6 +44,7 @@
 
 import assert from "node:assert/strict";
 import type { Socket } from "node:net";
+import type { TLSSocket } from "node:tls";
 
 import {
   blockStatusChunkBytes,
@@ -73,8 +83,9 @@ import {
 import type { NbdFailure } from "./errors.js";
 import type { BufferPool } from "./buffer-pool.js";
 import type { ExportRegistry } from "./exports.js";
-import { Negotiation } from "./negotiation.js";
+import { Negotiation, type TlsMode } from "./negotiation.js";
 import { ReplyWriter } from "./reply-writer.js";
+import type { TlsUpgrader } from "./tls.js";
 
 /** Per-connection limits. */
 export interface ConnectionLimits {
@@ -106,6 +117,10 @@ export interface ConnectionContext {
   readonly limits: ConnectionLimits;
   readonly log: NbdLog;
   readonly shuttingDown: () => boolean;
+  /** Default `off`. */
+  readonly tls?: TlsMode;
+  /** Runs the TLS handshakes; required unless `tls` is `off`. */
+  readonly tlsUpgrader?: TlsUpgrader;
 }
 
 /** A request between its header and its flushed reply. */
@@ -128,15 +143,16 @@ interface Receiving {
   readonly payloadAt: number;
 }
 
-type Phase = "handshake" | "transmission" | "draining" | "closed";
+type Phase = "handshake" | "tls-handshake" | "transmission" | "draining" | "closed";
 
 export class Connection {
   readonly id: number;
   /** Resolves when the socket has closed. */
   readonly closed: Promise<void>;
-  readonly #socket: Socket;
+  /** The plain socket, then the TLS socket once TLS is up. */
+  #socket: Socket;
   readonly #context: ConnectionContext;
-  readonly #writer: ReplyWriter;
+  #writer: ReplyWriter;
   #phase: Phase = "handshake";
   #handshake: HandshakeDecoder | undefined = new HandshakeDecoder();
   readonly #negotiation: Negotiation;
@@ -155,6 +171,7 @@ export class Connection {
   #inFlightBytes = 0;
   /** Admitted requests whose reply has not been queued yet. */
   #unanswered = 0;
+  #onClose: () => void = () => {};
 
   constructor(id: number, socket: Socket, context: ConnectionContext) {
     this.id = id;
@@ -165,20 +182,25 @@ export class Connection {
       exports: context.exports,
       shuttingDown: context.shuttingDown,
       maxOptions: context.limits.maxOptions,
+      tls: context.tls ?? "off",
     });
+    assert(context.tls === undefined || context.tls === "off" || context.tlsUpgrader, "tls");
     this.closed = new Promise((resolve) => {
-      socket.once("close", () => {
+      this.#onClose = () => {
         this.#phase = "closed";
         clearTimeout(this.#handshakeTimer);
         resolve();
-      });
+      };
+      socket.once("close", this.#onClose);
     });
     socket.on("error", (error: NodeJS.ErrnoException) => {
       this.#log("debug", `socket error: ${error.code ?? error.message}`);
     });
     socket.on("end", () => this.#onEnd());
     this.#handshakeTimer = setTimeout(() => {
-      if (this.#phase === "handshake") this.#abort("warn", "handshake timed out");
+      if (this.#phase === "handshake" || this.#phase === "tls-handshake") {
+        this.#abort("warn", "handshake timed out");
+      }
     }, context.limits.handshakeTimeoutMs);
     this.#writer.send([encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)]);
   }
@@ -214,7 +236,8 @@ export class Connection {
    * stops reading, answers what it admitted, and closes. Resolves once the socket is closed.
    */
   shutdown(): Promise<void> {
-    if (this.#phase === "handshake") this.#abort("debug", "server shutting down");
+    if (this.#phase === "handshake" || this.#phase === "tls-handshake")
+      this.#abort("debug", "server shutting down");
     else this.#drain("server shutting down");
     return this.closed;
   }
@@ -234,6 +257,10 @@ export class Connection {
       const event = decoder.next();
       if (event === null) return true;
       const step = this.#negotiation.onEvent(event);
+      if (step.next === "starttls") {
+        this.#startTls(step.replies, decoder.takeRemaining());
+        return false;
+      }
       this.#writer.send(step.replies);
       if (step.next === "close") {
         const level = step.reason === "client aborted" ? "debug" : "warn";
@@ -258,6 +285,51 @@ export class Connection {
         return this.#pump();
       }
     }
+  }
+
+  /**
+   * Send the ack of NBD_OPT_STARTTLS, then hand the plain socket (which has stopped reading) to
+   * the upgrader. `early` holds what the client sent after the option without waiting for the
+   * ack: TLS bytes, given back to the socket for the TLS side to read first.
+   */
+  #startTls(replies: readonly Uint8Array[], earlyView: Uint8Array): void {
+    const early = Buffer.from(earlyView); // a view of the reused read buffer
+    this.#handshake = undefined;
+    this.#phase = "tls-handshake";
+    const plain = this.#socket;
+    this.#writer.send(replies, () => {
+      if (this.#phase !== "tls-handshake") return;
+      plain.pause();
+      if (early.length > 0) plain.unshift(early);
+      this.#context.tlsUpgrader!.upgrade(plain, {
+        secure: (socket, session) => this.#tlsUp(socket, session),
+        failed: (reason) => {
+          if (this.#phase === "tls-handshake") this.#abort("warn", `TLS handshake: ${reason}`);
+        },
+      });
+    });
+  }
+
+  #tlsUp(socket: TLSSocket, session: string): void {
+    if (this.#phase !== "tls-handshake") {
+      socket.destroy();
+      return;
+    }
+    this.#log("debug", `TLS up: ${session}`);
+    this.#socket = socket;
+    this.#writer = new ReplyWriter(socket);
+    this.#negotiation.tlsEstablished();
+    this.#handshake = new HandshakeDecoder({ clientFlags: false });
+    this.#phase = "handshake";
+    this.#readPaused = false;
+    socket.once("close", this.#onClose);
+    socket.on("error", (error: NodeJS.ErrnoException) => {
+      this.#log("debug", `TLS socket error: ${error.code ?? error.message}`);
+    });
+    socket.on("end", () => this.#onEnd());
+    socket.on("data", (chunk: Buffer) => {
+      if (!this.onChunk(chunk)) socket.pause();
+    });
   }
 
   // ---- transmission: reading ----------------------------------------------------------------
@@ -448,7 +520,7 @@ export class Connection {
     if (this.#phase === "transmission") {
       const clean = this.#decoder!.atMessageBoundary && this.#held === undefined;
       this.#drain(clean ? "client closed" : "client closed in the middle of a request");
-    } else if (this.#phase === "handshake") {
+    } else if (this.#phase === "handshake" || this.#phase === "tls-handshake") {
       this.#abort("debug", "client closed during the handshake");
     }
   }

@@ -6,16 +6,32 @@
  *
  * - Client flags with a bit we did not offer end the connection (the spec's MUST).
  * - A client that did not set NBD_FLAG_C_FIXED_NEWSTYLE may only send NBD_OPT_EXPORT_NAME.
- * - Unknown options (NBD_OPT_STARTTLS included: we speak no TLS) get NBD_REP_ERR_UNSUP and the
- *   negotiation carries on; malformed ones NBD_REP_ERR_INVALID; over-long ones
- *   NBD_REP_ERR_TOO_BIG. NBD_OPT_EXPORT_NAME cannot be answered with an error, so a bad or
+ * - Unknown options get NBD_REP_ERR_UNSUP and the negotiation carries on; malformed ones
+ *   NBD_REP_ERR_INVALID; over-long ones NBD_REP_ERR_TOO_BIG. NBD_OPT_EXPORT_NAME cannot be answered with an error, so a bad or
  *   unknown name there closes the connection.
  * - NBD_OPT_INFO/GO always answer NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE, plus NAME and
  *   DESCRIPTION when asked.
  * - Metadata contexts need structured replies first; the one context is `base:allocation`.
  *   A selection made for one export does not carry over to another.
  * - While the server shuts down, every option but NBD_OPT_ABORT gets NBD_REP_ERR_SHUTDOWN.
+ *
+ * TLS, in the spec's three modes ({@link TlsMode}):
+ * - `off` (NOTLS): NBD_OPT_STARTTLS gets NBD_REP_ERR_POLICY; nothing is ever NBD_REP_ERR_TLS_REQD.
+ * - `require` (FORCEDTLS): until TLS is up, every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT
+ *   gets NBD_REP_ERR_TLS_REQD (malformed, unknown and over-long ones too), and
+ *   NBD_OPT_EXPORT_NAME, which cannot be answered, ends the session. So a plain client never
+ *   learns the export list and never reaches data.
+ * - `on` (SELECTIVETLS with no TLS-only export): TLS whenever the client asks for it, plain
+ *   otherwise; NBD_REP_ERR_TLS_REQD is never sent.
+ * - NBD_OPT_STARTTLS with data, or once TLS is up, gets NBD_REP_ERR_INVALID (as nbdkit, the data
+ *   check comes first). Otherwise it is acknowledged and the step is `starttls`: the connection
+ *   runs the TLS handshake and calls {@link Negotiation.tlsEstablished}, which forgets every option
+ *   negotiated before (the spec: nothing from the plain part may be trusted). The client flags
+ *   stay, since they are not resent; so does the count of options, which is a limit, not state.
+ *   A handshake that fails closes the connection: the acknowledgement has been sent.
  */
+
+import assert from "node:assert/strict";
 
 import {
   encodeExportNameReply,
@@ -44,12 +60,17 @@ import {
   NBD_INFO_DESCRIPTION,
   NBD_INFO_NAME,
   NBD_META_CONTEXT_BASE_ALLOCATION,
+  NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
+  NBD_OPT_STARTTLS,
   NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
+  nameOfOption,
   type OptionRequest,
 } from "./protocol.js";
 import type { ExportRegistry, NbdExport } from "./exports.js";
@@ -66,9 +87,19 @@ export interface Negotiated {
   readonly transmissionFlags: number;
 }
 
-/** What to do after an event: send `replies`, then carry on, enter transmission, or close. */
+/**
+ * Whether the server speaks TLS: `off` never; `on` when the client asks (plain clients are served
+ * too); `require`: only clients that upgrade with NBD_OPT_STARTTLS reach an export.
+ */
+export type TlsMode = "off" | "on" | "require";
+
+/**
+ * What to do after an event: send `replies`, then carry on, upgrade the connection to TLS (and
+ * then call {@link Negotiation.tlsEstablished}), enter transmission, or close.
+ */
 export type NegotiationStep =
   | { readonly next: "continue"; readonly replies: readonly Uint8Array[] }
+  | { readonly next: "starttls"; readonly replies: readonly Uint8Array[] }
   | {
       readonly next: "transmission";
       readonly replies: readonly Uint8Array[];
@@ -82,6 +113,8 @@ export interface NegotiationOptions {
   readonly shuttingDown: () => boolean;
   /** Options accepted before the client is deemed abusive and dropped. Default 1024. */
   readonly maxOptions?: number;
+  /** Default `off`. */
+  readonly tls?: TlsMode;
 }
 
 const KNOWN_CLIENT_FLAGS = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
@@ -106,6 +139,9 @@ export class Negotiation {
   readonly #exports: ExportRegistry;
   readonly #shuttingDown: () => boolean;
   readonly #maxOptions: number;
+  readonly #tls: TlsMode;
+  /** The ack of NBD_OPT_STARTTLS was sent: everything after it is inside TLS. */
+  #tlsStarted = false;
   #fixedNewstyle = false;
   #noZeroes = false;
   #options = 0;
@@ -117,6 +153,17 @@ export class Negotiation {
     this.#exports = options.exports;
     this.#shuttingDown = options.shuttingDown;
     this.#maxOptions = options.maxOptions ?? 1024;
+    this.#tls = options.tls ?? "off";
+  }
+
+  /**
+   * The TLS handshake that followed a `starttls` step succeeded: forget what was negotiated in
+   * plain text, and carry on with options (a new `HandshakeDecoder` that expects no flags).
+   */
+  tlsEstablished(): void {
+    assert(this.#tlsStarted, "tlsEstablished() without a starttls step");
+    this.#structuredReplies = false;
+    this.#metaExport = undefined;
   }
 
   onEvent(event: HandshakeEvent): NegotiationStep {
@@ -136,8 +183,9 @@ export class Negotiation {
         return this.#option(event.request);
       case "option-too-long":
         if (event.option === NBD_OPT_EXPORT_NAME || !this.#fixedNewstyle) {
-          return close(`option ${event.option} of ${event.length} bytes is too long`);
+          return close(`${nameOfOption(event.option)} of ${event.length} bytes is too long`);
         }
+        if (this.#tlsRequiredFor(event.option)) return proceed([tlsRequired(event.option)]);
         return proceed([
           encodeRepError(
             event.option,
@@ -152,13 +200,19 @@ export class Negotiation {
 
   #option(request: OptionRequest): NegotiationStep {
     if (!this.#fixedNewstyle && request.type !== "export-name") {
-      return close(`client without fixed newstyle sent option ${request.option}`);
+      return close(`client without fixed newstyle sent ${nameOfOption(request.option)}`);
     }
     if (this.#shuttingDown() && request.type !== "abort") {
       if (request.type === "export-name") return close("shutting down");
       return proceed([
         encodeRepError(request.option, NBD_REP_ERR_SHUTDOWN, "the server is shutting down"),
       ]);
+    }
+    if (this.#tlsRequiredFor(request.option)) {
+      if (request.option === NBD_OPT_EXPORT_NAME) {
+        return close("NBD_OPT_EXPORT_NAME without TLS, which this server requires");
+      }
+      return proceed([tlsRequired(request.option)]);
     }
     switch (request.type) {
       case "export-name": {
@@ -189,18 +243,42 @@ export class Negotiation {
       case "list-meta-context":
       case "set-meta-context":
         return this.#metaContext(request.type, request.option, request.exportName, request.queries);
+      case "starttls":
+        return this.#startTls(request.option);
       case "unknown":
         return proceed([
           encodeRepError(
             request.option,
             NBD_REP_ERR_UNSUP,
-            `option ${request.option} is not supported`,
+            `${nameOfOption(request.option)} is not supported`,
           ),
         ]);
       case "invalid":
         if (request.option === NBD_OPT_EXPORT_NAME) return close(request.reason);
         return proceed([encodeRepError(request.option, NBD_REP_ERR_INVALID, request.reason)]);
     }
+  }
+
+  /** Under `require`, before TLS: every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT. */
+  #tlsRequiredFor(option: number): boolean {
+    return (
+      this.#tls === "require" &&
+      !this.#tlsStarted &&
+      option !== NBD_OPT_STARTTLS &&
+      option !== NBD_OPT_ABORT
+    );
+  }
+
+  /** NBD_OPT_STARTTLS without data (with data, it is `invalid`: NBD_REP_ERR_INVALID). */
+  #startTls(option: number): NegotiationStep {
+    if (this.#tls === "off") {
+      return proceed([encodeRepError(option, NBD_REP_ERR_POLICY, "this server does not do TLS")]);
+    }
+    if (this.#tlsStarted) {
+      return proceed([encodeRepError(option, NBD_REP_ERR_INVALID, "TLS is already up")]);
+    }
+    this.#tlsStarted = true;
+    return { next: "starttls", replies: [encodeRepAck(option)] };
   }
 
   #infoOrGo(
@@ -277,6 +355,14 @@ export class Negotiation {
 
 function proceed(replies: readonly Uint8Array[]): NegotiationStep {
   return { next: "continue", replies };
+}
+
+function tlsRequired(option: number): Uint8Array {
+  return encodeRepError(
+    option,
+    NBD_REP_ERR_TLS_REQD,
+    `${nameOfOption(option)} needs TLS: this server requires NBD_OPT_STARTTLS first`,
+  );
 }
 
 function close(reason: string): NegotiationStep {

@@ -14,6 +14,8 @@
  *   PERF-NOTES). Should that ever be unavailable, plain `data` events work the same, slower.
  * - **Stopping.** `close()` stops accepting, closes connections still negotiating, and lets
  *   each connection in transmission stop reading, answer what it admitted, and close.
+ * - **TLS** (`tls`, see tls.ts): when on, one {@link TlsUpgrader} made at construction, which
+ *   checks the key and certificates before anything listens, runs every connection's handshake.
  * - **Failure isolation.** Anything a client does (malformed frames, vanishing mid-request,
  *   resets) ends that connection only.
  */
@@ -31,6 +33,7 @@ import {
 } from "./connection.js";
 import { BufferPool } from "./buffer-pool.js";
 import { ExportRegistry, type NbdExport } from "./exports.js";
+import { TlsUpgrader, type NbdTlsOptions } from "./tls.js";
 
 /** Where to listen. */
 export type Endpoint =
@@ -52,6 +55,11 @@ export interface NbdServerOptions {
    * (a client that stops reading must not hold a shutdown forever). Default 10 s.
    */
   readonly drainTimeoutMs?: number;
+  /**
+   * NBD over TLS (NBD_OPT_STARTTLS): off, offered, or required; the key, certificates and
+   * whether client certificates are checked. Default: off.
+   */
+  readonly tls?: NbdTlsOptions;
 }
 
 export const DEFAULT_READ_BUFFER_BYTES = 2 * 1024 * 1024;
@@ -63,6 +71,8 @@ export class NbdServer {
   readonly #maxConnections: number;
   readonly #drainTimeoutMs: number;
   readonly #log: NbdLog;
+  readonly #tls: NbdTlsOptions["mode"];
+  readonly #tlsUpgrader: TlsUpgrader | undefined;
   readonly #listeners: { server: Server; endpoint: Endpoint }[] = [];
   readonly #connections = new Set<Connection>();
   readonly #pool = new BufferPool();
@@ -80,6 +90,8 @@ export class NbdServer {
       ((level, line) => {
         if (level === "warn") console.error(`s3blk: ${line}`);
       });
+    this.#tls = options.tls?.mode ?? "off";
+    this.#tlsUpgrader = this.#tls === "off" ? undefined : new TlsUpgrader(options.tls!);
     assert(this.#limits.maxInFlightRequests >= 1, "maxInFlightRequests");
     assert(this.#limits.maxInFlightBytes >= 1, "maxInFlightBytes");
   }
@@ -190,6 +202,8 @@ export class NbdServer {
       limits: this.#limits,
       log: this.#log,
       shuttingDown: () => this.#closing !== undefined,
+      tls: this.#tls,
+      tlsUpgrader: this.#tlsUpgrader,
     });
     this.#connections.add(connection);
     const remote =
@@ -263,12 +277,17 @@ function unlinkIfPresent(file: string): void {
 }
 let stagingCount = 0;
 
-/** The NBD URI of `exportName` at `endpoint` (RFC: NetworkBlockDevice `doc/uri.md`). */
-export function nbdUri(endpoint: Endpoint, exportName: string): string {
+/**
+ * The NBD URI of `exportName` at `endpoint` (NetworkBlockDevice `doc/uri.md`); with `tls`, the
+ * `nbds` scheme, which tells the client to require TLS.
+ */
+export function nbdUri(endpoint: Endpoint, exportName: string, tls = false): string {
   const name = encodeURIComponent(exportName).replace(/%2F/g, "/");
+  const scheme = tls ? "nbds" : "nbd";
   if (endpoint.kind === "unix") {
-    return `nbd+unix:///${name}?socket=${encodeURIComponent(endpoint.path).replace(/%2F/g, "/")}`;
+    const socket = encodeURIComponent(endpoint.path).replace(/%2F/g, "/");
+    return `${scheme}+unix:///${name}?socket=${socket}`;
   }
   const host = endpoint.host.includes(":") ? `[${endpoint.host}]` : endpoint.host;
-  return `nbd://${host}:${endpoint.port}/${name}`;
+  return `${scheme}://${host}:${endpoint.port}/${name}`;
 }

@@ -652,7 +652,14 @@ function handshakeFixture(): { stream: Uint8Array; events: HandshakeEvent[] } {
     ],
     [
       client.encodeOption(nbd.NBD_OPT_STARTTLS),
-      { kind: "option", request: { type: "unknown", option: 5, data: new Uint8Array(0) } },
+      { kind: "option", request: { type: "starttls", option: 5 } },
+    ],
+    [
+      client.encodeOption(nbd.NBD_OPT_STARTTLS, hex("16")),
+      {
+        kind: "option",
+        request: { type: "invalid", option: 5, reason: "NBD_OPT_STARTTLS takes no data" },
+      },
     ],
     [
       client.encodeOption(0x12345678, hex("010203")),

@@ -48,6 +48,7 @@ import {
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_POLICY,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
@@ -121,7 +122,12 @@ describe("negotiation", () => {
     expect(parseRepServer(list[0]!.data)).toEqual({ name: "disk", description: "the test disk" });
     expect(list.slice(1, 3).map((r) => parseRepServer(r.data).name)).toEqual(["ro", "big-sectors"]);
 
-    for (const option of [NBD_OPT_STARTTLS, 99, 0x7fffffff]) {
+    // This server has no TLS: STARTTLS gets NBD_REP_ERR_POLICY (with data, INVALID first).
+    c.sendOption(encodeOption(NBD_OPT_STARTTLS));
+    expect((await c.optionReply()).replyType).toBe(NBD_REP_ERR_POLICY);
+    c.sendOption(encodeOption(NBD_OPT_STARTTLS, Buffer.from("junk")));
+    expect((await c.optionReply()).replyType).toBe(NBD_REP_ERR_INVALID);
+    for (const option of [99, 0x7fffffff]) {
       c.sendOption(encodeOption(option, Buffer.from("junk")));
       const [unsup] = await c.optionReplies();
       expect(unsup?.option).toBe(option);

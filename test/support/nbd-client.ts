@@ -1,10 +1,12 @@
 /**
  * A small NBD client for tests that must know exactly which requests were acknowledged (the
  * crash loop) or must send what no real client would (the fuzz suite). Fixed newstyle,
- * NBD_OPT_GO, simple replies only, requests pipelined with cookies.
+ * NBD_OPT_GO, simple replies only, requests pipelined with cookies; over TLS (NBD_OPT_STARTTLS
+ * first) when given `tls` options.
  */
 
 import net from "node:net";
+import tls from "node:tls";
 import {
   NBD_CMD_DISC,
   NBD_CMD_FLAG_FUA,
@@ -15,12 +17,14 @@ import {
   NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES,
   NBD_OPT_GO,
+  NBD_OPT_STARTTLS,
   NBD_REP_ACK,
   NBD_REP_INFO,
 } from "../../src/nbd/protocol.js";
 import {
   encodeClientFlags,
   encodeInfoOption,
+  encodeOption,
   encodeRequest,
   parseGreeting,
   parseOptionReply,
@@ -47,13 +51,18 @@ interface Pending {
 export class NbdClient {
   readonly sizeBytes: number;
   readonly transmissionFlags: number;
-  readonly #socket: net.Socket;
+  readonly #socket: net.Socket | tls.TLSSocket;
   readonly #pending = new Map<bigint, Pending>();
   #buffer: Buffer = Buffer.alloc(0);
   #nextCookie = 1n;
   #closed: Error | undefined;
 
-  private constructor(socket: net.Socket, sizeBytes: number, flags: number, rest: Buffer) {
+  private constructor(
+    socket: net.Socket | tls.TLSSocket,
+    sizeBytes: number,
+    flags: number,
+    rest: Buffer,
+  ) {
     this.#socket = socket;
     this.sizeBytes = sizeBytes;
     this.transmissionFlags = flags;
@@ -72,17 +81,22 @@ export class NbdClient {
     this.#drain();
   }
 
-  /** Connect to `path` (a unix socket) or `{host, port}`, and negotiate `exportName`. */
+  /**
+   * Connect to `path` (a unix socket) or `{host, port}`, and negotiate `exportName`; with `tls`,
+   * send NBD_OPT_STARTTLS first and negotiate inside TLS.
+   */
   static async connect(
     target: string | { host: string; port: number },
     exportName = "",
+    options: { tls?: tls.ConnectionOptions } = {},
   ): Promise<NbdClient> {
-    const socket =
+    const plain =
       typeof target === "string" ? net.connect(target) : net.connect(target.port, target.host);
     await new Promise<void>((resolve, reject) => {
-      socket.once("connect", resolve);
-      socket.once("error", reject);
+      plain.once("connect", resolve);
+      plain.once("error", reject);
     });
+    let socket: net.Socket | tls.TLSSocket = plain;
     let buffer: Buffer = Buffer.alloc(0);
     const need = async (n: number) => {
       while (buffer.length < n) {
@@ -97,6 +111,26 @@ export class NbdClient {
     parseGreeting(buffer);
     buffer = buffer.subarray(18);
     socket.write(encodeClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES));
+    if (options.tls !== undefined) {
+      socket.write(encodeOption(NBD_OPT_STARTTLS));
+      let ack = parseOptionReply(buffer, 0);
+      while (ack === null) {
+        await need(buffer.length + 1);
+        ack = parseOptionReply(buffer, 0);
+      }
+      if (ack.replyType !== NBD_REP_ACK || ack.end !== buffer.length) {
+        plain.destroy();
+        throw new Error(`NBD_OPT_STARTTLS refused: reply type 0x${ack.replyType.toString(16)}`);
+      }
+      buffer = Buffer.alloc(0);
+      plain.removeAllListeners("data");
+      const secure = tls.connect({ ...options.tls, socket: plain });
+      await new Promise<void>((resolve, reject) => {
+        secure.once("secureConnect", resolve);
+        secure.once("error", reject);
+      });
+      socket = secure;
+    }
     socket.write(encodeInfoOption(NBD_OPT_GO, exportName, []));
     let sizeBytes = -1;
     let flags = 0;

@@ -64,7 +64,7 @@ export async function startServe(
     }
     await new Promise((r) => setTimeout(r, 20));
   }
-  const uris = [...stdout.matchAll(/^ {2}(nbd(?:\+unix)?:\/\/\S+)$/gm)].map((m) => m[1]!);
+  const uris = [...stdout.matchAll(/^ {2}(nbds?(?:\+unix)?:\/\/\S+)$/gm)].map((m) => m[1]!);
   return {
     child,
     uris,

@@ -160,3 +160,21 @@ export const STRUCTURED_REPLY_HEADER_BYTES = 20;
 export const OFFSET_DATA_HEADER_BYTES = 28;
 /** A whole OFFSET_HOLE chunk: header + offset + hole size. */
 export const OFFSET_HOLE_CHUNK_BYTES = 32;
+
+const OPTION_NAMES: ReadonlyMap<number, string> = new Map([
+  [NBD_OPT_EXPORT_NAME, "NBD_OPT_EXPORT_NAME"],
+  [NBD_OPT_ABORT, "NBD_OPT_ABORT"],
+  [NBD_OPT_LIST, "NBD_OPT_LIST"],
+  [NBD_OPT_STARTTLS, "NBD_OPT_STARTTLS"],
+  [NBD_OPT_INFO, "NBD_OPT_INFO"],
+  [NBD_OPT_GO, "NBD_OPT_GO"],
+  [NBD_OPT_STRUCTURED_REPLY, "NBD_OPT_STRUCTURED_REPLY"],
+  [NBD_OPT_LIST_META_CONTEXT, "NBD_OPT_LIST_META_CONTEXT"],
+  [NBD_OPT_SET_META_CONTEXT, "NBD_OPT_SET_META_CONTEXT"],
+  [NBD_OPT_EXTENDED_HEADERS, "NBD_OPT_EXTENDED_HEADERS"],
+]);
+
+/** The spec's name of an option code, for messages: `NBD_OPT_GO`, or `option 0x7abc`. */
+export function nameOfOption(option: number): string {
+  return OPTION_NAMES.get(option) ?? `option 0x${option.toString(16)}`;
+}

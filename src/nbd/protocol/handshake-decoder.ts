@@ -39,6 +39,12 @@ export type HandshakeEvent =
 export interface HandshakeDecoderOptions {
   /** Largest option payload accepted, in bytes. Default 65536. */
   readonly maxOptionLengthBytes?: number;
+  /**
+   * Start with the client flags (true, a fresh connection) or with an option frame (false: the
+   * option haggling that goes on inside TLS after NBD_OPT_STARTTLS, where no flags are resent).
+   * Default true.
+   */
+  readonly clientFlags?: boolean;
 }
 
 /** Default {@link HandshakeDecoderOptions.maxOptionLengthBytes}: 64 KiB. */
@@ -59,7 +65,8 @@ const DONE = 5;
  *
  * When an option ends the handshake (NBD_OPT_EXPORT_NAME, or NBD_OPT_GO the server accepts), call
  * {@link takeRemaining} before calling `next()` again, and feed what it returns to the
- * transmission decoder.
+ * transmission decoder. After an NBD_OPT_STARTTLS the server acknowledged, what it returns is
+ * the start of the TLS stream.
  */
 export class HandshakeDecoder {
   readonly #maxOptionLengthBytes: number;
@@ -80,6 +87,7 @@ export class HandshakeDecoder {
     const max = options.maxOptionLengthBytes ?? DEFAULT_MAX_OPTION_LENGTH_BYTES;
     assert(Number.isSafeInteger(max) && max >= 0, "maxOptionLengthBytes");
     this.#maxOptionLengthBytes = max;
+    if (options.clientFlags === false) this.#state = OPTION_HEADER;
   }
 
   /** The fatal error, once one has been yielded. */

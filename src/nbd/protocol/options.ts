@@ -3,8 +3,8 @@
  *
  * Parsing never throws: a malformed payload of an option we know becomes `{ type: "invalid" }`,
  * which the server answers with NBD_REP_ERR_INVALID (or, for NBD_OPT_EXPORT_NAME, which cannot
- * be answered with an error, by disconnecting). Options we do not parse (NBD_OPT_STARTTLS,
- * NBD_OPT_EXTENDED_HEADERS, anything unknown) become `{ type: "unknown" }` with the raw data, to be
+ * be answered with an error, by disconnecting). Options we do not parse
+ * (NBD_OPT_EXTENDED_HEADERS, anything unknown) become `{ type: "unknown" }` with the raw data, to be
  * answered with NBD_REP_ERR_UNSUP.
  */
 import { decodeNbdString, readU16, readU32 } from "./bytes.js";
@@ -16,6 +16,7 @@ import {
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
 } from "./constants.js";
 
@@ -27,6 +28,8 @@ export type OptionRequest =
   | { readonly type: "abort"; readonly option: number }
   /** NBD_OPT_LIST: one NBD_REP_SERVER per export, then NBD_REP_ACK. */
   | { readonly type: "list"; readonly option: number }
+  /** NBD_OPT_STARTTLS: NBD_REP_ACK, then the TLS handshake (or an error, and carry on). */
+  | { readonly type: "starttls"; readonly option: number }
   /** NBD_OPT_STRUCTURED_REPLY: NBD_REP_ACK enables structured replies. */
   | { readonly type: "structured-reply"; readonly option: number }
   /**
@@ -71,6 +74,9 @@ export function parseOptionRequest(option: number, data: Uint8Array): OptionRequ
     case NBD_OPT_LIST:
       if (data.length !== 0) return invalid(option, "NBD_OPT_LIST takes no data");
       return { type: "list", option };
+    case NBD_OPT_STARTTLS:
+      if (data.length !== 0) return invalid(option, "NBD_OPT_STARTTLS takes no data");
+      return { type: "starttls", option };
     case NBD_OPT_STRUCTURED_REPLY:
       if (data.length !== 0) return invalid(option, "NBD_OPT_STRUCTURED_REPLY takes no data");
       return { type: "structured-reply", option };
