@@ -1,7 +1,8 @@
 /**
  * The public API of s3blk: `import { openStoreStack, openVolume } from "s3blk"`.
  *
- * It is 0.x and may change until 1.0: snapshots, metrics and TLS are about to extend it. What is
+ * It is 0.x and may change until 1.0: clones, metrics and a write-ahead journal are about to
+ * extend it. What is
  * exported here is the whole of it; any other module under `dist/` is internal.
  *
  * - **The block contract**: {@link BlockDevice} (MirageOS's `Mirage_block.S`), its results and
