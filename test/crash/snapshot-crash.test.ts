@@ -16,6 +16,7 @@ import { describe, expect, it } from "vitest";
 import { openVolume, createVolume } from "../../src/lifecycle/volume-lifecycle.js";
 import { listSnapshots } from "../../src/lifecycle/snapshot-lifecycle.js";
 import { openStoreStack, type StoreStackOptions } from "../../src/store/store-stack.js";
+import { childEnv } from "../support/environment.js";
 import { CLI } from "../support/serve-process.js";
 import { requireS3, s3Env, stackOptions } from "../support/s3-target.js";
 import { pattern } from "../support/volumes.js";
@@ -50,17 +51,25 @@ function backends(): Backend[] {
   return list;
 }
 
-/** Run `s3blk snapshot create` and kill -9 it after `delayMs` (if it is still running). */
-function killedSnapshot(backend: Backend, name: string, delayMs: number): Promise<string> {
+/**
+ * Run `s3blk snapshot create` and kill -9 it after `delayMs` (if it is still running). Resolves
+ * with how it ended (the signal's name, or the exit code) and how long it ran.
+ */
+function killedSnapshot(
+  backend: Backend,
+  name: string,
+  delayMs: number,
+): Promise<{ outcome: string; ranMs: number }> {
   return new Promise((resolve) => {
-    const child = spawn("node", [CLI, "snapshot", "create", backend.url, name], {
-      env: { ...process.env, ...backend.env },
+    const startedMs = performance.now();
+    const child = spawn(process.execPath, [CLI, "snapshot", "create", backend.url, name], {
+      env: childEnv(backend.env),
       stdio: "ignore",
     });
     const timer = setTimeout(() => child.kill("SIGKILL"), delayMs);
     child.on("exit", (code, signal) => {
       clearTimeout(timer);
-      resolve(signal ?? String(code));
+      resolve({ outcome: signal ?? String(code), ranMs: performance.now() - startedMs });
     });
   });
 }
@@ -77,13 +86,19 @@ describe.each(backends())("kill -9 during snapshot create on $name", (backend) =
     const taken = new Map<string, Buffer>();
     const outcomes = new Set<string>();
     let checked = 0;
+    let fullRunMs = 1000;
 
     for (let round = 1; round <= ROUNDS; round++) {
       const name = `r${round}`;
-      // Every other round runs to the end, so that older snapshots exist to be checked after
-      // the rewrites and garbage deletions of later rounds.
-      const delayMs = round % 2 === 0 ? 120_000 : 150 + Math.floor(Math.random() * 900);
-      outcomes.add(await killedSnapshot(backend, name, delayMs));
+      // Every other round (the first among them) runs to the end, so that older snapshots exist
+      // to be checked after the rewrites and garbage deletions of later rounds, and so that the
+      // others can be killed at a random moment inside a whole run's time, however fast this
+      // machine is today.
+      const runsToEnd = round % 2 === 1;
+      const delayMs = runsToEnd ? 120_000 : Math.floor((0.05 + 0.9 * Math.random()) * fullRunMs);
+      const { outcome, ranMs } = await killedSnapshot(backend, name, delayMs);
+      outcomes.add(outcome);
+      if (runsToEnd && outcome === "0") fullRunMs = ranMs;
       taken.set(name, Buffer.from(volume));
 
       const readOnly = await openVolume(stack(), { readOnly: true });
