@@ -66,14 +66,21 @@ export interface ResolvedMap {
   readonly listed: readonly string[];
 }
 
-/** Resolve the map of the volume at `prefix` (see the module comment). */
+/**
+ * Resolve the map of the volume at `prefix` (see the module comment). `concurrentTerms`: a new
+ * writer term may start meanwhile (a read-only open, not a lease holder's). Then the seals are
+ * listed again after the chunks: a term that sealed and deleted the previous term's objects
+ * between the two LISTs, before writing a chunk of its own, leaves no newer object to betray
+ * it, and the older seal's entries would be read as current. One more LIST.
+ */
 export async function resolveChunkMap(
   store: ObjectStore,
   prefix: string,
   superblock: Superblock,
+  options: { readonly concurrentTerms?: boolean } = {},
 ): Promise<ResolvedMap> {
   for (let attempt = 1; ; attempt++) {
-    const resolved = await resolveOnce(store, prefix, superblock);
+    const resolved = await resolveOnce(store, prefix, superblock, options.concurrentTerms ?? true);
     if (!(resolved instanceof RacedError)) return resolved;
     if (attempt >= MAX_RESOLVE_ATTEMPTS) {
       throw new FormatError(
@@ -90,6 +97,7 @@ async function resolveOnce(
   store: ObjectStore,
   prefix: string,
   superblock: Superblock,
+  concurrentTerms: boolean,
 ): Promise<ResolvedMap | RacedError> {
   const seals = superblock.formatVersion === 1 ? [] : await listSeals(store, prefix);
   const sealEpoch = Math.max(0, ...seals.map((s) => s.epoch));
@@ -111,6 +119,12 @@ async function resolveOnce(
     if (epoch !== sealEpoch) continue;
     const best = current.get(ref.index);
     if (best === undefined || ref.generation > best.generation) current.set(ref.index, ref);
+  }
+  if (concurrentTerms && superblock.formatVersion !== 1) {
+    const newest = Math.max(0, ...(await listSeals(store, prefix)).map((s) => s.epoch));
+    if (newest !== sealEpoch) {
+      return new RacedError(`seal ${newest} appeared while the map of seal ${sealEpoch} was read`);
+    }
   }
   const refs = new Map<number, ChunkRef>();
   for (const [hex, gen] of Object.entries(seal?.chunks ?? {})) {

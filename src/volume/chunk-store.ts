@@ -96,6 +96,8 @@ export class ChunkStore {
   #allocatedCount = 0;
   /** Keys replaced by a durable newer generation, not yet deleted. */
   #superseded: string[] = [];
+  /** Per chunk, keys of this term whose PUT was reported failed but may have landed. */
+  readonly #maybeLanded = new Map<number, string[]>();
   #deleting: Promise<void> | undefined;
   #fenced: Error | undefined;
 
@@ -125,7 +127,10 @@ export class ChunkStore {
     if (term === undefined && startFrom !== undefined) {
       return new ChunkStore(options, new Map(startFrom), undefined, new Set());
     }
-    const map = await resolveChunkMap(store, prefix, superblock);
+    // A writer term holds the lease: no other term starts while it resolves.
+    const map = await resolveChunkMap(store, prefix, superblock, {
+      concurrentTerms: term === undefined,
+    });
     if (term === undefined) return new ChunkStore(options, map.refs, undefined, new Set());
     const pinned = pinnedKeys(prefix, superblock, await readSnapshots(store, prefix, superblock));
     const refs = startFrom === undefined ? map.refs : new Map(startFrom);
@@ -218,7 +223,16 @@ export class ChunkStore {
         if (this.#fenced !== undefined) throw this.#fenced;
         const data = await produce(() => this.#get(index, 0, this.superblock.chunkSizeBytes));
         const previous = this.#refs.get(index);
-        if (data === undefined && (previous === undefined || previous.zero)) return;
+        // A PUT reported failed may have landed all the same: until a newer generation is
+        // durable, that object would win at the next open, so zeros need a tombstone over it.
+        const maybeLanded = this.#maybeLanded.get(index);
+        if (
+          data === undefined &&
+          (previous === undefined || previous.zero) &&
+          maybeLanded === undefined
+        ) {
+          return;
+        }
         const ref = chunkRef(
           this.#prefix,
           this.superblock.volumeId,
@@ -226,11 +240,23 @@ export class ChunkStore {
           this.#nextGeneration(),
           data === undefined,
         );
-        await this.#store.put(ref.key, data ?? new Uint8Array(0), {
-          metadata:
-            data === undefined ? tombstoneMetadata(ref) : chunkMetadata(this.superblock, ref, data),
-        });
+        try {
+          await this.#store.put(ref.key, data ?? new Uint8Array(0), {
+            metadata:
+              data === undefined
+                ? tombstoneMetadata(ref)
+                : chunkMetadata(this.superblock, ref, data),
+          });
+        } catch (error) {
+          this.#maybeLanded.set(index, [...(maybeLanded ?? []), ref.key]);
+          throw error;
+        }
         this.#replace(index, ref, previous);
+        if (maybeLanded !== undefined) {
+          // The newer generation is durable: what may have landed before it is garbage.
+          this.#maybeLanded.delete(index);
+          this.#superseded.push(...maybeLanded);
+        }
         if (this.#superseded.length >= MAX_DELETE_BATCH) await this.deleteSuperseded();
       },
       { priority: PRIORITY_WRITE },

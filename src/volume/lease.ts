@@ -194,6 +194,19 @@ export class Lease {
     const wallMs = options.wallClockMs ?? Date.now;
     const key = leaseKey(prefix);
     const me = currentHolder();
+    // The wait a forced takeover owes the live holder it displaces: kept across attempts, so
+    // that a PUT of ours that landed unanswered (found on the next look) still waits it out.
+    let waitUntilWallMs = 0;
+    let displaced: LeaseHolder | undefined;
+    const waitOutDisplaced = async () => {
+      if (waitUntilWallMs <= wallMs()) return;
+      const waitMs = waitUntilWallMs - wallMs();
+      options.log?.(
+        `took over the lease from pid ${displaced?.pid} on ${displaced?.host}; ` +
+          `waiting ${Math.ceil(waitMs / 1000)} s for its lease to lapse before writing`,
+      );
+      await clock.sleep(waitMs);
+    };
     for (let attempt = 0; attempt < 10; attempt++) {
       const got = await store.get(key);
       const previous = got === undefined ? undefined : parseRecord(got.body, key);
@@ -210,14 +223,15 @@ export class Lease {
         );
         lease.#arm(fence);
         lease.#scheduleRenewal();
+        await waitOutDisplaced();
         return lease;
       }
       const nowMs = wallMs();
-      let waitUntilWallMs = 0;
       if (previous !== undefined && previous.holder !== null && previous.expiresAtMs > nowMs) {
         if (!isAbandoned(previous.holder)) {
           if (!settings.force) throw new LeaseHeldError(previous, nowMs);
-          waitUntilWallMs = previous.expiresAtMs + settings.clockSkewMs;
+          waitUntilWallMs = Math.max(waitUntilWallMs, previous.expiresAtMs + settings.clockSkewMs);
+          displaced = previous.holder;
         }
       }
       const record: LeaseRecord = {
@@ -243,14 +257,7 @@ export class Lease {
       const lease = new Lease(store, key, record, etag, sentAtMs, clock, settings);
       lease.#arm(fence);
       lease.#scheduleRenewal();
-      if (waitUntilWallMs > wallMs()) {
-        const waitMs = waitUntilWallMs - wallMs();
-        options.log?.(
-          `took over the lease from pid ${previous?.holder?.pid} on ${previous?.holder?.host}; ` +
-            `waiting ${Math.ceil(waitMs / 1000)} s for its lease to lapse before writing`,
-        );
-        await clock.sleep(waitMs);
-      }
+      await waitOutDisplaced();
       return lease;
     }
     throw new StoreError("Transient", `could not take ${key}: it kept changing under us`);

@@ -132,6 +132,68 @@ describe.each(backends)("format version 2 on $name", (backend) => {
     await c.disconnect();
   });
 
+  it("tombstones a chunk zeroed after an upload that landed though it was reported failed", async () => {
+    // The PUT lands, but its answer is lost and no retry is left: the writer must assume that
+    // object may exist, so that zeros written later are not hidden by it at the next open.
+    let loseAnswers = false;
+    class AnswerLost extends StoreLayer {
+      override async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+        const result = await super.put(key, body, options);
+        if (loseAnswers && key.includes("chunks/")) {
+          loseAnswers = false;
+          throw new StoreError("Permanent", `lost the answer to PUT ${key}`);
+        }
+        return result;
+      }
+    }
+    const volume = await newTestVolume(backend, "landed", PARAMS);
+    const device = await volume.open(
+      { writebackDelayMs: 60_000 },
+      volume.stack({ wrap: (s) => new AnswerLost(s) }),
+    );
+    expect((await device.write(0, [pattern(7, 0, SPC)])).ok).toBe(true);
+    loseAnswers = true;
+    expect((await device.flush()).ok).toBe(false);
+    expect((await device.discard(0, SPC)).ok).toBe(true);
+    expect((await device.flush()).ok).toBe(true);
+    expect((await device.disconnect()).ok).toBe(true);
+    const reader = await volume.open({ readOnly: true });
+    const out = new Uint8Array(CHUNK);
+    expect((await reader.read(0, [out])).ok).toBe(true);
+    await reader.disconnect();
+    expect(out.every((b) => b === 0)).toBe(true);
+  });
+
+  it("gives a read-only open that races a new writer term the current map, not the old seal's", async () => {
+    const volume = await newTestVolume(backend, "race", PARAMS);
+    const first = await volume.open();
+    expect((await first.write(0, [pattern(8, 0, SPC)])).ok).toBe(true);
+    expect((await first.disconnect()).ok).toBe(true);
+    // The next term's seal names chunk 0's object; a snapshot pins it; then chunk 0 is zeroed.
+    const second = await volume.open();
+    expect((await second.snapshot("x")).ok).toBe(true);
+    expect((await second.discard(0, SPC)).ok).toBe(true);
+    expect((await second.disconnect()).ok).toBe(true);
+    // A third term starts (sealing, deleting the tombstone and the old seal) between the
+    // reader's LIST of the seals and its LIST of the chunks.
+    let third: Awaited<ReturnType<TestVolume["open"]>> | undefined;
+    class StartTermBeforeChunkList extends StoreLayer {
+      override async listPage(prefix: string, continuation?: string) {
+        if (third === undefined && prefix.endsWith("chunks/")) third = await volume.open();
+        return super.listPage(prefix, continuation);
+      }
+    }
+    const reader = await volume.open(
+      { readOnly: true },
+      volume.stack({ wrap: (s) => new StartTermBeforeChunkList(s) }),
+    );
+    const out = new Uint8Array(CHUNK);
+    expect((await reader.read(0, [out])).ok).toBe(true);
+    await reader.disconnect();
+    await third?.disconnect();
+    expect(out.every((b) => b === 0)).toBe(true);
+  });
+
   it("reports a referenced object that is missing as an I/O error naming it, never zeros", async () => {
     const volume = await newTestVolume(backend, "missing", PARAMS);
     const stack = volume.stack();

@@ -19,7 +19,7 @@ import {
 import { Fence } from "../../src/store/fenced-store.js";
 import { openVolume } from "../../src/lifecycle/volume-lifecycle.js";
 import { MemoryStore } from "../../src/store/memory-store.js";
-import type { PutOptions } from "../../src/store/object-store.js";
+import { StoreError, type PutOptions } from "../../src/store/object-store.js";
 import { StoreLayer } from "../../src/store/store-layer.js";
 import type { Clock } from "../../src/util/clock.js";
 import { requireS3 } from "../support/s3-target.js";
@@ -165,6 +165,31 @@ describe.each(backends)("lease on $name", (backend) => {
     expect(out.subarray(0, 16 * 512).every((b) => b === 0)).toBe(true);
     expect(Buffer.from(out.subarray(16 * 512)).equals(Buffer.from(pattern(3, 16, 8)))).toBe(true);
     await forced.disconnect();
+  });
+
+  it("on a forced takeover whose PUT landed unanswered, still waits out the old lease", async () => {
+    const volume = await newTestVolume(backend, "takeover-landed", PARAMS);
+    const old = await volume.open({ lease: SHORT }, volume.stack(SHORT_STACK));
+    const before = await leaseRecord(volume);
+    // The takeover's PUT lands, but its answer is lost: the retry finds our own record.
+    let loseOne = true;
+    class LoseTakeoverAnswer extends StoreLayer {
+      override async put(key: string, body: Uint8Array, options?: PutOptions) {
+        const result = await super.put(key, body, options);
+        if (loseOne && key.endsWith("lease.json") && options?.ifMatch !== undefined) {
+          loseOne = false;
+          throw new StoreError("Transient", "the answer to the takeover was lost");
+        }
+        return result;
+      }
+    }
+    const stack = volume.stack({ ...SHORT_STACK, wrap: (s) => new LoseTakeoverAnswer(s) });
+    const forced = await volume.open({ lease: { ...SHORT, force: true } }, stack);
+    expect(loseOne).toBe(false);
+    // The old holder's lease, as it stood before the takeover, has lapsed by now.
+    expect(Date.now()).toBeGreaterThanOrEqual(before.expiresAtMs + SHORT.clockSkewMs);
+    await forced.disconnect();
+    await old.abort();
   });
 
   it("stops writing before its lease lapses when it cannot renew, and resumes when it can", async () => {
