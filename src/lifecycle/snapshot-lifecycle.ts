@@ -9,9 +9,9 @@
  */
 
 import { ppWriteError } from "../block/block-device.js";
+import { decodeChunkMap } from "../volume/format.js";
 import {
   deleteSnapshotRecord,
-  decodeChunkMap,
   readSnapshot,
   readSnapshots,
   type SnapshotRecord,

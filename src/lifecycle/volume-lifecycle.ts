@@ -24,9 +24,10 @@ import { isBuiltStack, type StoreStack } from "../store/store-stack.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { resolveChunkMap, sealChunkMap } from "../volume/chunk-map.js";
 import { Lease, type LeaseOptions } from "../volume/lease.js";
-import { decodeChunkMap, readSnapshot, snapshotPrefix } from "../volume/snapshots.js";
+import { readSnapshot, snapshotPrefix } from "../volume/snapshots.js";
 import {
   FORMAT_VERSION,
+  decodeChunkMap,
   chunkPrefix,
   decodeSuperblock,
   sealPrefix,

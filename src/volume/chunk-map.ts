@@ -36,8 +36,9 @@ import {
   FormatError,
   SEAL_FORMAT,
   chunkPrefix,
-  chunkRef,
+  decodeChunkMap,
   decodeSeal,
+  encodeChunkMap,
   encodeSeal,
   epochOfGeneration,
   epochOfSealKey,
@@ -126,11 +127,7 @@ async function resolveOnce(
       return new RacedError(`seal ${newest} appeared while the map of seal ${sealEpoch} was read`);
     }
   }
-  const refs = new Map<number, ChunkRef>();
-  for (const [hex, gen] of Object.entries(seal?.chunks ?? {})) {
-    const index = Number.parseInt(hex, 16);
-    if (index < chunkCount) refs.set(index, chunkRef(prefix, superblock.volumeId, index, gen));
-  }
+  const refs = decodeChunkMap(prefix, superblock, seal?.chunks ?? {});
   for (const [index, ref] of current) {
     if (ref.zero) refs.delete(index);
     else refs.set(index, ref);
@@ -204,10 +201,7 @@ export async function sealChunkMap(
         `was ${prefix || "the volume"}'s lease.json removed?`,
     );
   }
-  const chunks: Record<string, string> = {};
-  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
-    if (!ref.zero) chunks[index.toString(16)] = ref.generation;
-  }
+  const chunks = encodeChunkMap(refs);
   const seal: SealRecord = {
     format: SEAL_FORMAT,
     version: 1,

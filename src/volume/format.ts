@@ -293,6 +293,30 @@ export interface SealRecord {
   readonly chunks: Readonly<Record<string, string>>;
 }
 
+/** The map of `refs` as a seal or a snapshot record stores it: chunk index in hex → generation. */
+export function encodeChunkMap(refs: ReadonlyMap<number, ChunkRef>): Record<string, string> {
+  const chunks: Record<string, string> = {};
+  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
+    if (!ref.zero) chunks[index.toString(16)] = ref.generation;
+  }
+  return chunks;
+}
+
+/** The refs a record's map names, for the volume at `prefix`. */
+export function decodeChunkMap(
+  prefix: string,
+  superblock: Superblock,
+  chunks: Readonly<Record<string, string>>,
+): Map<number, ChunkRef> {
+  const chunkCount = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
+  const refs = new Map<number, ChunkRef>();
+  for (const [hex, gen] of Object.entries(chunks)) {
+    const index = Number.parseInt(hex, 16);
+    if (index < chunkCount) refs.set(index, chunkRef(prefix, superblock.volumeId, index, gen));
+  }
+  return refs;
+}
+
 export function encodeSeal(seal: SealRecord): Uint8Array {
   return Buffer.from(`${JSON.stringify(seal)}\n`, "utf8");
 }

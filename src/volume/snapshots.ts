@@ -17,7 +17,13 @@
 
 import { randomUUID } from "node:crypto";
 import { StoreError, listAll, type ObjectStore } from "../store/object-store.js";
-import { FormatError, chunkRef, type ChunkRef, type Superblock } from "./format.js";
+import {
+  FormatError,
+  decodeChunkMap,
+  encodeChunkMap,
+  type ChunkRef,
+  type Superblock,
+} from "./format.js";
 
 export const SNAPSHOT_FORMAT = "s3blk-snapshot";
 
@@ -58,30 +64,6 @@ export function snapshotPrefix(prefix: string): string {
 
 export function snapshotKey(prefix: string, name: string): string {
   return `${snapshotPrefix(prefix)}${name}.json`;
-}
-
-/** The map of `refs` as a record stores it. */
-export function encodeChunkMap(refs: ReadonlyMap<number, ChunkRef>): Record<string, string> {
-  const chunks: Record<string, string> = {};
-  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
-    if (!ref.zero) chunks[index.toString(16)] = ref.generation;
-  }
-  return chunks;
-}
-
-/** The refs a record's map names, for the volume at `prefix`. */
-export function decodeChunkMap(
-  prefix: string,
-  superblock: Superblock,
-  chunks: Readonly<Record<string, string>>,
-): Map<number, ChunkRef> {
-  const chunkCount = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
-  const refs = new Map<number, ChunkRef>();
-  for (const [hex, gen] of Object.entries(chunks)) {
-    const index = Number.parseInt(hex, 16);
-    if (index < chunkCount) refs.set(index, chunkRef(prefix, superblock.volumeId, index, gen));
-  }
-  return refs;
 }
 
 function decodeRecord(bytes: Uint8Array, key: string, volumeId: string): SnapshotRecord {
