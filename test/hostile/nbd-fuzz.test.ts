@@ -37,14 +37,14 @@ import { childEnv } from "../support/environment.js";
 import { NbdClient, NbdRequestError } from "../support/nbd-client.js";
 import { CLI, startServe, type ServeProcess } from "../support/serve-process.js";
 import { pattern } from "../support/volumes.js";
+import { verifyThroughout, type VerifyingLoop } from "../support/verifying-loop.js";
 
 const SIZE = 64 * 1024 * 1024;
 
 let server: ServeProcess;
 let socket: string;
 let healthy: NbdClient;
-let healthyRunning = true;
-let healthyLoop: Promise<number>;
+let healthyLoop: VerifyingLoop | undefined;
 
 function rssBytes(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
@@ -98,25 +98,11 @@ beforeAll(async () => {
   server = await startServe([volume, "--socket", socket]);
   healthy = await NbdClient.connect(socket);
   // A well-behaved client writes and verifies throughout the abuse.
-  healthyLoop = (async () => {
-    let rounds = 0;
-    while (healthyRunning) {
-      const sector = 1000 + (rounds % 64) * 8;
-      const data = pattern(rounds + 1, sector, 8);
-      await healthy.pwrite(sector * 512, data);
-      const back = await healthy.pread(sector * 512, data.length);
-      if (!Buffer.from(back).equals(Buffer.from(data)))
-        throw new Error(`healthy client read wrong data at ${sector}`);
-      rounds++;
-      await new Promise((r) => setTimeout(r, 5));
-    }
-    return rounds;
-  })();
+  healthyLoop = verifyThroughout(healthy);
 }, 60_000);
 
 afterAll(async () => {
-  healthyRunning = false;
-  await healthyLoop?.catch(() => 0);
+  await healthyLoop?.stop().catch(() => 0);
   await healthy?.close().catch(() => {});
   await server?.stop();
 });
@@ -266,8 +252,7 @@ describe("hostile input against s3blk serve", () => {
   });
 
   it("kept the healthy client working and memory bounded throughout", async () => {
-    healthyRunning = false;
-    const rounds = await healthyLoop;
+    const rounds = (await healthyLoop?.stop()) ?? 0;
     expect(rounds).toBeGreaterThan(10);
     expect(rssBytes(server.child.pid ?? 0)).toBeLessThan(1024 * 1024 * 1024);
     expect(server.child.exitCode).toBeNull();

@@ -46,7 +46,7 @@ import { childEnv } from "../support/environment.js";
 import { NbdClient } from "../support/nbd-client.js";
 import { CLI, startServe, type ServeProcess } from "../support/serve-process.js";
 import { makeTestCertificates, type TestCertificates } from "../support/tls-certificates.js";
-import { pattern } from "../support/volumes.js";
+import { verifyThroughout, type VerifyingLoop } from "../support/verifying-loop.js";
 
 const SIZE = 64 * 1024 * 1024;
 
@@ -54,8 +54,7 @@ let certs: TestCertificates;
 let server: ServeProcess;
 let port: number;
 let healthy: NbdClient;
-let healthyRunning = true;
-let healthyLoop: Promise<number>;
+let healthyLoop: VerifyingLoop | undefined;
 
 function clientTls(): tls.ConnectionOptions {
   const file = (name: string) => readFileSync(path.join(certs.client, name));
@@ -180,25 +179,12 @@ beforeAll(async () => {
   ]);
   port = Number(/:(\d+)\//.exec(server.uris[0]!)?.[1]);
   healthy = await NbdClient.connect({ host: "127.0.0.1", port }, "", { tls: clientTls() });
-  healthyLoop = (async () => {
-    let rounds = 0;
-    while (healthyRunning) {
-      const sector = 1000 + (rounds % 64) * 8;
-      const data = pattern(rounds + 1, sector, 8);
-      await healthy.pwrite(sector * 512, data);
-      const back = await healthy.pread(sector * 512, data.length);
-      if (!Buffer.from(back).equals(Buffer.from(data)))
-        throw new Error(`healthy client read wrong data at ${sector}`);
-      rounds++;
-      await new Promise((r) => setTimeout(r, 5));
-    }
-    return rounds;
-  })();
+  // A well-behaved client writes and verifies throughout the abuse.
+  healthyLoop = verifyThroughout(healthy);
 }, 60_000);
 
 afterAll(async () => {
-  healthyRunning = false;
-  await healthyLoop?.catch(() => 0);
+  await healthyLoop?.stop().catch(() => 0);
   await healthy?.close().catch(() => {});
   await server?.stop();
 });
@@ -321,8 +307,7 @@ describe("hostile input against s3blk serve --tls=require", () => {
   });
 
   it("kept the healthy TLS client working throughout", async () => {
-    healthyRunning = false;
-    const rounds = await healthyLoop;
+    const rounds = (await healthyLoop?.stop()) ?? 0;
     expect(rounds).toBeGreaterThan(10);
     expect(server.child.exitCode).toBeNull();
     console.log(`hostile TLS input: healthy client completed ${rounds} verified rounds meanwhile`);
