@@ -19,6 +19,8 @@ import { FORMAT_VERSION, FormatError } from "../volume/format.js";
 import { SnapshotError, splitSnapshotUrl } from "../volume/snapshots.js";
 import { listSnapshots } from "../lifecycle/snapshot-lifecycle.js";
 import { register as registerSnapshotCommands } from "./snapshot-commands.js";
+import { register as registerCloneCommands } from "./clone-commands.js";
+import { CloneError } from "../volume/clones.js";
 import { LeaseHeldError, LeaseTimingError } from "../volume/lease.js";
 import {
   createVolume,
@@ -180,15 +182,19 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .action(async (url: string, options: { json?: boolean }) => {
       const { url: volumeUrl, snapshot } = splitSnapshotUrl(url);
       await withStack(volumeUrl, program, async (stack) => {
-        const { superblock, storedChunks, storedBytes } = await describeVolume(stack);
+        const described = await describeVolume(stack);
+        const { superblock, storedChunks, ownedChunks, sharedChunks, storedBytes } = described;
         const snapshots = superblock.formatVersion < 2 ? [] : await listSnapshots(stack);
         const shown = snapshots.find((s) => s.name === snapshot);
         if (snapshot !== undefined && shown === undefined) {
           throw new SnapshotError(`no snapshot named "${snapshot}" of ${stack.url}`);
         }
         if (options.json) {
-          const described = { url: stack.url, ...superblock, storedChunks, storedBytes };
-          out(JSON.stringify({ ...described, snapshots, snapshot: shown }, null, 2));
+          const owned = ownedChunks * superblock.chunkSizeBytes;
+          const shared = sharedChunks * superblock.chunkSizeBytes;
+          const json = { url: stack.url, ...superblock, storedChunks, storedBytes };
+          const counts = { ownedChunks, sharedChunks, ownedBytes: owned, sharedBytes: shared };
+          out(JSON.stringify({ ...json, ...counts, snapshots, snapshot: shown }, null, 2));
           return;
         }
         const chunks = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
@@ -204,12 +210,22 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         out(`sector size   ${superblock.sectorSizeBytes} bytes`);
         out(`chunk size    ${formatSize(superblock.chunkSizeBytes)}`);
         out(`stored        ${storedChunks} of ${chunks} chunks, ${formatSize(storedBytes)}`);
+        if (superblock.origin !== undefined) {
+          const { prefix, snapshot: from } = superblock.origin;
+          const chunkBytes = superblock.chunkSizeBytes;
+          out(`parent        ${prefix || "(the bucket's root)"}@${from}`);
+          out(
+            `owned         ${ownedChunks} chunks (${formatSize(ownedChunks * chunkBytes)}); ` +
+              `shared with the parent: ${sharedChunks} chunks (${formatSize(sharedChunks * chunkBytes)})`,
+          );
+        }
         out(`snapshots     ${snapshots.map((s) => s.name).join(", ") || "none"}`);
         out(`created       ${superblock.createdAt}`);
       });
     });
 
   registerSnapshotCommands(program, (url, use) => withStack(url, program, use), out);
+  registerCloneCommands(program, (url, use) => withStack(url, program, use), out);
 
   program
     .command("upgrade")
@@ -459,6 +475,7 @@ export function describeFailure(error: unknown): string | undefined {
     error instanceof TransferError ||
     error instanceof LeaseHeldError ||
     error instanceof SnapshotError ||
+    error instanceof CloneError ||
     error instanceof LeaseTimingError
   ) {
     return error.message;

@@ -72,6 +72,11 @@ export interface DeviceOptions {
   readonly wholeChunkReadBytes?: number;
   /** The smallest span a ranged GET asks for. Default 64 KiB. */
   readonly minRangedReadBytes?: number;
+  /**
+   * How long an object this writer made garbage waits before it is deleted, so that readers
+   * that opened earlier can finish (see src/volume/garbage.ts). Default 15 minutes.
+   */
+  readonly gcGraceMs?: number;
   readonly clock?: Clock;
   readonly onWritebackError?: (error: Error) => void;
 }
@@ -140,6 +145,8 @@ export class ChunkedBlockDevice implements BlockDevice {
       prefix,
       superblock,
       concurrency: options.concurrency,
+      ...(options.gcGraceMs === undefined ? {} : { gcGraceMs: options.gcGraceMs }),
+      ...(options.clock === undefined ? {} : { clock: options.clock }),
       ...(options.startFrom === undefined ? {} : { startFrom: options.startFrom }),
       ...(options.readOnly
         ? {}

@@ -4,18 +4,15 @@
  *
  * Creating and rolling back take the volume's lease, like any writer: a volume another process
  * serves is refused, naming the holder. Listing and reading need no lease. Deleting a snapshot
- * removes its record only; the objects it alone named become garbage, deleted by the next
- * writer's start, so a delete racing a writer can lose nothing the writer still reads.
+ * is refused while clones depend on it; otherwise its record moves to the trash, where it keeps
+ * its objects pinned through the grace horizon, after which garbage collection deletes what it
+ * alone named. A delete racing a writer can lose nothing the writer still reads: a writer's
+ * pins are the records it read at open, and more.
  */
 
 import { ppWriteError } from "../block/block-device.js";
-import { decodeChunkMap } from "../volume/format.js";
-import {
-  deleteSnapshotRecord,
-  readSnapshot,
-  readSnapshots,
-  type SnapshotRecord,
-} from "../volume/snapshots.js";
+import { deleteSnapshotRecord } from "../volume/clones.js";
+import { readSnapshot, readSnapshots, type SnapshotRecord } from "../volume/snapshots.js";
 import {
   openVolume,
   readSuperblock,
@@ -44,6 +41,8 @@ export interface SnapshotSummary {
   readonly createdAt: string;
   /** Chunks holding data in it. */
   readonly chunks: number;
+  /** A delete of it was interrupted: it cannot be opened or cloned until it is run again. */
+  readonly deleting: boolean;
 }
 
 /** The volume's snapshots, oldest first: one LIST, one GET per snapshot. */
@@ -51,14 +50,22 @@ export async function listSnapshots(stack: VolumeStack): Promise<SnapshotSummary
   const superblock = await readSuperblock(stack);
   const records = await readSnapshots(stack.store, stack.prefix, superblock);
   return records
-    .map((r) => ({ name: r.name, createdAt: r.createdAt, chunks: Object.keys(r.chunks).length }))
+    .map((r) => ({
+      name: r.name,
+      createdAt: r.createdAt,
+      chunks: Object.keys(r.chunks).length,
+      deleting: r.deleting === true,
+    }))
     .sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.name.localeCompare(b.name));
 }
 
-/** Delete snapshot `name` (a SnapshotError if there is none). */
+/**
+ * Delete snapshot `name`: a SnapshotError if there is none, a CloneError naming the clones that
+ * depend on it.
+ */
 export async function deleteSnapshot(stack: VolumeStack, name: string): Promise<void> {
   const superblock = await readSuperblock(stack);
-  await deleteSnapshotRecord(stack.store, stack.prefix, superblock, name);
+  await deleteSnapshotRecord(stack.store, { prefix: stack.prefix, superblock }, name);
 }
 
 /**
@@ -72,11 +79,9 @@ export async function rollbackVolume(
   options: OpenOptions = {},
 ): Promise<SnapshotRecord> {
   const superblock = await readSuperblock(stack);
+  // Checked before the lease is taken, for a clear error; read again under it.
   const record = await readSnapshot(stack.store, stack.prefix, superblock, name);
-  const device = await openVolume(stack, {
-    ...options,
-    startFrom: decodeChunkMap(stack.prefix, superblock, record.chunks),
-  });
+  const device = await openVolume(stack, { ...options, rollbackTo: name });
   const closed = await device.disconnect();
   if (!closed.ok) throw new Error(ppWriteError(closed.error));
   return record;

@@ -13,7 +13,10 @@
  * interrupted delete can be run again.
  *
  * A version 1 volume opens read-only; a writable open says to run `s3blk upgrade`, which
- * converts it in place without copying a chunk (see `upgradeVolume`).
+ * converts it in place without copying a chunk (see `upgradeVolume`). A version 2 volume is
+ * read and written as it is, and upgraded (its superblock rewritten) before it can be cloned.
+ * Delete is refused while clones depend on the volume's snapshots; a clone's delete drops its
+ * reference under its base last.
  *
  * This module sits above the device (it builds one), and below the CLI and the NBD server.
  */
@@ -23,17 +26,26 @@ import { StoreError, deletePrefix, listAll } from "../store/object-store.js";
 import { isBuiltStack, type StoreStack } from "../store/store-stack.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { resolveChunkMap, sealChunkMap } from "../volume/chunk-map.js";
+import { dropCloneRef, markForDeletion, refsPrefix } from "../volume/clones.js";
 import { Lease, type LeaseOptions } from "../volume/lease.js";
-import { readSnapshot, snapshotPrefix } from "../volume/snapshots.js";
+import {
+  readSnapshot,
+  readSnapshots,
+  snapshotPrefix,
+  snapshotRefs,
+  trashPrefix,
+} from "../volume/snapshots.js";
 import {
   FORMAT_VERSION,
-  decodeChunkMap,
+  WRITABLE_FORMAT_VERSIONS,
   chunkPrefix,
   decodeSuperblock,
   sealPrefix,
   encodeSuperblock,
   newSuperblock,
   superblockKey,
+  under,
+  type Origin,
   type Superblock,
   type VolumeParameters,
 } from "../volume/format.js";
@@ -91,6 +103,12 @@ export interface OpenOptions extends DeviceOptions {
   readonly lease?: LeaseOptions | false;
   /** Open this snapshot of the volume, read-only, instead of the volume. */
   readonly snapshot?: string;
+  /**
+   * Start the writer term from this snapshot's map: a rollback. The record is read once the
+   * lease is held, so a deletion by another process cannot slip in between.
+   * @internal
+   */
+  readonly rollbackTo?: string;
 }
 
 /**
@@ -108,17 +126,24 @@ export async function openVolume(
     return ChunkedBlockDevice.open(store, prefix, superblock, {
       ...options,
       readOnly: true,
-      startFrom: decodeChunkMap(prefix, superblock, record.chunks),
+      startFrom: snapshotRefs(prefix, superblock, record),
     });
   }
-  if (superblock.formatVersion < FORMAT_VERSION && !options.readOnly) {
+  if (!WRITABLE_FORMAT_VERSIONS.includes(superblock.formatVersion) && !options.readOnly) {
     throw new VolumeVersionError(
       `${stack.url} is a format version ${superblock.formatVersion} volume, which this s3blk ` +
         `opens read-only; to write it, run: s3blk upgrade ${stack.url}`,
     );
   }
+  // A rollback's record is read once the lease (if any) is held: a deletion by another
+  // process cannot slip in between.
+  const withRollback = async (): Promise<OpenOptions> => {
+    if (options.rollbackTo === undefined) return options;
+    const record = await readSnapshot(store, prefix, superblock, options.rollbackTo);
+    return { ...options, startFrom: snapshotRefs(prefix, superblock, record) };
+  };
   if (options.readOnly || options.lease === false) {
-    return ChunkedBlockDevice.open(store, prefix, superblock, options);
+    return ChunkedBlockDevice.open(store, prefix, superblock, await withRollback());
   }
   if (!isBuiltStack(stack)) {
     throw new TypeError(
@@ -134,7 +159,7 @@ export async function openVolume(
     requestTimeoutMs,
   });
   try {
-    return await ChunkedBlockDevice.open(store, prefix, superblock, options, lease);
+    return await ChunkedBlockDevice.open(store, prefix, superblock, await withRollback(), lease);
   } catch (error) {
     await lease.release();
     throw error;
@@ -145,13 +170,24 @@ export interface VolumeDescription {
   readonly superblock: Superblock;
   /** Chunks holding data, by the volume's map. */
   readonly storedChunks: number;
+  /** Of those, the chunks whose object is the volume's own. */
+  readonly ownedChunks: number;
+  /** And the chunks whose object a clone shares with its base (or an ancestor). */
+  readonly sharedChunks: number;
   /** Bytes of every object under `chunks/`, garbage included. */
   readonly storedBytes: number;
   /** Objects under `chunks/` that no reader reads: superseded, tombstones, late writes. */
   readonly garbageObjects: number;
+  /** A clone's origin. */
+  readonly origin?: Origin;
+  /** The names of its snapshots (those being deleted included), oldest first. */
+  readonly snapshots: readonly string[];
 }
 
-/** The superblock, and what the volume stores: its map's LISTs, one GET of its seal. */
+/**
+ * The superblock, and what the volume stores: its map's LISTs, one GET of its seal, a LIST of
+ * its snapshots and a GET of each.
+ */
 export async function describeVolume(stack: VolumeStack): Promise<VolumeDescription> {
   const superblock = await readSuperblock(stack);
   const map = await resolveChunkMap(stack.store, stack.prefix, superblock);
@@ -159,22 +195,48 @@ export async function describeVolume(stack: VolumeStack): Promise<VolumeDescript
   for await (const entry of listAll(stack.store, chunkPrefix(stack.prefix))) {
     storedBytes += entry.sizeBytes;
   }
+  const owned = [...map.refs.values()].filter((r) => r.volumeId === superblock.volumeId).length;
+  const snapshots = await readSnapshots(stack.store, stack.prefix, superblock);
   return {
     superblock,
     storedChunks: map.refs.size,
+    ownedChunks: owned,
+    sharedChunks: map.refs.size - owned,
     storedBytes,
     garbageObjects: map.garbage.length,
+    ...(superblock.origin === undefined ? {} : { origin: superblock.origin }),
+    snapshots: snapshots
+      .sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.name.localeCompare(b.name))
+      .map((r) => r.name),
   };
 }
 
-/** Delete the volume's chunks and seals, then its superblock. Returns the objects deleted. */
+/**
+ * Delete the volume: refused while clones depend on its snapshots (they are marked as being
+ * deleted meanwhile, so that no clone of them starts). Its chunks, seals, snapshots and other
+ * records go first, its superblock then, and a clone's reference under its base last, so an
+ * interrupted delete can be run again. Returns the objects deleted.
+ */
 export async function deleteVolume(stack: VolumeStack): Promise<number> {
-  await readSuperblock(stack);
-  const chunks = await deletePrefix(stack.store, chunkPrefix(stack.prefix));
-  const seals = await deletePrefix(stack.store, sealPrefix(stack.prefix));
-  const snapshots = await deletePrefix(stack.store, snapshotPrefix(stack.prefix));
-  await stack.store.delete(superblockKey(stack.prefix));
-  return chunks + seals + snapshots + 1;
+  const { store, prefix } = stack;
+  const superblock = await readSuperblock(stack);
+  const snapshots = await readSnapshots(store, prefix, superblock);
+  const names = snapshots.map((r) => r.name);
+  await markForDeletion(store, { prefix, superblock }, names, true);
+  let count = 0;
+  for (const part of [
+    chunkPrefix(prefix),
+    sealPrefix(prefix),
+    snapshotPrefix(prefix),
+    trashPrefix(prefix),
+    refsPrefix(prefix),
+    under(prefix, "gc/"),
+  ]) {
+    count += await deletePrefix(store, part);
+  }
+  await store.delete(superblockKey(prefix));
+  await dropCloneRef(store, superblock);
+  return count + 1;
 }
 
 /** What `upgradeVolume` did. */
@@ -183,12 +245,15 @@ export type UpgradeOutcome =
   | { readonly upgraded: false; readonly version: number };
 
 /**
- * Convert a version 1 volume to version 2 in place, without copying a chunk: under the lease
- * (so no writer runs meanwhile), seal a map naming every version 1 chunk object as generation
- * "", then rewrite the superblock with `If-Match` (the commit). Before the commit the volume is
- * still version 1, whose readers ignore `seals/`; a crash anywhere is undone by running it
- * again, which seals afresh under a new epoch. Cost: a GET of the superblock and the lease, a
- * LIST per 1000 chunks, two PUTs of the lease, one of the seal, one of the superblock.
+ * Convert a volume of an older version to this one in place, without copying a chunk, under the
+ * lease (so no writer runs meanwhile). Version 1: seal a map naming every version 1 chunk
+ * object as generation "", then rewrite the superblock with `If-Match` (the commit). Before the
+ * commit the volume is still version 1, whose readers ignore `seals/`; a crash anywhere is
+ * undone by running it again, which seals afresh under a new epoch. Version 2 has the layout
+ * already: only the superblock is rewritten, so that a version 2 s3blk no longer opens it (it
+ * would delete a snapshot that clones depend on). Cost: a GET of the superblock and the lease,
+ * two PUTs of the lease, one of the superblock; from version 1 also a LIST per 1000 chunks and
+ * a PUT of the seal.
  */
 export async function upgradeVolume(
   stack: VolumeStack,
@@ -211,10 +276,13 @@ export async function upgradeVolume(
   );
   try {
     const map = await resolveChunkMap(stack.store, stack.prefix, old);
-    await sealChunkMap(stack.store, stack.prefix, old, map, {
-      epoch: lease.epoch,
-      writerId: lease.holderId,
-    });
+    if (old.formatVersion === 1) {
+      // Version 1 has no garbage to speak of: what the seal leaves over is left to `s3blk gc`.
+      await sealChunkMap(stack.store, stack.prefix, old, map, {
+        epoch: lease.epoch,
+        writerId: lease.holderId,
+      });
+    }
     const upgraded: Superblock = { ...old, formatVersion: FORMAT_VERSION };
     try {
       await stack.store.put(key, encodeSuperblock(upgraded), { ifMatch: got.etag });

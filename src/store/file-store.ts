@@ -195,8 +195,8 @@ export class FileStore implements ObjectStore {
           await this.#walk(key, prefix, into);
         }
       } else if (key.startsWith(prefix)) {
-        const sizeBytes = (await stat(path.join(dir, entry.name))).size;
-        into.push({ key, sizeBytes });
+        const { size, mtimeMs } = await stat(path.join(dir, entry.name));
+        into.push({ key, sizeBytes: size, lastModifiedMs: Math.floor(mtimeMs) });
       }
     }
   }

@@ -22,6 +22,7 @@ interface StoredObject {
   readonly body: Uint8Array;
   readonly metadata: ObjectMetadata;
   readonly etag: string;
+  readonly lastModifiedMs: number;
 }
 
 /** Keys per listing page, like S3's default. */
@@ -56,7 +57,12 @@ export class MemoryStore implements ObjectStore {
       throw new StoreError("PreconditionFailed", `${key} does not have etag ${options.ifMatch}`);
     }
     const etag = createHash("md5").update(body).digest("hex");
-    this.#objects.set(key, { body: Buffer.from(body), metadata: { ...options?.metadata }, etag });
+    this.#objects.set(key, {
+      body: Buffer.from(body),
+      metadata: { ...options?.metadata },
+      etag,
+      lastModifiedMs: Date.now(),
+    });
     return { etag };
   }
 
@@ -79,6 +85,7 @@ export class MemoryStore implements ObjectStore {
     const entries = page.map((key) => ({
       key,
       sizeBytes: this.#objects.get(key)?.body.byteLength ?? 0,
+      lastModifiedMs: this.#objects.get(key)?.lastModifiedMs ?? 0,
     }));
     const last = page.at(-1);
     return keys.length > LIST_PAGE_KEYS && last !== undefined

@@ -52,6 +52,11 @@ export interface PutResult {
 export interface ListEntry {
   readonly key: string;
   readonly sizeBytes: number;
+  /**
+   * When the object was written, in ms since 1970, on the store's clock (S3's `LastModified`;
+   * a file's mtime). Garbage collection compares these with each other, never with ours.
+   */
+  readonly lastModifiedMs: number;
 }
 
 export interface ListPage {

@@ -206,6 +206,7 @@ export class S3Store implements ObjectStore {
       const entries = (response.Contents ?? []).map((o) => ({
         key: o.Key ?? "",
         sizeBytes: o.Size ?? 0,
+        lastModifiedMs: o.LastModified?.getTime() ?? 0,
       }));
       return response.IsTruncated && response.NextContinuationToken !== undefined
         ? { entries, continuation: response.NextContinuationToken }

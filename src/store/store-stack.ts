@@ -4,7 +4,10 @@
  *
  *     s3://bucket/prefix     S3 (endpoint from the option, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)
  *     file:///path/to/dir    a local directory (also a plain path)
- *     memory://name          this process's memory, for tests
+ *     memory://name[/prefix] this process's memory, for tests
+ *
+ * A directory's store is its parent, and the directory's name its prefix, so that volumes side
+ * by side share one key space, as volumes in one bucket do: that is where a clone may live.
  *
  * The stack, bottom up: the real store, a request counter, [a test layer], the lease fence,
  * then retries. The fence sits below the retries so that each attempt of a write is fenced, not
@@ -58,6 +61,11 @@ export interface StoreStack {
   readonly prefix: string;
   /** A canonical form of the URL, for messages. */
   readonly url: string;
+  /**
+   * The key space the prefix is in: a bucket at an endpoint, a directory, a memory store. Two
+   * volumes in one space can name each other's objects (a clone and its base).
+   */
+  readonly space: string;
   /** What one request attempt may take (see {@link StoreLayerOptions.requestTimeoutMs}). */
   readonly requestTimeoutMs: number;
 }
@@ -88,7 +96,15 @@ export function buildStoreStack(
     clock: options.clock ?? systemClock,
     ...(options.retry === undefined ? {} : { policy: options.retry }),
   });
-  const stack = { store, counter, fence, prefix: where.prefix, url: where.url, requestTimeoutMs };
+  const stack = {
+    store,
+    counter,
+    fence,
+    prefix: where.prefix,
+    url: where.url,
+    space: base.description,
+    requestTimeoutMs,
+  };
   builtStacks.add(stack);
   return stack;
 }
@@ -104,6 +120,15 @@ export function isBuiltStack(stack: object): boolean {
   return builtStacks.has(stack);
 }
 
+/** The volume in directory `root`: its parent's store, under its name. */
+function directoryStore(root: string): { base: ObjectStore; prefix: string; canonical: string } {
+  return {
+    base: new FileStore(path.dirname(root)),
+    prefix: path.basename(root),
+    canonical: `file://${root}`,
+  };
+}
+
 function baseStore(
   url: string,
   options: StoreStackOptions,
@@ -111,8 +136,7 @@ function baseStore(
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(url)?.[1]?.toLowerCase();
   if (scheme === undefined) {
     if (url === "" || url.includes("://")) throw new StoreUrlError(`invalid volume URL "${url}"`);
-    const root = path.resolve(url);
-    return { base: new FileStore(root), prefix: "", canonical: `file://${root}` };
+    return directoryStore(path.resolve(url));
   }
   const rest = url.slice(scheme.length + 3);
   switch (scheme) {
@@ -136,13 +160,13 @@ function baseStore(
       if (!rest.startsWith("/")) {
         throw new StoreUrlError(`a file URL needs an absolute path: file:///path, not "${url}"`);
       }
-      const root = path.resolve(decodeURIComponent(rest));
-      return { base: new FileStore(root), prefix: "", canonical: `file://${root}` };
+      return directoryStore(path.resolve(decodeURIComponent(rest)));
     }
     case "memory": {
-      const name = rest.replace(/\/+$/, "");
+      const [name = "", ...parts] = rest.replace(/\/+$/, "").split("/");
       if (name === "") throw new StoreUrlError(`a memory URL needs a name: memory://name`);
-      return { base: namedMemoryStore(name), prefix: "", canonical: `memory://${name}` };
+      const prefix = parts.join("/");
+      return { base: namedMemoryStore(name), prefix, canonical: `memory://${rest.replace(/\/+$/, "")}` };
     }
     default:
       throw new StoreUrlError(

@@ -25,16 +25,19 @@
  * in term S); one that lands after it is garbage and never read.
  *
  * A version 1 volume has no seals and only generation "" objects (epoch 0): the same rules
- * resolve it, with S = 0.
+ * resolve it, with S = 0. A clone before its first writer term has no seal either: its map is
+ * then its origin snapshot's (one GET of that record, under the base's prefix).
  *
  * Cost: one LIST of `seals/` (one or two keys), one GET of a seal, one LIST per 1000 chunk
  * objects; a writer adds one PUT (its seal) and batched DELETEs of the garbage and old seals.
  */
 
-import { StoreError, listAll, MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
+import { StoreError, listAll, type ObjectStore } from "../store/object-store.js";
+import { readSnapshotAt } from "./snapshots.js";
 import {
   FormatError,
   SEAL_FORMAT,
+  chunkCountOf,
   chunkPrefix,
   decodeChunkMap,
   decodeSeal,
@@ -53,18 +56,36 @@ import {
 /** Resolutions started again because a LIST raced a new writer term, at most. */
 const MAX_RESOLVE_ATTEMPTS = 3;
 
+/** A listed object, with when the store says it was written. */
+export interface Listed {
+  readonly key: string;
+  readonly sizeBytes: number;
+  /** The store's `LastModified` (see ListEntry). */
+  readonly lastModifiedMs: number;
+}
+
+/** A listed chunk object of the volume's own. */
+export interface ListedChunk extends Listed {
+  readonly ref: ChunkRef;
+}
+
 /** What a volume's objects say, as of one resolution. */
 export interface ResolvedMap {
   /** The object of every chunk that holds data (tombstoned chunks are absent). */
   readonly refs: Map<number, ChunkRef>;
   /** The epoch of the newest seal; 0 if there is none. */
   readonly sealEpoch: number;
-  /** Every seal key listed. */
-  readonly sealKeys: readonly string[];
+  /** Every seal listed, the newest last. */
+  readonly seals: readonly Listed[];
   /** Chunk objects no reader of this resolution would read (snapshots aside). */
   readonly garbage: readonly string[];
-  /** Every chunk object listed. */
-  readonly listed: readonly string[];
+  /**
+   * Tombstones of the newest term that decide their chunk: garbage once a newer seal names
+   * the chunk as zeros, but until then what keeps an older object from speaking for it.
+   */
+  readonly deciding: ReadonlySet<string>;
+  /** Every chunk object of the volume's own that was listed. */
+  readonly listed: readonly ListedChunk[];
 }
 
 /**
@@ -104,9 +125,9 @@ async function resolveOnce(
   const sealEpoch = Math.max(0, ...seals.map((s) => s.epoch));
   const seal = sealEpoch === 0 ? undefined : await readSeal(store, prefix, superblock, sealEpoch);
   if (seal instanceof RacedError) return seal;
-  const chunkCount = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
+  const chunkCount = chunkCountOf(superblock);
   const current = new Map<number, ChunkRef>();
-  const listed: ChunkRef[] = [];
+  const listed: ListedChunk[] = [];
   for await (const entry of listAll(store, chunkPrefix(prefix))) {
     const ref = parseChunkKey(prefix, superblock.volumeId, entry.key);
     if (ref === undefined || ref.index >= chunkCount) continue;
@@ -116,7 +137,7 @@ async function resolveOnce(
         `${ref.key} is of epoch ${epoch}, newer than the newest seal (${sealEpoch})`,
       );
     }
-    listed.push(ref);
+    listed.push({ ...entry, ref });
     if (epoch !== sealEpoch) continue;
     const best = current.get(ref.index);
     if (best === undefined || ref.generation > best.generation) current.set(ref.index, ref);
@@ -127,29 +148,52 @@ async function resolveOnce(
       return new RacedError(`seal ${newest} appeared while the map of seal ${sealEpoch} was read`);
     }
   }
-  const refs = decodeChunkMap(prefix, superblock, seal?.chunks ?? {});
+  const self = { prefix, volumeId: superblock.volumeId };
+  const refs =
+    seal !== undefined
+      ? decodeChunkMap(self, chunkCount, seal)
+      : await originMap(store, superblock, chunkCount);
+  const deciding = new Set<string>();
   for (const [index, ref] of current) {
-    if (ref.zero) refs.delete(index);
-    else refs.set(index, ref);
+    if (ref.zero) {
+      refs.delete(index);
+      deciding.add(ref.key);
+    } else refs.set(index, ref);
   }
   const live = new Set([...refs.values()].map((r) => r.key));
   return {
     refs,
     sealEpoch,
-    sealKeys: seals.map((s) => s.key),
-    garbage: listed.filter((r) => !live.has(r.key)).map((r) => r.key),
-    listed: listed.map((r) => r.key),
+    seals: [...seals].sort((a, b) => a.epoch - b.epoch),
+    garbage: listed.filter((l) => !live.has(l.key) && !deciding.has(l.key)).map((l) => l.key),
+    deciding,
+    listed,
   };
+}
+
+/** The map a volume with no seal starts from: empty, or a clone's origin snapshot's. */
+async function originMap(
+  store: ObjectStore,
+  superblock: Superblock,
+  chunkCount: number,
+): Promise<Map<number, ChunkRef>> {
+  const origin = superblock.origin;
+  if (origin === undefined) return new Map();
+  // Any state: a snapshot being deleted still exists for the clones that depend on it.
+  const { record } = await readSnapshotAt(store, origin.prefix, origin.volumeId, origin.snapshot, {
+    whatFor: "the origin of this clone",
+  });
+  return decodeChunkMap(origin, chunkCount, record);
 }
 
 async function listSeals(
   store: ObjectStore,
   prefix: string,
-): Promise<{ key: string; epoch: number }[]> {
-  const seals: { key: string; epoch: number }[] = [];
+): Promise<(Listed & { epoch: number })[]> {
+  const seals: (Listed & { epoch: number })[] = [];
   for await (const entry of listAll(store, sealPrefix(prefix))) {
     const epoch = epochOfSealKey(prefix, entry.key);
-    if (epoch !== undefined) seals.push({ key: entry.key, epoch });
+    if (epoch !== undefined) seals.push({ ...entry, epoch });
   }
   return seals;
 }
@@ -182,10 +226,11 @@ export interface TermStart {
 
 /**
  * Start writer term `epoch` (above the resolution's seal): PUT its seal naming the map it
- * starts from, then delete, in batches, every listed chunk object that neither that map nor a
- * snapshot names, and the older seals. Returns the keys deleted. A crash anywhere leaves
- * either the old seal as the newest (nothing changed) or the new one (the term began); garbage
- * left behind is deleted by the next writer's start.
+ * starts from. Returns what became garbage by it: every listed chunk object of the volume's
+ * own that neither that map nor a snapshot names, and the older seals. The caller deletes them
+ * once nobody can still be reading them (see garbage.ts). A crash anywhere leaves either the
+ * old seal as the newest (nothing changed) or the new one (the term began); garbage left
+ * behind is collected later.
  */
 export async function sealChunkMap(
   store: ObjectStore,
@@ -193,7 +238,7 @@ export async function sealChunkMap(
   superblock: Superblock,
   map: ResolvedMap,
   term: TermStart,
-): Promise<number> {
+): Promise<string[]> {
   const refs = term.refs ?? map.refs;
   if (!(term.epoch > map.sealEpoch)) {
     throw new FormatError(
@@ -201,7 +246,6 @@ export async function sealChunkMap(
         `was ${prefix || "the volume"}'s lease.json removed?`,
     );
   }
-  const chunks = encodeChunkMap(refs);
   const seal: SealRecord = {
     format: SEAL_FORMAT,
     version: 1,
@@ -209,18 +253,14 @@ export async function sealChunkMap(
     epoch: term.epoch,
     writer: term.writerId,
     createdAt: new Date().toISOString(),
-    chunks,
+    ...encodeChunkMap(superblock.volumeId, refs),
   };
   await putSeal(store, sealKey(prefix, term.epoch), seal, superblock.volumeId);
   const live = new Set([...refs.values()].map((r) => r.key));
-  const obsolete = [
-    ...map.listed.filter((k) => !live.has(k) && !(term.pinned?.has(k) ?? false)),
-    ...map.sealKeys.filter((k) => k !== sealKey(prefix, term.epoch)),
+  return [
+    ...map.listed.map((l) => l.key).filter((k) => !live.has(k) && !(term.pinned?.has(k) ?? false)),
+    ...map.seals.map((s) => s.key).filter((k) => k !== sealKey(prefix, term.epoch)),
   ];
-  for (let at = 0; at < obsolete.length; at += MAX_DELETE_BATCH) {
-    await store.deleteMany(obsolete.slice(at, at + MAX_DELETE_BATCH));
-  }
-  return obsolete.length;
 }
 
 /** Create a seal; a 412 is ours if the seal there names us (a retried PUT that had landed). */

@@ -8,15 +8,19 @@
  * resolved at open, and how a writer term seals it before writing). Chunk objects are written
  * once and never overwritten: an upload of chunk i writes a new key whose generation is this
  * term's lease epoch and the next sequence number, and only once that PUT succeeded does the
- * map point at it. The object it replaced is then superseded, and deleted later in batches (at
- * flush, on disconnect, or when a batch is full): a newer generation is always durable before
- * an older one is deleted, so a crash leaves at most garbage, which the next writer's start
- * deletes. A chunk that becomes all zeros gets a tombstone (an empty object of the next
- * generation), because the seal, or an older object a failed delete left, would otherwise
- * speak for it again at the next open.
+ * map point at it. The object it replaced is then superseded, and deleted in batches once the
+ * grace horizon has passed since that PUT was acknowledged (see garbage.ts), at a flush, on
+ * disconnect, or when a batch is full: never by a timer, so an idle volume makes no request.
+ * A newer generation is always durable before an older one is deleted, so a crash leaves at
+ * most garbage. The garbage a writer term's start finds (older terms' objects its seal does not
+ * name, older seals, the records of deleted snapshots and what only they pinned) waits the same
+ * grace from the seal's acknowledgement. A chunk that becomes all zeros gets a tombstone (an
+ * empty object of the next generation), because the seal, or an older object a failed delete
+ * left, would otherwise speak for it again at the next open.
  *
  * An object a snapshot names is pinned: it is never superseded into the delete batches, and the
- * garbage deletion at a writer's start spares it (see snapshots.ts).
+ * garbage of a writer's start spares it (see snapshots.ts). An object of another volume (a
+ * clone's base) is never deleted here.
  *
  * A chunk absent from the map reads as zeros without any request: this is how a never-written
  * volume costs no GET. A chunk the map names whose object is missing (404) is an I/O error
@@ -32,8 +36,10 @@
 
 import PQueue from "p-queue";
 import { MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
+import { systemClock, type Clock } from "../util/clock.js";
 import { resolveChunkMap, sealChunkMap } from "./chunk-map.js";
-import { pinnedKeys, readSnapshots } from "./snapshots.js";
+import { DEFAULT_GC_GRACE_MS } from "./garbage.js";
+import { pinnedKeys, readSnapshots, readTrash } from "./snapshots.js";
 import {
   ChunkMissingError,
   MAX_SEQUENCE,
@@ -67,6 +73,13 @@ export interface ChunkStoreOptions {
    * opened read-only).
    */
   readonly startFrom?: ReadonlyMap<number, ChunkRef>;
+  /**
+   * How long an object this writer made garbage stays, from the acknowledgement of the request
+   * that made it so (see garbage.ts). Default {@link DEFAULT_GC_GRACE_MS}.
+   */
+  readonly gcGraceMs?: number;
+  /** The monotonic clock the grace is measured on. */
+  readonly clock?: Clock;
 }
 
 /** Who writes, in which epoch. */
@@ -92,10 +105,15 @@ export class ChunkStore {
   readonly #epoch: number | undefined;
   /** Objects a snapshot names: never deleted by this store. */
   readonly #pinned: Set<string>;
+  readonly #clock: Clock;
+  readonly #gcGraceMs: number;
   #sequence = 0;
   #allocatedCount = 0;
-  /** Keys replaced by a durable newer generation, not yet deleted. */
-  #superseded: string[] = [];
+  /**
+   * Garbage not yet deleted, oldest first: keys, and when (on the monotonic clock) the request
+   * that made each garbage was acknowledged.
+   */
+  #superseded: { readonly key: string; readonly atMs: number }[] = [];
   /** Per chunk, keys of this term whose PUT was reported failed but may have landed. */
   readonly #maybeLanded = new Map<number, string[]>();
   #deleting: Promise<void> | undefined;
@@ -115,6 +133,8 @@ export class ChunkStore {
     this.#refs = refs;
     this.#epoch = epoch;
     this.#pinned = pinned;
+    this.#clock = options.clock ?? systemClock;
+    this.#gcGraceMs = options.gcGraceMs ?? DEFAULT_GC_GRACE_MS;
     for (const ref of refs.values()) if (!ref.zero) this.#allocatedCount++;
   }
 
@@ -133,15 +153,27 @@ export class ChunkStore {
     });
     if (term === undefined) return new ChunkStore(options, map.refs, undefined, new Set());
     const pinned = pinnedKeys(prefix, superblock, await readSnapshots(store, prefix, superblock));
+    // Deleted snapshots' records pin their objects for the grace, which runs from now at the
+    // latest: each was trashed before this open listed it.
+    const trash = await readTrash(store, prefix, superblock);
     const refs = startFrom === undefined ? map.refs : new Map(startFrom);
     const epoch = term.epoch ?? map.sealEpoch + 1;
-    await sealChunkMap(store, prefix, superblock, map, {
+    const garbage = await sealChunkMap(store, prefix, superblock, map, {
       epoch,
       writerId: term.writerId,
       refs,
       pinned,
     });
-    return new ChunkStore(options, refs, epoch, pinned);
+    const chunks = new ChunkStore(options, refs, epoch, pinned);
+    chunks.#collect([...garbage, ...trash.map((t) => t.key)]);
+    if (chunks.#gcGraceMs === 0) await chunks.deleteSuperseded();
+    return chunks;
+  }
+
+  /** `keys` are garbage as of now. */
+  #collect(keys: readonly string[]): void {
+    const atMs = this.#clock.nowMs();
+    for (const key of keys) this.#superseded.push({ key, atMs });
   }
 
   /**
@@ -200,6 +232,10 @@ export class ChunkStore {
       );
       if (got !== undefined)
         return verifyChunk(this.superblock, ref, got, offsetBytes, lengthBytes);
+      if (this.#refs.get(index) === ref) {
+        const landed = await this.#readMaybeLanded(index, offsetBytes, lengthBytes);
+        if (landed !== undefined) return landed;
+      }
       // Superseded and deleted while the GET was on its way: read the newer object.
       if (this.#refs.get(index) === ref || attempt >= MAX_SUPERSEDED_RETRIES) {
         throw new ChunkMissingError(ref.key);
@@ -255,12 +291,36 @@ export class ChunkStore {
         if (maybeLanded !== undefined) {
           // The newer generation is durable: what may have landed before it is garbage.
           this.#maybeLanded.delete(index);
-          this.#superseded.push(...maybeLanded);
+          this.#collect(maybeLanded);
         }
-        if (this.#superseded.length >= MAX_DELETE_BATCH) await this.deleteSuperseded();
+        if (this.#dueCount() >= MAX_DELETE_BATCH) await this.deleteSuperseded();
       },
       { priority: PRIORITY_WRITE },
     );
+  }
+
+  /**
+   * The object of chunk `index` is gone because an upload reported failed had landed, and a
+   * collector in another process, seeing that newer generation, deleted the one the map names.
+   * The landed one holds the same bytes except where the chunk was dirty then, which is still
+   * dirty now (a failed upload leaves its pages dirty) and read from the cache: so it answers.
+   */
+  async #readMaybeLanded(
+    index: number,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Uint8Array | undefined> {
+    const key = this.#maybeLanded.get(index)?.at(-1);
+    if (key === undefined || key.endsWith(".zero")) return undefined;
+    const ref = chunkRef(this.#prefix, this.superblock.volumeId, index, key.slice(-20));
+    const whole = offsetBytes === 0 && lengthBytes === this.superblock.chunkSizeBytes;
+    const got = await this.#store.get(
+      key,
+      whole ? undefined : { range: { offsetBytes, lengthBytes } },
+    );
+    return got === undefined
+      ? undefined
+      : verifyChunk(this.superblock, ref, got, offsetBytes, lengthBytes);
   }
 
   #nextGeneration(): string {
@@ -277,28 +337,43 @@ export class ChunkStore {
     if (!ref.zero) this.#allocatedCount++;
     if (previous === undefined) return;
     if (!previous.zero) this.#allocatedCount--;
-    if (!this.#pinned.has(previous.key)) this.#superseded.push(previous.key);
+    const own = previous.volumeId === this.superblock.volumeId;
+    if (own && !this.#pinned.has(previous.key)) this.#collect([previous.key]);
+  }
+
+  /** How many garbage objects have waited out the grace (at most one batch is counted). */
+  #dueCount(): number {
+    const dueBefore = this.#clock.nowMs() - this.#gcGraceMs;
+    let count = 0;
+    for (const entry of this.#superseded) {
+      if (entry.atMs > dueBefore || count === MAX_DELETE_BATCH) break;
+      count++;
+    }
+    return count;
   }
 
   /**
-   * Delete the objects superseded so far, in batches. A failure keeps them for the next call
-   * (or leaves them for the next writer's start): garbage, never lost data.
+   * Delete, in batches, the garbage that has waited out the grace. A failure keeps it for the
+   * next call (or leaves it for `s3blk gc`): garbage, never lost data.
    */
   async deleteSuperseded(): Promise<void> {
     while (this.#deleting !== undefined) await this.#deleting;
-    if (this.#superseded.length === 0 || this.#fenced !== undefined) return;
-    const batch = this.#superseded.splice(0, MAX_DELETE_BATCH);
-    this.#deleting = this.#store.deleteMany(batch).then(
+    const due = this.#dueCount();
+    if (due === 0 || this.#fenced !== undefined) return;
+    const batch = this.#superseded.splice(0, due);
+    let deleted = false;
+    this.#deleting = this.#store.deleteMany(batch.map((b) => b.key)).then(
       () => {
+        deleted = true;
         this.#deleting = undefined;
       },
       () => {
-        this.#superseded.push(...batch);
+        this.#superseded.unshift(...batch);
         this.#deleting = undefined;
       },
     );
     await this.#deleting;
-    if (this.#superseded.length >= MAX_DELETE_BATCH) await this.deleteSuperseded();
+    if (deleted && this.#dueCount() === MAX_DELETE_BATCH) await this.deleteSuperseded();
   }
 
   /**

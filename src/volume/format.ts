@@ -1,5 +1,5 @@
 /**
- * The on-bucket format, version 2: how a volume is laid out under its prefix. docs/format.md is
+ * The on-bucket format, version 3: how a volume is laid out under its prefix. docs/format.md is
  * the prose version of this module; change both together, and bump FORMAT_VERSION for any change
  * an older reader would misread.
  *
@@ -8,6 +8,12 @@
  *     <prefix>/chunks/<16 hex index>.<20 hex gen>   chunk i as of generation gen (never rewritten)
  *     <prefix>/chunks/<16 hex index>.<20 hex gen>.zero   a tombstone: chunk i is zeros from gen on
  *     <prefix>/chunks/<16 hex index>                a version 1 chunk object (generation "")
+ *     <prefix>/snapshots/<name>.json                a snapshot (snapshots.ts)
+ *     <prefix>/refs/<snapshot>/<clone id>.json      a clone of that snapshot (snapshots.ts)
+ *
+ * A clone's superblock names its origin, a snapshot of another volume in the same bucket, and
+ * its maps may name that volume's objects (and, flattened, its ancestors'): a map entry carries
+ * the prefix and volume id of the object it names, so every read is one lookup and one GET.
  *
  * A generation is the writer term's lease epoch (8 hex digits) followed by a sequence number
  * within the term (12 hex digits), so generations of one chunk grow with time and two terms can
@@ -26,9 +32,17 @@ import { crc32 } from "node:zlib";
 import type { GetResult, ObjectMetadata } from "../store/object-store.js";
 
 export const FORMAT_NAME = "s3blk";
-export const FORMAT_VERSION = 2;
-/** Versions this s3blk opens: version 1 read-only (until `s3blk upgrade`), version 2 fully. */
-export const READABLE_FORMAT_VERSIONS: readonly number[] = [1, 2];
+export const FORMAT_VERSION = 3;
+/**
+ * Versions this s3blk opens: version 1 read-only (until `s3blk upgrade`), versions 2 and 3
+ * fully. Version 3 is version 2 plus clones; a version 2 volume is cloned after an upgrade,
+ * because a version 2 s3blk would delete a snapshot that clones depend on.
+ */
+export const READABLE_FORMAT_VERSIONS: readonly number[] = [1, 2, 3];
+/** Versions this s3blk writes in place. */
+export const WRITABLE_FORMAT_VERSIONS: readonly number[] = [2, 3];
+/** The `s3blk-format` of a chunk object with a generation: unchanged since version 2. */
+const CHUNK_OBJECT_FORMAT = "2";
 
 export const SECTOR_SIZES = [512, 4096] as const;
 export const MIN_CHUNK_SIZE_BYTES = 64 * 1024;
@@ -52,6 +66,15 @@ export interface Superblock {
   /** Bytes covered by one CRC-32 in a chunk's metadata. */
   readonly checkBlockBytes: number;
   readonly createdAt: string;
+  /** A clone's origin: the snapshot it was cloned from. Absent on a volume made by create. */
+  readonly origin?: Origin;
+}
+
+/** Where a clone comes from: snapshot `snapshot` of the volume at `prefix` in the same bucket. */
+export interface Origin {
+  readonly prefix: string;
+  readonly volumeId: string;
+  readonly snapshot: string;
 }
 
 /** The superblock, a chunk, or the volume's parameters are not what this version can read. */
@@ -143,6 +166,17 @@ function validateSuperblock(s: Superblock): void {
   if (typeof s.volumeId !== "string" || s.volumeId.length === 0 || s.volumeId.length > 64) {
     throw new FormatError("volume id is missing");
   }
+  const o = s.origin as Partial<Origin> | undefined;
+  if (
+    o !== undefined &&
+    (typeof o !== "object" ||
+      o === null ||
+      typeof o.prefix !== "string" ||
+      typeof o.volumeId !== "string" ||
+      typeof o.snapshot !== "string")
+  ) {
+    throw new FormatError("the origin of the clone is malformed");
+  }
 }
 
 export function encodeSuperblock(superblock: Superblock): Uint8Array {
@@ -175,7 +209,7 @@ export function decodeSuperblock(bytes: Uint8Array, key: string): Superblock {
 }
 
 /** Join a volume prefix and a relative key. */
-function under(prefix: string, relative: string): string {
+export function under(prefix: string, relative: string): string {
   return prefix === "" ? relative : `${prefix.replace(/\/+$/, "")}/${relative}`;
 }
 
@@ -221,8 +255,10 @@ export interface ChunkRef {
   readonly zero: boolean;
   /** Its full key. */
   readonly key: string;
-  /** The volume that wrote it, whose id its metadata must carry. */
+  /** The volume that wrote it, whose id its metadata must carry: a clone's base, or its own. */
   readonly volumeId: string;
+  /** That volume's prefix. */
+  readonly prefix: string;
 }
 
 /** The key of chunk `chunkIndex` at generation `gen` (a tombstone if `zero`). */
@@ -240,7 +276,7 @@ export function chunkRef(
   zero = false,
 ): ChunkRef {
   assert(!(zero && gen === ""), "version 1 has no tombstones");
-  return { index, generation: gen, zero, key: chunkKey(prefix, index, gen, zero), volumeId };
+  return { index, generation: gen, zero, key: chunkKey(prefix, index, gen, zero), volumeId, prefix };
 }
 
 const CHUNK_KEY_PATTERN = /^([0-9a-f]{16})(?:\.([0-9a-f]{20})(\.zero)?)?$/;
@@ -255,7 +291,7 @@ export function parseChunkKey(prefix: string, volumeId: string, key: string): Ch
   if (!Number.isSafeInteger(index)) return undefined;
   const gen = match[2] ?? "";
   if (gen !== "" && epochOfGeneration(gen) === 0) return undefined;
-  return { index, generation: gen, zero: match[3] !== undefined, key, volumeId };
+  return { index, generation: gen, zero: match[3] !== undefined, key, volumeId, prefix };
 }
 
 export function sealPrefix(prefix: string): string {
@@ -277,11 +313,111 @@ export function epochOfSealKey(prefix: string, key: string): number | undefined 
 
 export const SEAL_FORMAT = "s3blk-seal";
 
+/** Another volume whose objects a map names: a clone's origin, or one of its ancestors. */
+export interface MapSource {
+  readonly prefix: string;
+  readonly volumeId: string;
+}
+
+/**
+ * A chunk map as a seal or a snapshot record stores it. Flattened: it names the object of
+ * every chunk directly, whichever volume wrote it, so a read never walks a chain of parents.
+ */
+export interface EncodedChunkMap {
+  /**
+   * Chunk index in lower-case hex → the generation of the volume's own object ("" for a
+   * version 1 object), or `<n>:<generation>` for an object of `sources[n - 1]`. A chunk absent
+   * reads as zeros.
+   */
+  readonly chunks: Readonly<Record<string, string>>;
+  /** The other volumes the entries name. Absent when there are none. */
+  readonly sources?: readonly MapSource[];
+}
+
+/** The number of chunks of a volume. */
+export function chunkCountOf(superblock: Superblock): number {
+  return Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
+}
+
+/** The map of `refs` as a seal or a snapshot record of the volume `volumeId` stores it. */
+export function encodeChunkMap(
+  volumeId: string,
+  refs: ReadonlyMap<number, ChunkRef>,
+): EncodedChunkMap {
+  const chunks: Record<string, string> = {};
+  const sources: MapSource[] = [];
+  const sourceNumbers = new Map<string, number>();
+  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
+    if (ref.zero) continue;
+    if (ref.volumeId === volumeId) {
+      chunks[index.toString(16)] = ref.generation;
+      continue;
+    }
+    let n = sourceNumbers.get(ref.volumeId);
+    if (n === undefined) {
+      n = sources.push({ prefix: ref.prefix, volumeId: ref.volumeId });
+      sourceNumbers.set(ref.volumeId, n);
+    }
+    chunks[index.toString(16)] = `${n}:${ref.generation}`;
+  }
+  return sources.length === 0 ? { chunks } : { chunks, sources };
+}
+
+/** The refs a map names, for the volume `self` (whose own objects the plain entries name). */
+export function decodeChunkMap(
+  self: MapSource,
+  chunkCount: number,
+  map: EncodedChunkMap,
+): Map<number, ChunkRef> {
+  const refs = new Map<number, ChunkRef>();
+  for (const [hex, entry] of Object.entries(map.chunks)) {
+    const index = Number.parseInt(hex, 16);
+    if (index >= chunkCount) continue;
+    const colon = entry.indexOf(":");
+    const source = colon < 0 ? self : map.sources?.[Number(entry.slice(0, colon)) - 1];
+    assert(source !== undefined, "decodeChunkMap of a map checkChunkMap did not pass");
+    refs.set(index, chunkRef(source.prefix, source.volumeId, index, entry.slice(colon + 1)));
+  }
+  return refs;
+}
+
+const MAP_ENTRY_PATTERN = /^(?:([1-9][0-9]{0,5}):)?(|[0-9a-f]{20})$/;
+
+/** Throw a FormatError naming `key` unless `map` is a well-formed chunk map. */
+export function checkChunkMap(map: Partial<EncodedChunkMap>, key: string, what: string): void {
+  if (typeof map.chunks !== "object" || map.chunks === null) {
+    throw new FormatError(`${key} is a malformed ${what}`);
+  }
+  const sources = map.sources ?? [];
+  if (
+    !Array.isArray(sources) ||
+    !sources.every(
+      (s: Partial<MapSource> | null) =>
+        typeof s === "object" &&
+        s !== null &&
+        typeof s.prefix === "string" &&
+        typeof s.volumeId === "string",
+    )
+  ) {
+    throw new FormatError(`${key} is a malformed ${what}: bad sources`);
+  }
+  for (const [hex, entry] of Object.entries(map.chunks)) {
+    const match = typeof entry === "string" ? MAP_ENTRY_PATTERN.exec(entry) : null;
+    if (
+      !/^[0-9a-f]{1,16}$/.test(hex) ||
+      match === null ||
+      (match[1] !== undefined && Number(match[1]) > sources.length)
+    ) {
+      throw new FormatError(`${key} is a malformed ${what}: entry ${hex} → ${String(entry)}`);
+    }
+  }
+}
+
 /**
  * A seal: written once, by a writer term at its start, before it writes any chunk. It names the
- * generation of every chunk that holds data at that moment (a chunk absent reads as zeros).
+ * object of every chunk that holds data at that moment (a chunk absent reads as zeros).
  */
-export interface SealRecord {
+export interface SealRecord extends EncodedChunkMap {
   readonly format: typeof SEAL_FORMAT;
   readonly version: 1;
   readonly volumeId: string;
@@ -289,32 +425,6 @@ export interface SealRecord {
   /** Who wrote it: the lease holder's id, read back after a retried create. */
   readonly writer: string;
   readonly createdAt: string;
-  /** Chunk index in lower-case hex → generation ("" for a version 1 object). */
-  readonly chunks: Readonly<Record<string, string>>;
-}
-
-/** The map of `refs` as a seal or a snapshot record stores it: chunk index in hex → generation. */
-export function encodeChunkMap(refs: ReadonlyMap<number, ChunkRef>): Record<string, string> {
-  const chunks: Record<string, string> = {};
-  for (const [index, ref] of [...refs].sort((a, b) => a[0] - b[0])) {
-    if (!ref.zero) chunks[index.toString(16)] = ref.generation;
-  }
-  return chunks;
-}
-
-/** The refs a record's map names, for the volume at `prefix`. */
-export function decodeChunkMap(
-  prefix: string,
-  superblock: Superblock,
-  chunks: Readonly<Record<string, string>>,
-): Map<number, ChunkRef> {
-  const chunkCount = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
-  const refs = new Map<number, ChunkRef>();
-  for (const [hex, gen] of Object.entries(chunks)) {
-    const index = Number.parseInt(hex, 16);
-    if (index < chunkCount) refs.set(index, chunkRef(prefix, superblock.volumeId, index, gen));
-  }
-  return refs;
 }
 
 export function encodeSeal(seal: SealRecord): Uint8Array {
@@ -338,18 +448,8 @@ export function decodeSeal(bytes: Uint8Array, key: string, volumeId: string): Se
   if (seal.volumeId !== volumeId) {
     throw new FormatError(`${key} belongs to volume ${String(seal.volumeId)}, not ${volumeId}`);
   }
-  if (
-    typeof seal.chunks !== "object" ||
-    seal.chunks === null ||
-    !Number.isSafeInteger(seal.epoch)
-  ) {
-    throw new FormatError(`${key} is a malformed seal`);
-  }
-  for (const [hex, gen] of Object.entries(seal.chunks)) {
-    if (!/^[0-9a-f]{1,16}$/.test(hex) || !/^(|[0-9a-f]{20})$/.test(gen)) {
-      throw new FormatError(`${key} is a malformed seal: entry ${hex} → ${gen}`);
-    }
-  }
+  if (!Number.isSafeInteger(seal.epoch)) throw new FormatError(`${key} is a malformed seal`);
+  checkChunkMap(seal, key, "seal");
   return seal as SealRecord;
 }
 
@@ -373,7 +473,7 @@ export function chunkMetadata(
     table.writeUInt32BE(crc32(data.subarray(start, start + superblock.checkBlockBytes)), i * 4);
   }
   return {
-    [META_FORMAT]: String(FORMAT_VERSION),
+    [META_FORMAT]: CHUNK_OBJECT_FORMAT,
     [META_VOLUME]: superblock.volumeId,
     [META_CHUNK]: ref.index.toString(16),
     [META_GENERATION]: ref.generation,
@@ -385,7 +485,7 @@ export function chunkMetadata(
 export function tombstoneMetadata(ref: ChunkRef): ObjectMetadata {
   assert(ref.zero);
   return {
-    [META_FORMAT]: String(FORMAT_VERSION),
+    [META_FORMAT]: CHUNK_OBJECT_FORMAT,
     [META_VOLUME]: ref.volumeId,
     [META_CHUNK]: ref.index.toString(16),
     [META_GENERATION]: ref.generation,
@@ -410,7 +510,7 @@ export function verifyChunk(
   if (m[META_FORMAT] === undefined || m[META_CRC] === undefined) {
     throw new ChunkCorruptError(key, "it has no s3blk metadata (a foreign object?)");
   }
-  const expectedFormat = ref.generation === "" ? "1" : String(FORMAT_VERSION);
+  const expectedFormat = ref.generation === "" ? "1" : CHUNK_OBJECT_FORMAT;
   if (m[META_FORMAT] !== expectedFormat) {
     throw new ChunkCorruptError(key, `it has format version ${m[META_FORMAT]}`);
   }

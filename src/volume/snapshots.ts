@@ -19,9 +19,13 @@ import { randomUUID } from "node:crypto";
 import { StoreError, listAll, type ObjectStore } from "../store/object-store.js";
 import {
   FormatError,
+  checkChunkMap,
+  chunkCountOf,
   decodeChunkMap,
   encodeChunkMap,
+  under,
   type ChunkRef,
+  type EncodedChunkMap,
   type Superblock,
 } from "./format.js";
 
@@ -42,7 +46,7 @@ export function checkSnapshotName(name: string): SnapshotError | undefined {
   );
 }
 
-export interface SnapshotRecord {
+export interface SnapshotRecord extends EncodedChunkMap {
   readonly format: typeof SNAPSHOT_FORMAT;
   readonly version: 1;
   readonly volumeId: string;
@@ -50,12 +54,12 @@ export interface SnapshotRecord {
   readonly createdAt: string;
   /** A random id per create, read back after a retried create. */
   readonly creator: string;
-  /** Chunk index in lower-case hex → generation ("" for a version 1 object). */
-  readonly chunks: Readonly<Record<string, string>>;
-}
-
-function under(prefix: string, relative: string): string {
-  return prefix === "" ? relative : `${prefix.replace(/\/+$/, "")}/${relative}`;
+  /**
+   * Set by a deletion before it looks for clones (see clones.ts), and left by one that was
+   * interrupted. The snapshot can then no longer be opened or cloned; it still pins its
+   * objects, and the clones that depend on it still read it.
+   */
+  readonly deleting?: true;
 }
 
 export function snapshotPrefix(prefix: string): string {
@@ -66,7 +70,29 @@ export function snapshotKey(prefix: string, name: string): string {
   return `${snapshotPrefix(prefix)}${name}.json`;
 }
 
-function decodeRecord(bytes: Uint8Array, key: string, volumeId: string): SnapshotRecord {
+/**
+ * Where a deleted snapshot's record waits out the grace horizon: its objects stay pinned until
+ * garbage collection finds it older than the grace (see garbage.ts), so that an export of the
+ * snapshot still running when it was deleted is not cut short.
+ */
+export function trashPrefix(prefix: string): string {
+  return under(prefix, "trash/");
+}
+
+export function trashKey(prefix: string, record: SnapshotRecord): string {
+  return `${trashPrefix(prefix)}${record.name}.${record.creator}.json`;
+}
+
+export function encodeSnapshotRecord(record: SnapshotRecord): Uint8Array {
+  return Buffer.from(`${JSON.stringify(record)}\n`, "utf8");
+}
+
+/** Parse and check the record at `key` of a snapshot of the volume `volumeId`. */
+export function decodeSnapshotRecord(
+  bytes: Uint8Array,
+  key: string,
+  volumeId: string,
+): SnapshotRecord {
   let record: Partial<SnapshotRecord> | null;
   try {
     record = JSON.parse(Buffer.from(bytes).toString("utf8")) as Partial<SnapshotRecord> | null;
@@ -79,14 +105,10 @@ function decodeRecord(bytes: Uint8Array, key: string, volumeId: string): Snapsho
   if (record.volumeId !== volumeId) {
     throw new FormatError(`${key} belongs to volume ${String(record.volumeId)}, not ${volumeId}`);
   }
-  if (record.version !== 1 || typeof record.chunks !== "object" || record.chunks === null) {
+  if (record.version !== 1 || typeof record.name !== "string") {
     throw new FormatError(`${key} is a malformed snapshot`);
   }
-  for (const [hex, gen] of Object.entries(record.chunks)) {
-    if (!/^[0-9a-f]{1,16}$/.test(hex) || !/^(|[0-9a-f]{20})$/.test(gen)) {
-      throw new FormatError(`${key} is a malformed snapshot: entry ${hex} → ${gen}`);
-    }
-  }
+  checkChunkMap(record, key, "snapshot");
   return record as SnapshotRecord;
 }
 
@@ -107,54 +129,111 @@ export async function createSnapshotRecord(
     name,
     createdAt: new Date().toISOString(),
     creator: randomUUID(),
-    chunks: encodeChunkMap(refs),
+    ...encodeChunkMap(superblock.volumeId, refs),
   };
   const key = snapshotKey(prefix, name);
   try {
-    await store.put(key, Buffer.from(`${JSON.stringify(record)}\n`), { ifNoneMatch: "*" });
+    await store.put(key, encodeSnapshotRecord(record), { ifNoneMatch: "*" });
   } catch (error) {
     if (!(error instanceof StoreError) || error.code !== "PreconditionFailed") throw error;
     const there = await store.get(key);
-    if (
-      there === undefined ||
-      decodeRecord(there.body, key, superblock.volumeId).creator !== record.creator
-    ) {
-      throw new SnapshotError(`a snapshot named "${name}" already exists`);
+    const theirs =
+      there === undefined ? undefined : decodeSnapshotRecord(there.body, key, superblock.volumeId);
+    if (theirs?.creator !== record.creator) {
+      throw new SnapshotError(
+        theirs?.deleting
+          ? `the snapshot named "${name}" is being deleted; finish that with: s3blk snapshot delete`
+          : `a snapshot named "${name}" already exists`,
+      );
     }
   }
   return record;
 }
 
-/** The record of snapshot `name`; a SnapshotError if there is none. */
+/**
+ * The record of snapshot `name` of the volume `volumeId` at `prefix`, in whatever state, and
+ * its entity tag; a SnapshotError if there is none.
+ */
+export async function readSnapshotAt(
+  store: ObjectStore,
+  prefix: string,
+  volumeId: string,
+  name: string,
+  options: { readonly whatFor?: string } = {},
+): Promise<{ readonly record: SnapshotRecord; readonly etag: string }> {
+  const invalid = checkSnapshotName(name);
+  if (invalid !== undefined) throw invalid;
+  const key = snapshotKey(prefix, name);
+  const got = await store.get(key);
+  if (got === undefined) {
+    const whatFor = options.whatFor === undefined ? "" : `, ${options.whatFor}`;
+    throw new SnapshotError(`no snapshot named "${name}" (no ${key}${whatFor})`);
+  }
+  return { record: decodeSnapshotRecord(got.body, key, volumeId), etag: got.etag };
+}
+
+/** The record of snapshot `name`, to open or clone it: refused while it is being deleted. */
 export async function readSnapshot(
   store: ObjectStore,
   prefix: string,
   superblock: Superblock,
   name: string,
 ): Promise<SnapshotRecord> {
-  const invalid = checkSnapshotName(name);
-  if (invalid !== undefined) throw invalid;
-  const key = snapshotKey(prefix, name);
-  const got = await store.get(key);
-  if (got === undefined) throw new SnapshotError(`no snapshot named "${name}" (no ${key})`);
-  return decodeRecord(got.body, key, superblock.volumeId);
+  const { record } = await readSnapshotAt(store, prefix, superblock.volumeId, name);
+  if (record.deleting) {
+    throw new SnapshotError(
+      `snapshot "${name}" is being deleted (an interrupted delete is finished by running it again)`,
+    );
+  }
+  return record;
 }
 
-/** Every snapshot's record, by name: one LIST, and one GET per snapshot. */
+/** Every record under `base`: one LIST, and one GET per record. */
+async function readRecords(
+  store: ObjectStore,
+  base: string,
+  volumeId: string,
+  pattern: RegExp,
+): Promise<{ record: SnapshotRecord; key: string; lastModifiedMs: number }[]> {
+  const records = [];
+  for await (const entry of listAll(store, base)) {
+    const match = pattern.exec(entry.key.slice(base.length));
+    if (match === null || checkSnapshotName(match[1] ?? "") !== undefined) continue;
+    const got = await store.get(entry.key);
+    if (got === undefined) continue;
+    const record = decodeSnapshotRecord(got.body, entry.key, volumeId);
+    records.push({ record, key: entry.key, lastModifiedMs: entry.lastModifiedMs });
+  }
+  return records;
+}
+
+/** Every snapshot's record, in any state: one LIST, and one GET per snapshot. */
 export async function readSnapshots(
   store: ObjectStore,
   prefix: string,
   superblock: Superblock,
 ): Promise<SnapshotRecord[]> {
-  const records: SnapshotRecord[] = [];
-  const base = snapshotPrefix(prefix);
-  for await (const entry of listAll(store, base)) {
-    const match = /^(.+)\.json$/.exec(entry.key.slice(base.length));
-    if (match === null || checkSnapshotName(match[1] ?? "") !== undefined) continue;
-    const got = await store.get(entry.key);
-    if (got !== undefined) records.push(decodeRecord(got.body, entry.key, superblock.volumeId));
-  }
-  return records;
+  const found = await readRecords(store, snapshotPrefix(prefix), superblock.volumeId, /^(.+)\.json$/);
+  return found.map((f) => f.record);
+}
+
+/** The records of deleted snapshots still in the trash, with when they were put there. */
+export function readTrash(
+  store: ObjectStore,
+  prefix: string,
+  superblock: Superblock,
+): Promise<{ record: SnapshotRecord; key: string; lastModifiedMs: number }[]> {
+  return readRecords(store, trashPrefix(prefix), superblock.volumeId, /^(.+)\.[^.]+\.json$/);
+}
+
+/** The objects snapshot `record` of the volume at `prefix` names, by chunk. */
+export function snapshotRefs(
+  prefix: string,
+  superblock: Superblock,
+  record: SnapshotRecord,
+): Map<number, ChunkRef> {
+  const self = { prefix, volumeId: superblock.volumeId };
+  return decodeChunkMap(self, chunkCountOf(superblock), record);
 }
 
 /** The keys of every object some snapshot in `records` names. */
@@ -165,20 +244,9 @@ export function pinnedKeys(
 ): Set<string> {
   const keys = new Set<string>();
   for (const record of records) {
-    for (const ref of decodeChunkMap(prefix, superblock, record.chunks).values()) keys.add(ref.key);
+    for (const ref of snapshotRefs(prefix, superblock, record).values()) keys.add(ref.key);
   }
   return keys;
-}
-
-/** Delete snapshot `name`'s record; its objects become garbage for the next writer's start. */
-export async function deleteSnapshotRecord(
-  store: ObjectStore,
-  prefix: string,
-  superblock: Superblock,
-  name: string,
-): Promise<void> {
-  await readSnapshot(store, prefix, superblock, name);
-  await store.delete(snapshotKey(prefix, name));
 }
 
 /**

@@ -68,7 +68,7 @@ describe("s3blk on a local directory", () => {
       sizeBytes: 2 * 1024 ** 3,
       chunkSizeBytes: 4 * 1024 ** 2,
       sectorSizeBytes: 512,
-      formatVersion: 2,
+      formatVersion: 3,
       storedChunks: 0,
     });
     expectOneLineError(await s3blk(["create", "vol", "--size", "1G"]), /already exists/);
@@ -148,10 +148,10 @@ describe("s3blk on a local directory", () => {
     );
     expect((await s3blk(["info", "old1"])).stdout).toMatch(/format\s+s3blk v1/);
     expect((await s3blk(["upgrade", "old1"])).stdout).toMatch(
-      /upgraded file:\/\/.*old1 from format version 1 to 2 in place \(1 chunks kept/,
+      /upgraded file:\/\/.*old1 from format version 1 to 3 in place \(1 chunks kept/,
     );
     expect((await s3blk(["upgrade", "old1"])).stdout).toMatch(
-      /already format version 2; nothing to do/,
+      /already format version 3; nothing to do/,
     );
     const demo = await s3blk(["demo", "old1"]);
     expect(demo.code).toBe(0);
@@ -163,7 +163,7 @@ describe("s3blk on a local directory", () => {
     const started = await s3blk(["demo"], {}, fallback);
     expect(started.code).toBe(0);
     expect(started.stdout).toMatch(
-      /upgraded the default volume file:\/\/.*default from format version 1 to 2/,
+      /upgraded the default volume file:\/\/.*default from format version 1 to 3/,
     );
   });
 

@@ -78,7 +78,8 @@ export async function newTestVolume(
     stack,
     open: (options, s) => {
       const opened = s ?? stack();
-      return openVolume(opened, { writebackDelayMs: 50, ...options });
+      // Garbage is deleted at once unless a test is about the grace: the tests count it.
+      return openVolume(opened, { writebackDelayMs: 50, gcGraceMs: 0, ...options });
     },
   };
 }

@@ -281,9 +281,9 @@ describe.each(backends)("upgrading a version 1 volume on $name", (backend) => {
     const counts = upgrading.counter.counts();
     expect(counts.bytesOut).toBeLessThan(4096);
     expect(counts.bytesIn).toBeLessThan(4096);
-    expect(await upgradeVolume(stack())).toEqual({ upgraded: false, version: 2 });
+    expect(await upgradeVolume(stack())).toEqual({ upgraded: false, version: 3 });
 
-    const writer = await openVolume(stack());
+    const writer = await openVolume(stack(), { gcGraceMs: 0 });
     await expectData(writer);
     // Rewriting a version 1 chunk supersedes (and deletes) its plain key.
     expect((await writer.write(0, [pattern(23, 0, 8)], { fua: true })).ok).toBe(true);
@@ -314,7 +314,7 @@ describe.each(backends)("upgrading a version 1 volume on $name", (backend) => {
       const after = stack();
       const map = await resolveChunkMap(after.store, after.prefix, {
         ...readOnly.superblock,
-        formatVersion: 2,
+        formatVersion: 3,
       });
       expect([...map.refs.keys()].sort()).toEqual([0, 2]);
       const writer = await openVolume(after);
