@@ -34,7 +34,8 @@ export interface Backend {
 
 export const memoryBackend: Backend = {
   name: "memory",
-  newUrl: (label) => `memory://${label}-${randomBytes(6).toString("hex")}`,
+  // One store, a prefix per volume, as in a bucket: so volumes have siblings (clones).
+  newUrl: (label) => `memory://tests/${label}-${randomBytes(6).toString("hex")}`,
   stackOptions: {},
 };
 
@@ -82,6 +83,11 @@ export async function newTestVolume(
       return openVolume(opened, { writebackDelayMs: 50, gcGraceMs: 0, ...options });
     },
   };
+}
+
+/** A URL for a new volume beside the one at `url`, in the same bucket (or store). */
+export function siblingUrl(url: string, label: string): string {
+  return `${url.slice(0, url.lastIndexOf("/"))}/${label}-${randomBytes(6).toString("hex")}`;
 }
 
 /** The store stack over `store` (a volume at its root), as `openStoreStack` builds it. */
