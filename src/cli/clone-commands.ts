@@ -40,7 +40,9 @@ export function register(
       await withStack(url, (base) =>
         withStack(target, async (clone) => {
           const superblock = await cloneVolume(base, snapshot, clone);
-          out(`${clone.url} (a clone of ${base.url}@${snapshot}, volume id ${superblock.volumeId})`);
+          out(
+            `${clone.url} (a clone of ${base.url}@${snapshot}, volume id ${superblock.volumeId})`,
+          );
         }),
       );
     });

@@ -48,7 +48,12 @@ export async function cloneVolume(
         `s3blk upgrade ${source.url}`,
     );
   }
-  return createClone(target.store, { prefix: source.prefix, superblock: base }, snapshot, target.prefix);
+  return createClone(
+    target.store,
+    { prefix: source.prefix, superblock: base },
+    snapshot,
+    target.prefix,
+  );
 }
 
 function nested(a: string, b: string): boolean {

@@ -166,7 +166,11 @@ function baseStore(
       const [name = "", ...parts] = rest.replace(/\/+$/, "").split("/");
       if (name === "") throw new StoreUrlError(`a memory URL needs a name: memory://name`);
       const prefix = parts.join("/");
-      return { base: namedMemoryStore(name), prefix, canonical: `memory://${rest.replace(/\/+$/, "")}` };
+      return {
+        base: namedMemoryStore(name),
+        prefix,
+        canonical: `memory://${rest.replace(/\/+$/, "")}`,
+      };
     }
     default:
       throw new StoreUrlError(

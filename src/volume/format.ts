@@ -276,7 +276,14 @@ export function chunkRef(
   zero = false,
 ): ChunkRef {
   assert(!(zero && gen === ""), "version 1 has no tombstones");
-  return { index, generation: gen, zero, key: chunkKey(prefix, index, gen, zero), volumeId, prefix };
+  return {
+    index,
+    generation: gen,
+    zero,
+    key: chunkKey(prefix, index, gen, zero),
+    volumeId,
+    prefix,
+  };
 }
 
 const CHUNK_KEY_PATTERN = /^([0-9a-f]{16})(?:\.([0-9a-f]{20})(\.zero)?)?$/;

@@ -79,10 +79,12 @@ export async function collectGarbage(
   const snapshots = await readSnapshots(store, prefix, superblock);
   const trash = await readTrash(store, prefix, superblock);
   const expired = trash.filter((t) => t.lastModifiedMs <= horizonMs);
-  const pinned = pinnedKeys(prefix, superblock, [
-    ...snapshots,
-    ...trash.filter((t) => !expired.includes(t)).map((t) => t.record),
-  ]);
+  const pinned = pinnedKeys(prefix, superblock, snapshots);
+  const waiting = pinnedKeys(
+    prefix,
+    superblock,
+    trash.filter((t) => !expired.includes(t)).map((t) => t.record),
+  );
 
   const newestSeal = map.seals.at(-1);
   const winners = new Map<number, Listed>();
@@ -100,6 +102,11 @@ export async function collectGarbage(
   };
   for (const l of map.listed) {
     if (live.has(l.key) || map.deciding.has(l.key) || pinned.has(l.key)) continue;
+    // Named by a snapshot deleted within the grace: garbage since it went into the trash.
+    if (waiting.has(l.key)) {
+      keptWithinGrace++;
+      continue;
+    }
     const sameTerm = epochOfGeneration(l.ref.generation) === map.sealEpoch;
     consider(l, sameTerm ? winners.get(l.ref.index) : newestSeal);
   }

@@ -213,7 +213,12 @@ export async function readSnapshots(
   prefix: string,
   superblock: Superblock,
 ): Promise<SnapshotRecord[]> {
-  const found = await readRecords(store, snapshotPrefix(prefix), superblock.volumeId, /^(.+)\.json$/);
+  const found = await readRecords(
+    store,
+    snapshotPrefix(prefix),
+    superblock.volumeId,
+    /^(.+)\.json$/,
+  );
   return found.map((f) => f.record);
 }
 

@@ -8,7 +8,11 @@ import { describe, expect, it } from "vitest";
 import { listAll, type ObjectStore } from "../../src/store/object-store.js";
 import { createSnapshot, deleteSnapshot } from "../../src/lifecycle/snapshot-lifecycle.js";
 import { cloneVolume } from "../../src/lifecycle/clone-lifecycle.js";
-import { deleteVolume, describeVolume, readSuperblock } from "../../src/lifecycle/volume-lifecycle.js";
+import {
+  deleteVolume,
+  describeVolume,
+  readSuperblock,
+} from "../../src/lifecycle/volume-lifecycle.js";
 import { snapshotKey } from "../../src/volume/snapshots.js";
 import { StoreLayer } from "../../src/store/store-layer.js";
 import { requireS3 } from "../support/s3-target.js";
@@ -159,7 +163,10 @@ describe.each(backends)("clones on $name", (backend) => {
     const stack = base.stack();
     const got = await stack.store.get(key ?? "");
     await stack.store.put(key ?? "", got?.body ?? new Uint8Array(), {
-      metadata: { ...got?.metadata, "s3blk-volume": (await readSuperblock(clone.stack())).volumeId },
+      metadata: {
+        ...got?.metadata,
+        "s3blk-volume": (await readSuperblock(clone.stack())).volumeId,
+      },
     });
     const again = await clone.open({ readOnly: true });
     const result = await again.read(0, [new Uint8Array(4096)]);
