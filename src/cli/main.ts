@@ -19,7 +19,7 @@ import { FORMAT_VERSION, FormatError } from "../volume/format.js";
 import { SnapshotError, splitSnapshotUrl } from "../volume/snapshots.js";
 import { listSnapshots } from "../lifecycle/snapshot-lifecycle.js";
 import { register as registerSnapshotCommands } from "./snapshot-commands.js";
-import { register as registerCloneCommands } from "./clone-commands.js";
+import { graceOption, register as registerCloneCommands } from "./clone-commands.js";
 import { CloneError } from "../volume/clones.js";
 import { LeaseHeldError, LeaseTimingError } from "../volume/lease.js";
 import {
@@ -390,6 +390,11 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .option("--force", "take over a volume another process holds (waits out its lease)")
     .option(
+      "--gc-grace <duration>",
+      "keep the objects writes made garbage this long, for readers that opened before (default 15m)",
+      graceOption,
+    )
+    .option(
       "--lease-duration <duration>",
       "how long a volume's lease lasts unrenewed; a takeover of a dead holder waits this long (default 60s)",
       durationOption,
@@ -420,6 +425,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           readOnly?: boolean;
           createSize?: number;
           writebackDelay?: number;
+          gcGrace?: number;
           force?: boolean;
           leaseDuration?: number;
           verbose?: boolean;

@@ -59,6 +59,8 @@ export interface ServeOptions {
   readonly readOnly?: boolean;
   readonly createSize?: number;
   readonly writebackDelay?: number;
+  /** How long garbage waits for readers that opened before, in ms (see garbage.ts). */
+  readonly gcGrace?: number;
   readonly force?: boolean;
   /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
   readonly leaseDuration?: number;
@@ -191,6 +193,7 @@ export async function serve(
     ...(options.dirtySize === undefined ? {} : { maxDirtyBytes: options.dirtySize }),
     ...(options.dirtyChunks === undefined ? {} : { maxDirtyChunks: options.dirtyChunks }),
     ...(options.writebackDelay === undefined ? {} : { writebackDelayMs: options.writebackDelay }),
+    ...(options.gcGrace === undefined ? {} : { gcGraceMs: options.gcGrace }),
     onWritebackError: (error) => env.err(`s3blk: write-back failed, will retry: ${error.message}`),
   };
   const opened: Opened[] = [];

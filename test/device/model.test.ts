@@ -347,14 +347,18 @@ function mulberry(seed: number): () => number {
 describe("device against a model", () => {
   it("agrees with the model on random operation sequences", async () => {
     await fc.assert(
-      fc.asyncProperty(fc.array(op, { minLength: 5, maxLength: 40, size: "medium" }), (ops) => run(ops, false)),
+      fc.asyncProperty(fc.array(op, { minLength: 5, maxLength: 40, size: "medium" }), (ops) =>
+        run(ops, false),
+      ),
       { numRuns: Number(process.env.MODEL_RUNS ?? 60) },
     );
   });
 
   it("agrees with the model while the store fails one request in five", async () => {
     await fc.assert(
-      fc.asyncProperty(fc.array(op, { minLength: 5, maxLength: 30, size: "medium" }), (ops) => run(ops, true)),
+      fc.asyncProperty(fc.array(op, { minLength: 5, maxLength: 30, size: "medium" }), (ops) =>
+        run(ops, true),
+      ),
       { numRuns: Number(process.env.MODEL_RUNS ?? 30) },
     );
   });
