@@ -238,7 +238,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         out(
           outcome.upgraded
             ? `upgraded ${stack.url} from format version ${outcome.fromVersion} to ${FORMAT_VERSION} ` +
-                `in place (${outcome.chunks} chunks kept as they are)`
+                `in place (${outcome.chunks === undefined ? "every object" : `${outcome.chunks} chunks`} kept as they are)`
             : `${stack.url} is already format version ${outcome.version}; nothing to do`,
         );
       });

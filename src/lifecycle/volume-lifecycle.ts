@@ -241,7 +241,12 @@ export async function deleteVolume(stack: VolumeStack): Promise<number> {
 
 /** What `upgradeVolume` did. */
 export type UpgradeOutcome =
-  | { readonly upgraded: true; readonly fromVersion: number; readonly chunks: number }
+  | {
+      readonly upgraded: true;
+      readonly fromVersion: number;
+      /** From version 1: the chunks its new seal names. */
+      readonly chunks?: number;
+    }
   | { readonly upgraded: false; readonly version: number };
 
 /**
@@ -275,13 +280,15 @@ export async function upgradeVolume(
     },
   );
   try {
-    const map = await resolveChunkMap(stack.store, stack.prefix, old);
+    let chunks: number | undefined;
     if (old.formatVersion === 1) {
+      const map = await resolveChunkMap(stack.store, stack.prefix, old);
       // Version 1 has no garbage to speak of: what the seal leaves over is left to `s3blk gc`.
       await sealChunkMap(stack.store, stack.prefix, old, map, {
         epoch: lease.epoch,
         writerId: lease.holderId,
       });
+      chunks = map.refs.size;
     }
     const upgraded: Superblock = { ...old, formatVersion: FORMAT_VERSION };
     try {
@@ -292,7 +299,11 @@ export async function upgradeVolume(
       const now = await readSuperblock(stack);
       if (now.volumeId !== old.volumeId || now.formatVersion !== FORMAT_VERSION) throw error;
     }
-    return { upgraded: true, fromVersion: old.formatVersion, chunks: map.refs.size };
+    return {
+      upgraded: true,
+      fromVersion: old.formatVersion,
+      ...(chunks === undefined ? {} : { chunks }),
+    };
   } finally {
     await lease.release();
   }

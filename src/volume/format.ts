@@ -198,7 +198,7 @@ export function decodeSuperblock(bytes: Uint8Array, key: string): Superblock {
   if (typeof s.formatVersion !== "number" || !READABLE_FORMAT_VERSIONS.includes(s.formatVersion)) {
     throw new FormatError(
       `${key} has format version ${String(s.formatVersion)}; this s3blk reads versions ` +
-        `${READABLE_FORMAT_VERSIONS.join(" and ")} only` +
+        `${READABLE_FORMAT_VERSIONS.slice(0, -1).join(", ")} and ${READABLE_FORMAT_VERSIONS.at(-1)} only` +
         (typeof s.formatVersion === "number" && s.formatVersion > FORMAT_VERSION
           ? " (upgrade s3blk)"
           : ""),

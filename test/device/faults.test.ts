@@ -393,10 +393,10 @@ describe("integrity", () => {
 
   it("refuses a superblock of a newer format, naming the version", async () => {
     const store = new MemoryStore();
-    const superblock = { ...newSuperblock(PARAMS), formatVersion: 3 };
+    const superblock = { ...newSuperblock(PARAMS), formatVersion: 4 };
     await store.put(superblockKey(""), encodeSuperblock(superblock));
     await expect(openVolume(stackOver(store))).rejects.toThrow(
-      /format version 3.*reads versions 1 and 2 only \(upgrade s3blk\)/,
+      /format version 4.*reads versions 1, 2 and 3 only \(upgrade s3blk\)/,
     );
   });
 });

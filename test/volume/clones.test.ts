@@ -11,8 +11,11 @@ import { cloneVolume } from "../../src/lifecycle/clone-lifecycle.js";
 import {
   deleteVolume,
   describeVolume,
+  openVolume,
   readSuperblock,
+  upgradeVolume,
 } from "../../src/lifecycle/volume-lifecycle.js";
+import { encodeSuperblock, superblockKey } from "../../src/volume/format.js";
 import { snapshotKey } from "../../src/volume/snapshots.js";
 import { StoreLayer } from "../../src/store/store-layer.js";
 import { requireS3 } from "../support/s3-target.js";
@@ -63,10 +66,8 @@ function existing(backend: Backend, url: string): TestVolume {
   return {
     url,
     stack,
-    open: async (options, s) => {
-      const { openVolume } = await import("../../src/lifecycle/volume-lifecycle.js");
-      return openVolume(s ?? stack(), { writebackDelayMs: 50, gcGraceMs: 0, ...options });
-    },
+    open: (options, s) =>
+      openVolume(s ?? stack(), { writebackDelayMs: 50, gcGraceMs: 0, ...options }),
   };
 }
 
@@ -280,4 +281,35 @@ describe.each(backends)("clones on $name", (backend) => {
       }
     },
   );
+});
+
+describe.each(backends)("a version 2 base on $name", (backend) => {
+  it("is written as it is, refused as a base until upgraded, and upgraded by its superblock alone", async () => {
+    const base = await goldBase(backend, "v2base");
+    const stack = base.stack();
+    const key = superblockKey(stack.prefix);
+    const v3 = await readSuperblock(stack);
+    await stack.store.put(key, encodeSuperblock({ ...v3, formatVersion: 2 }));
+    // Read and written as it is.
+    const writer = await base.open();
+    expect((await writer.write(7 * SPC, [pattern(4, 7 * SPC, SPC)])).ok).toBe(true);
+    expect((await writer.disconnect()).ok).toBe(true);
+    expect((await readSuperblock(base.stack())).formatVersion).toBe(2);
+    const target = existing(backend, siblingUrl(base.url, "v2clone"));
+    await expect(cloneVolume(base.stack(), "gold", target.stack())).rejects.toThrow(
+      /format version 2 volume; to clone it, first run: s3blk upgrade/,
+    );
+    const before = await objectsOf(base);
+    const upgrading = base.stack();
+    expect(await upgradeVolume(upgrading)).toMatchObject({ upgraded: true, fromVersion: 2 });
+    // The lease (GET, two PUTs) and the superblock (PUT): no seal, no chunk.
+    expect(upgrading.counter.counts()).toMatchObject({ puts: 3, lists: 0 });
+    const after = await objectsOf(base);
+    const changed = [...after].filter(([k, etag]) => before.get(k) !== etag).map(([k]) => k);
+    expect(changed.sort()).toEqual([key, `${stack.prefix}/lease.json`].sort());
+    await cloneVolume(base.stack(), "gold", target.stack());
+    const clone = await target.open({ readOnly: true });
+    expect((await readAll(clone)).subarray(0, 6 * CHUNK).equals(pattern(1, 0, 6 * SPC))).toBe(true);
+    await clone.disconnect();
+  });
 });
