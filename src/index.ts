@@ -11,7 +11,8 @@
  *   memory), the layers, and the one factory that builds a stack ({@link openStoreStack}, or
  *   {@link buildStoreStack} over a store you opened).
  * - **The volume lifecycle**: {@link createVolume}, {@link openVolume}, {@link describeVolume},
- *   {@link deleteVolume}; each takes a store stack.
+ *   {@link deleteVolume}, snapshots, {@link cloneVolume} and {@link gcVolume}; each takes a
+ *   store stack.
  * - **The device**: {@link ChunkedBlockDevice}, what `openVolume` returns.
  * - **The NBD server**: {@link NbdServer} serving {@link NbdExport}s.
  *
@@ -110,10 +111,16 @@ export {
   type SnapshotSummary,
 } from "./lifecycle/snapshot-lifecycle.js";
 export { SnapshotError, type SnapshotRecord } from "./volume/snapshots.js";
+export { cloneVolume, gcVolume, type CloneStack } from "./lifecycle/clone-lifecycle.js";
+export { CloneError } from "./volume/clones.js";
+export { DEFAULT_GC_GRACE_MS, type GcOptions, type GcReport } from "./volume/garbage.js";
 export {
   ChunkCorruptError,
   FORMAT_VERSION,
   FormatError,
+  type EncodedChunkMap,
+  type MapSource,
+  type Origin,
   type Superblock,
   type VolumeParameters,
 } from "./volume/format.js";
