@@ -251,6 +251,17 @@ export class ChunkedBlockDevice implements BlockDevice {
     if (!this.#info.readWrite) return err(isReadOnly);
     const invalid = checkSnapshotName(name);
     if (invalid !== undefined) return err(ioError(invalid));
+    // A disconnect waits for it like any operation in flight.
+    const taking = this.#takeSnapshot(name);
+    this.#inFlight.add(taking);
+    try {
+      return await taking;
+    } finally {
+      this.#inFlight.delete(taking);
+    }
+  }
+
+  async #takeSnapshot(name: string): Promise<Result<SnapshotRecord, WriteError>> {
     while (this.#gate !== undefined) await this.#gate;
     let open: () => void = () => {};
     this.#gate = new Promise((resolve) => (open = resolve));

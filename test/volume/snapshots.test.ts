@@ -5,7 +5,8 @@
  */
 
 import { describe, expect, it } from "vitest";
-import { listAll } from "../../src/store/object-store.js";
+import { listAll, type ObjectStore } from "../../src/store/object-store.js";
+import { StoreLayer } from "../../src/store/store-layer.js";
 import { chunkPrefix } from "../../src/volume/format.js";
 import { SnapshotError } from "../../src/volume/snapshots.js";
 import {
@@ -157,5 +158,38 @@ describe.each(backends)("snapshots on $name", (backend) => {
       /volume is in use by pid \d+ on /,
     );
     await holder.disconnect();
+  });
+});
+
+describe("a snapshot and a disconnect", () => {
+  it("disconnect waits for a snapshot in flight, which completes whole", async () => {
+    const volume = await newTestVolume(memoryBackend, "snapclose", PARAMS);
+    // A store that refuses every PUT once closed, as S3's client does.
+    const stack = volume.stack({
+      wrap: (store) =>
+        new (class extends StoreLayer {
+          #closed = false;
+          override async put(...args: Parameters<ObjectStore["put"]>) {
+            // The record's PUT is slow, so a disconnect that does not wait closes the store first.
+            if (args[0].includes("/snapshots/")) await new Promise((r) => setTimeout(r, 50));
+            if (this.#closed) throw new Error("store closed");
+            return this.inner.put(...args);
+          }
+          override close() {
+            this.#closed = true;
+            return this.inner.close();
+          }
+        })(store),
+    });
+    const device = await volume.open({ writebackDelayMs: 60_000 }, stack);
+    expect((await device.write(0, [pattern(1, 0, CHUNKS * SPC)])).ok).toBe(true);
+    const taking = device.snapshot("during");
+    const closing = device.disconnect();
+    const [taken, closed] = await Promise.all([taking, closing]);
+    expect(taken.ok).toBe(true);
+    expect(closed.ok).toBe(true);
+    const snap = await volume.open({ snapshot: "during" });
+    expect((await readAll(snap)).equals(Buffer.from(pattern(1, 0, CHUNKS * SPC)))).toBe(true);
+    await snap.disconnect();
   });
 });
