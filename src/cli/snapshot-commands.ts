@@ -51,13 +51,19 @@ export function register(
           return;
         }
         if (snapshots.length === 0) out(`${stack.url} has no snapshots`);
-        for (const s of snapshots) out(`${s.name}\t${s.createdAt}\t${s.chunks} chunks`);
+        for (const s of snapshots) {
+          out(
+            `${s.name}\t${s.createdAt}\t${s.chunks} chunks${s.deleting ? "\tbeing deleted" : ""}`,
+          );
+        }
       });
     });
 
   snapshot
     .command("delete")
-    .description("Delete a snapshot; the data only it held is freed by the next writable open")
+    .description(
+      "Delete a snapshot (refused while clones depend on it); the data only it held is freed after the grace",
+    )
     .argument("<url>", "the volume")
     .argument("<name>", "the snapshot")
     .action(async (url: string, name: string) => {

@@ -36,7 +36,7 @@ export async function cloneVolume(
         `${target.space}, but ${source.url} is in ${source.space}`,
     );
   }
-  if (nested(source.prefix, target.prefix)) {
+  if (overlap(source.prefix, target.prefix)) {
     throw new VolumeError(
       `${target.url} and ${source.url} overlap: a clone needs a prefix of its own, beside its base's`,
     );
@@ -56,13 +56,39 @@ export async function cloneVolume(
   );
 }
 
-function nested(a: string, b: string): boolean {
-  const slash = (p: string) => (p === "" ? "" : `${p}/`);
-  return slash(a).startsWith(slash(b)) || slash(b).startsWith(slash(a));
+/** The key prefixes a volume's own objects live under (see docs/format.md). */
+const VOLUME_PARTS = new Set([
+  "volume.json",
+  "lease.json",
+  "chunks",
+  "seals",
+  "snapshots",
+  "trash",
+  "refs",
+  "gc",
+]);
+
+/**
+ * Whether the volumes at prefixes `a` and `b` would share keys: the same prefix, or one inside
+ * the other's. A volume at the root of its store overlaps only what lies in its own parts.
+ */
+function overlap(a: string, b: string): boolean {
+  if (a === b) return true;
+  if (a === "" || b === "") return VOLUME_PARTS.has((a || b).split("/")[0] ?? "");
+  return `${a}/`.startsWith(`${b}/`) || `${b}/`.startsWith(`${a}/`);
 }
 
-/** Collect the volume's garbage (see src/volume/garbage.ts). */
+/**
+ * Collect the volume's garbage (see src/volume/garbage.ts). Refused on a volume of an older
+ * format version: its writers delete without a grace, and cannot read past a collector.
+ */
 export async function gcVolume(stack: VolumeStack, options: GcOptions = {}): Promise<GcReport> {
   const superblock = await readSuperblock(stack);
+  if (superblock.formatVersion < FORMAT_VERSION) {
+    throw new VolumeVersionError(
+      `${stack.url} is a format version ${superblock.formatVersion} volume; to collect its ` +
+        `garbage, first run: s3blk upgrade ${stack.url}`,
+    );
+  }
   return collectGarbage(stack.store, stack.prefix, superblock, options);
 }

@@ -12,8 +12,10 @@
 
 import { ppWriteError } from "../block/block-device.js";
 import { deleteSnapshotRecord } from "../volume/clones.js";
+import type { LeaseOptions } from "../volume/lease.js";
 import { readSnapshot, readSnapshots, type SnapshotRecord } from "../volume/snapshots.js";
 import {
+  holdingLease,
   openVolume,
   readSuperblock,
   type OpenOptions,
@@ -54,7 +56,7 @@ export async function listSnapshots(stack: VolumeStack): Promise<SnapshotSummary
       name: r.name,
       createdAt: r.createdAt,
       chunks: Object.keys(r.chunks).length,
-      deleting: r.deleting === true,
+      deleting: r.deleting !== undefined,
     }))
     .sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.name.localeCompare(b.name));
 }
@@ -63,9 +65,17 @@ export async function listSnapshots(stack: VolumeStack): Promise<SnapshotSummary
  * Delete snapshot `name`: a SnapshotError if there is none, a CloneError naming the clones that
  * depend on it.
  */
-export async function deleteSnapshot(stack: VolumeStack, name: string): Promise<void> {
+export async function deleteSnapshot(
+  stack: VolumeStack,
+  name: string,
+  options: { readonly lease?: LeaseOptions } = {},
+): Promise<void> {
   const superblock = await readSuperblock(stack);
-  await deleteSnapshotRecord(stack.store, { prefix: stack.prefix, superblock }, name);
+  // Under the lease, like a snapshot's creation: two deletions never run at once (each would
+  // undo or reuse the other's mark), and none runs beside a writer taking snapshots.
+  await holdingLease(stack, options, () =>
+    deleteSnapshotRecord(stack.store, { prefix: stack.prefix, superblock }, name),
+  );
 }
 
 /**

@@ -212,14 +212,22 @@ export async function describeVolume(stack: VolumeStack): Promise<VolumeDescript
 }
 
 /**
- * Delete the volume: refused while clones depend on its snapshots (they are marked as being
- * deleted meanwhile, so that no clone of them starts). Its chunks, seals, snapshots and other
+ * Delete the volume, holding its lease: refused while clones depend on its snapshots (they are
+ * marked as being deleted meanwhile, so that no clone of them starts). Its chunks, seals, snapshots and other
  * records go first, its superblock then, and a clone's reference under its base last, so an
  * interrupted delete can be run again. Returns the objects deleted.
  */
-export async function deleteVolume(stack: VolumeStack): Promise<number> {
-  const { store, prefix } = stack;
+export async function deleteVolume(
+  stack: VolumeStack,
+  options: { readonly lease?: LeaseOptions; readonly clock?: Clock } = {},
+): Promise<number> {
   const superblock = await readSuperblock(stack);
+  // Under the lease: no writer takes a snapshot that this deletion would not mark.
+  return holdingLease(stack, options, () => deleteHeld(stack, superblock));
+}
+
+async function deleteHeld(stack: VolumeStack, superblock: Superblock): Promise<number> {
+  const { store, prefix } = stack;
   const snapshots = await readSnapshots(store, prefix, superblock);
   const names = snapshots.map((r) => r.name);
   await markForDeletion(store, { prefix, superblock }, names, true);
@@ -269,17 +277,7 @@ export async function upgradeVolume(
   if (got === undefined) throw new VolumeError(`no volume at ${describe(stack)} (no ${key})`);
   const old = decodeSuperblock(got.body, key);
   if (old.formatVersion >= FORMAT_VERSION) return { upgraded: false, version: old.formatVersion };
-  const lease = await Lease.acquire(
-    stack.store,
-    stack.prefix,
-    stack.fence,
-    options.clock ?? systemClock,
-    {
-      requestTimeoutMs: stack.requestTimeoutMs,
-      ...options.lease,
-    },
-  );
-  try {
+  return holdingLease(stack, options, async (lease) => {
     let chunks: number | undefined;
     if (old.formatVersion === 1) {
       const map = await resolveChunkMap(stack.store, stack.prefix, old);
@@ -304,6 +302,27 @@ export async function upgradeVolume(
       fromVersion: old.formatVersion,
       ...(chunks === undefined ? {} : { chunks }),
     };
+  });
+}
+
+/**
+ * Run `use` holding the volume's lease, as a writer would: refused, naming the holder, while
+ * another process serves the volume; so no writer, snapshot or deletion runs meanwhile.
+ */
+export async function holdingLease<T>(
+  stack: VolumeStack,
+  options: { readonly lease?: LeaseOptions; readonly clock?: Clock },
+  use: (lease: Lease) => Promise<T>,
+): Promise<T> {
+  const lease = await Lease.acquire(
+    stack.store,
+    stack.prefix,
+    stack.fence,
+    options.clock ?? systemClock,
+    { requestTimeoutMs: stack.requestTimeoutMs, ...options.lease },
+  );
+  try {
+    return await use(lease);
   } finally {
     await lease.release();
   }

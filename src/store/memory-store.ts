@@ -32,8 +32,12 @@ export class MemoryStore implements ObjectStore {
   readonly description: string;
   readonly #objects = new Map<string, StoredObject>();
 
-  constructor(name = "anonymous") {
+  readonly #wallClockMs: () => number;
+
+  /** `wallClockMs`: the store's clock, which dates objects (`lastModifiedMs`). Default Date.now. */
+  constructor(name = "anonymous", options: { readonly wallClockMs?: () => number } = {}) {
     this.description = `memory://${name}`;
+    this.#wallClockMs = options.wallClockMs ?? Date.now;
   }
 
   async get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
@@ -61,7 +65,7 @@ export class MemoryStore implements ObjectStore {
       body: Buffer.from(body),
       metadata: { ...options?.metadata },
       etag,
-      lastModifiedMs: Date.now(),
+      lastModifiedMs: this.#wallClockMs(),
     });
     return { etag };
   }

@@ -183,6 +183,12 @@ async function originMap(
   const { record } = await readSnapshotAt(store, origin.prefix, origin.volumeId, origin.snapshot, {
     whatFor: "the origin of this clone",
   });
+  if (record.creator !== origin.creator) {
+    throw new FormatError(
+      `the origin of this clone, snapshot "${origin.snapshot}" of ${origin.prefix}, was deleted ` +
+        "and another made under its name: the clone's data is lost",
+    );
+  }
   return decodeChunkMap(origin, chunkCount, record);
 }
 
@@ -261,6 +267,17 @@ export async function sealChunkMap(
     ...map.listed.map((l) => l.key).filter((k) => !live.has(k) && !(term.pinned?.has(k) ?? false)),
     ...map.seals.map((s) => s.key).filter((k) => k !== sealKey(prefix, term.epoch)),
   ];
+}
+
+/** The store's time at which the seal of term `epoch` was written (a LIST of `seals/`). */
+export async function sealTime(
+  store: ObjectStore,
+  prefix: string,
+  epoch: number,
+): Promise<number | undefined> {
+  const key = sealKey(prefix, epoch);
+  const seal = (await listSeals(store, prefix)).find((s) => s.key === key);
+  return seal === undefined || seal.lastModifiedMs === 0 ? undefined : seal.lastModifiedMs;
 }
 
 /** Create a seal; a 412 is ours if the seal there names us (a retried PUT that had landed). */

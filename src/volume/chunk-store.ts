@@ -37,8 +37,8 @@
 import PQueue from "p-queue";
 import { MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
-import { resolveChunkMap, sealChunkMap } from "./chunk-map.js";
-import { DEFAULT_GC_GRACE_MS } from "./garbage.js";
+import { resolveChunkMap, sealChunkMap, sealTime } from "./chunk-map.js";
+import { DEFAULT_GC_GRACE_MS, horizonOf, selectGarbage } from "./garbage.js";
 import { pinnedKeys, readSnapshots, readTrash } from "./snapshots.js";
 import {
   ChunkMissingError,
@@ -152,7 +152,8 @@ export class ChunkStore {
       concurrentTerms: term === undefined,
     });
     if (term === undefined) return new ChunkStore(options, map.refs, undefined, new Set());
-    const pinned = pinnedKeys(prefix, superblock, await readSnapshots(store, prefix, superblock));
+    const snapshots = await readSnapshots(store, prefix, superblock);
+    const pinned = pinnedKeys(prefix, superblock, snapshots);
     // Deleted snapshots' records pin their objects for the grace, which runs from now at the
     // latest: each was trashed before this open listed it.
     const trash = await readTrash(store, prefix, superblock);
@@ -165,14 +166,30 @@ export class ChunkStore {
       pinned,
     });
     const chunks = new ChunkStore(options, refs, epoch, pinned);
-    chunks.#collect([...garbage, ...trash.map((t) => t.key)]);
-    if (chunks.#gcGraceMs === 0) await chunks.deleteSuperseded();
+    const found = [...garbage, ...trash.map((t) => t.key)];
+    const graceMs = chunks.#gcGraceMs;
+    // What was garbage long before this term is deleted now, dated on the store's clock as
+    // `s3blk gc` does; the rest waits the grace from the seal.
+    const storeNowMs =
+      graceMs === 0 || found.length === 0 ? undefined : await sealTime(store, prefix, epoch);
+    const due = new Set<string>();
+    if (storeNowMs !== undefined) {
+      const horizonMs = horizonOf(storeNowMs, graceMs);
+      const selection = selectGarbage(prefix, superblock, map, snapshots, trash, horizonMs);
+      for (const d of selection.due) due.add(d.key);
+      for (const key of selection.expiredTrash) due.add(key);
+    }
+    chunks.#collect(
+      found.filter((key) => due.has(key)),
+      Number.NEGATIVE_INFINITY,
+    );
+    chunks.#collect(found.filter((key) => !due.has(key)));
+    if (graceMs === 0 || due.size > 0) await chunks.deleteSuperseded();
     return chunks;
   }
 
-  /** `keys` are garbage as of now. */
-  #collect(keys: readonly string[]): void {
-    const atMs = this.#clock.nowMs();
+  /** `keys` are garbage as of `atMs` (default: now, on the monotonic clock). */
+  #collect(keys: readonly string[], atMs = this.#clock.nowMs()): void {
     for (const key of keys) this.#superseded.push({ key, atMs });
   }
 
@@ -310,17 +327,19 @@ export class ChunkStore {
     offsetBytes: number,
     lengthBytes: number,
   ): Promise<Uint8Array | undefined> {
-    const key = this.#maybeLanded.get(index)?.at(-1);
-    if (key === undefined || key.endsWith(".zero")) return undefined;
-    const ref = chunkRef(this.#prefix, this.superblock.volumeId, index, key.slice(-20));
-    const whole = offsetBytes === 0 && lengthBytes === this.superblock.chunkSizeBytes;
-    const got = await this.#store.get(
-      key,
-      whole ? undefined : { range: { offsetBytes, lengthBytes } },
-    );
-    return got === undefined
-      ? undefined
-      : verifyChunk(this.superblock, ref, got, offsetBytes, lengthBytes);
+    // Newest first: a collector deletes what the newest landed one supersedes.
+    for (const key of [...(this.#maybeLanded.get(index) ?? [])].reverse()) {
+      if (key.endsWith(".zero")) return undefined;
+      const ref = chunkRef(this.#prefix, this.superblock.volumeId, index, key.slice(-20));
+      const whole = offsetBytes === 0 && lengthBytes === this.superblock.chunkSizeBytes;
+      const got = await this.#store.get(
+        key,
+        whole ? undefined : { range: { offsetBytes, lengthBytes } },
+      );
+      if (got !== undefined)
+        return verifyChunk(this.superblock, ref, got, offsetBytes, lengthBytes);
+    }
+    return undefined;
   }
 
   #nextGeneration(): string {

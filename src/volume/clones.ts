@@ -34,6 +34,7 @@
  * off. Both may back off; neither can succeed against the other.
  */
 
+import { randomUUID } from "node:crypto";
 import { StoreError, listAll, type ObjectStore } from "../store/object-store.js";
 import {
   FormatError,
@@ -85,9 +86,9 @@ export interface VolumeAt {
 }
 
 /**
- * Make a clone of snapshot `snapshot` of `base` under `targetPrefix`, in the same store: a ref
- * under the base, the clone's superblock, and a second read of the snapshot's record (see the
- * module comment). Four requests. Returns the clone's superblock.
+ * Make a clone of snapshot `snapshot` of `base` under `targetPrefix`, in the same store: a read
+ * of the snapshot's record, a ref under the base, the clone's superblock, and a second read of
+ * the record (see the module comment). Four requests. Returns the clone's superblock.
  */
 export async function createClone(
   store: ObjectStore,
@@ -95,8 +96,15 @@ export async function createClone(
   snapshot: string,
   targetPrefix: string,
 ): Promise<Superblock> {
-  const origin = { prefix: base.prefix, volumeId: base.superblock.volumeId, snapshot };
-  await readSnapshot(store, base.prefix, base.superblock, snapshot);
+  const record = await readSnapshot(store, base.prefix, base.superblock, snapshot);
+  // The record's creator id names this very snapshot: one deleted and made again under the
+  // same name is another, and a clone must never read it in place of its own.
+  const origin = {
+    prefix: base.prefix,
+    volumeId: base.superblock.volumeId,
+    snapshot,
+    creator: record.creator,
+  };
   const { sizeBytes, sectorSizeBytes, chunkSizeBytes } = base.superblock;
   const clone: Superblock = {
     ...newSuperblock({ sizeBytes, sectorSizeBytes, chunkSizeBytes }),
@@ -116,12 +124,11 @@ export async function createClone(
   try {
     await store.put(cloneKey, encodeSuperblock(clone), { ifNoneMatch: "*" });
   } catch (error) {
-    const ours =
-      error instanceof StoreError &&
-      error.code === "PreconditionFailed" &&
-      (await readVolumeId(store, cloneKey)) === clone.volumeId;
-    if (!ours) {
-      await store.delete(key);
+    // The PUT may have landed though it was reported failed: then the clone exists and its ref
+    // must stay. Only a superblock that is certainly not ours lets the ref go.
+    const there = await readVolumeId(store, cloneKey).catch(() => "unknown");
+    if (there !== clone.volumeId) {
+      if (there !== "unknown") await store.delete(key);
       if (error instanceof StoreError && error.code === "PreconditionFailed") {
         throw new CloneError(`a volume already exists at ${targetPrefix || "the target"}`);
       }
@@ -129,13 +136,13 @@ export async function createClone(
     }
   }
   const again = await readSnapshotAt(store, base.prefix, base.superblock.volumeId, snapshot).then(
-    ({ record }) => record,
+    (found) => found.record,
     (error: unknown) => {
       if (error instanceof SnapshotError) return undefined;
       throw error;
     },
   );
-  if (again === undefined || again.deleting) {
+  if (again === undefined || again.deleting !== undefined || again.creator !== record.creator) {
     await store.delete(cloneKey);
     await store.delete(key);
     throw new CloneError(`snapshot "${snapshot}" is being deleted: no clone was made`);
@@ -151,6 +158,7 @@ async function createOrOwn(store: ObjectStore, key: string, body: Uint8Array): P
   }
 }
 
+/** The volume id of the superblock at `key`; undefined if there is none or it is not one. */
 async function readVolumeId(store: ObjectStore, key: string): Promise<string | undefined> {
   const got = await store.get(key);
   if (got === undefined) return undefined;
@@ -168,31 +176,43 @@ export interface Dependent {
   readonly volumeId: string;
 }
 
+/** What the refs under a base say. */
+export interface FoundClones {
+  /** Clones that exist and depend on the snapshot. */
+  readonly live: readonly Dependent[];
+  /**
+   * Refs with no such clone behind them: left by an interrupted create or delete, or a create
+   * in flight that has not written its superblock yet. Removed only once the snapshot is gone.
+   */
+  readonly stale: readonly string[];
+}
+
 /**
  * The clones that depend on snapshots of the volume at `base` (on `snapshot` only, if given):
- * one LIST of the refs and a GET of each clone's superblock. A ref whose clone does not exist,
- * or is another volume now, is removed: an interrupted create or delete left it.
+ * one LIST of the refs and a GET of each ref and of its clone's superblock. Deletes nothing.
  */
 export async function findClones(
   store: ObjectStore,
   base: VolumeAt,
   snapshot?: string,
-): Promise<Dependent[]> {
-  const found: Dependent[] = [];
+): Promise<FoundClones> {
+  const live: Dependent[] = [];
+  const stale: string[] = [];
   for await (const entry of listAll(store, refsPrefix(base.prefix, snapshot))) {
     const got = await store.get(entry.key);
     if (got === undefined) continue;
     const ref = decodeRef(got.body, entry.key);
     const there = await store.get(superblockKey(ref.clone.prefix));
     const clone = there === undefined ? undefined : decodeSuperblock(there.body, ref.clone.prefix);
-    const live =
+    const depends =
       clone?.volumeId === ref.clone.volumeId &&
-      clone.origin?.volumeId === base.superblock.volumeId &&
+      clone.origin?.prefix === base.prefix &&
+      clone.origin.volumeId === base.superblock.volumeId &&
       clone.origin.snapshot === ref.snapshot;
-    if (live) found.push({ snapshot: ref.snapshot, ...ref.clone });
-    else await store.delete(entry.key);
+    if (depends) live.push({ snapshot: ref.snapshot, ...ref.clone });
+    else stale.push(entry.key);
   }
-  return found;
+  return { live, stale };
 }
 
 function decodeRef(bytes: Uint8Array, key: string): CloneRef {
@@ -221,17 +241,19 @@ export async function dropCloneRef(store: ObjectStore, clone: Superblock): Promi
   await store.delete(refKey(clone.origin.prefix, clone.origin.snapshot, clone.volumeId));
 }
 
-/** A snapshot record marked for deletion, and how to undo the mark. */
+/** A snapshot record marked for deletion by this deletion, and how to undo the mark. */
 interface Marked {
   readonly record: SnapshotRecord;
   readonly key: string;
+  /** The entity tag of our mark. */
   readonly etag: string;
 }
 
 /**
  * Mark snapshots `names` of `base` as being deleted, then look for their clones. None: the
  * marked records are returned, for the caller to finish. Some: every mark is undone and a
- * CloneError names the clones.
+ * CloneError names the clones. The caller holds the volume's lease, so no other deletion runs
+ * meanwhile (a second one could reuse or undo this one's mark); clone creations may.
  */
 export async function markForDeletion(
   store: ObjectStore,
@@ -242,9 +264,10 @@ export async function markForDeletion(
   const marked: Marked[] = [];
   try {
     for (const name of names) marked.push(await mark(store, base, name));
-    const clones = allSnapshots
-      ? await findClones(store, base)
-      : (await Promise.all(names.map((name) => findClones(store, base, name)))).flat();
+    const found = allSnapshots
+      ? [await findClones(store, base)]
+      : await Promise.all(names.map((name) => findClones(store, base, name)));
+    const clones = found.flatMap((f) => f.live);
     if (clones.length > 0) {
       const list = clones.map((c) => `${c.prefix} (of ${c.snapshot})`).join(", ");
       throw new CloneError(
@@ -255,33 +278,50 @@ export async function markForDeletion(
     }
     return marked;
   } catch (error) {
-    for (const m of marked) await unmark(store, m).catch(() => undefined);
+    const stuck: string[] = [];
+    for (const m of marked) await unmark(store, m).catch(() => stuck.push(m.record.name));
+    if (stuck.length > 0 && error instanceof Error) {
+      error.message +=
+        ` (snapshot ${stuck.join(", ")} stays marked as being deleted: run the delete again ` +
+        "to finish it, once no clone depends on it)";
+    }
     throw error;
   }
 }
 
+/** Rewrite the record with a mark of this deletion's own, whatever mark it had. */
 async function mark(store: ObjectStore, base: VolumeAt, name: string): Promise<Marked> {
   const key = snapshotKey(base.prefix, name);
   const { record, etag } = await readSnapshotAt(store, base.prefix, base.superblock.volumeId, name);
-  if (record.deleting) return { record, key, etag };
-  const marking: SnapshotRecord = { ...record, deleting: true };
-  const put = await store.put(key, encodeSnapshotRecord(marking), { ifMatch: etag });
-  return { record, key, etag: put.etag };
+  const { deleting: _, ...unmarked } = record;
+  const marking: SnapshotRecord = { ...unmarked, deleting: randomUUID() };
+  try {
+    const put = await store.put(key, encodeSnapshotRecord(marking), { ifMatch: etag });
+    return { record: unmarked, key, etag: put.etag };
+  } catch (error) {
+    if (!(error instanceof StoreError) || error.code !== "PreconditionFailed") throw error;
+    // A retried PUT that had landed finds our own mark; anything else changed under us.
+    const now = await readSnapshotAt(store, base.prefix, base.superblock.volumeId, name);
+    if (now.record.deleting === marking.deleting) return { record: unmarked, key, etag: now.etag };
+    throw new CloneError(`snapshot "${name}" changed while it was being deleted; try again`);
+  }
 }
 
 async function unmark(store: ObjectStore, m: Marked): Promise<void> {
-  const { deleting: _, ...record } = m.record;
-  await store.put(m.key, encodeSnapshotRecord(record), { ifMatch: m.etag });
+  await store.put(m.key, encodeSnapshotRecord(m.record), { ifMatch: m.etag });
 }
 
 /**
  * Finish deleting a marked snapshot: its record goes into the trash, where it keeps its
- * objects pinned through the grace horizon, and then its own key is deleted.
+ * objects pinned through the grace horizon, then its own key is deleted, and last the refs
+ * left over by interrupted or backed-off clones (a clone in flight now finds the record gone).
  */
 export async function finishDeletion(store: ObjectStore, base: VolumeAt, m: Marked): Promise<void> {
-  const trashed: SnapshotRecord = { ...m.record, deleting: true };
+  const trashed: SnapshotRecord = { ...m.record, deleting: "trash" };
   await store.put(trashKey(base.prefix, trashed), encodeSnapshotRecord(trashed));
   await store.delete(m.key);
+  const { stale } = await findClones(store, base, m.record.name);
+  for (const key of stale) await store.delete(key);
 }
 
 /** Delete snapshot `name` of `base`, unless clones depend on it (see the module comment). */

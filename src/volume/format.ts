@@ -9,7 +9,9 @@
  *     <prefix>/chunks/<16 hex index>.<20 hex gen>.zero   a tombstone: chunk i is zeros from gen on
  *     <prefix>/chunks/<16 hex index>                a version 1 chunk object (generation "")
  *     <prefix>/snapshots/<name>.json                a snapshot (snapshots.ts)
- *     <prefix>/refs/<snapshot>/<clone id>.json      a clone of that snapshot (snapshots.ts)
+ *     <prefix>/trash/<name>.<creator>.json          a deleted snapshot, in its grace (snapshots.ts)
+ *     <prefix>/refs/<snapshot>/<clone id>.json      a clone of that snapshot (clones.ts)
+ *     <prefix>/gc/clock                             the collector's clock marker (garbage.ts)
  *
  * A clone's superblock names its origin, a snapshot of another volume in the same bucket, and
  * its maps may name that volume's objects (and, flattened, its ancestors'): a map entry carries
@@ -75,6 +77,8 @@ export interface Origin {
   readonly prefix: string;
   readonly volumeId: string;
   readonly snapshot: string;
+  /** The snapshot record's `creator`: a snapshot deleted and made again is another one. */
+  readonly creator: string;
 }
 
 /** The superblock, a chunk, or the volume's parameters are not what this version can read. */
@@ -173,7 +177,8 @@ function validateSuperblock(s: Superblock): void {
       o === null ||
       typeof o.prefix !== "string" ||
       typeof o.volumeId !== "string" ||
-      typeof o.snapshot !== "string")
+      typeof o.snapshot !== "string" ||
+      typeof o.creator !== "string")
   ) {
     throw new FormatError("the origin of the clone is malformed");
   }

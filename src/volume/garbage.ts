@@ -19,12 +19,17 @@
  * still read it. So it is deleted only once the grace has passed since that moment, measured on
  * the store's clock, never ours: this module writes a small marker, `gc/clock`, and reads the
  * store's own time off its LIST entry, then compares it with the `LastModified` of the objects
- * that made each candidate garbage. Anything it cannot date is kept (fail closed).
+ * that made each candidate garbage. Anything it cannot date is kept (fail closed). With a grace,
+ * the horizon moves back a further second and a request timeout: S3 dates an object to the
+ * second, and may date it at the start of its upload.
  *
- * A writer collects its own garbage the same way without the marker (chunk-store.ts): it times
- * each object from the acknowledgement of the request that made it garbage, on its monotonic
- * clock. That request landed before it was acknowledged, so at least as much time has passed on
- * the store's clock too, and no two machines' clocks are compared.
+ * A writer collects its own garbage (chunk-store.ts). At its term's start it dates what it finds
+ * as above, with its new seal's `LastModified` as the store's time, and deletes what is already
+ * past the grace: so short-lived writers reclaim their predecessors' garbage. What it makes
+ * garbage itself, and what was within the grace at its start, it times from the acknowledgement
+ * of the request that made it garbage, on its monotonic clock. That request landed before it
+ * was acknowledged, so at least as much time has passed on the store's clock too, and no two
+ * machines' clocks are compared.
  *
  * ## Safety against a writer, a clone, and readers running meanwhile
  *
@@ -39,10 +44,21 @@
  * Nothing per live chunk.
  */
 
-import { MAX_DELETE_BATCH, listAll, type ObjectStore } from "../store/object-store.js";
-import { resolveChunkMap, type Listed } from "./chunk-map.js";
+import {
+  DEFAULT_REQUEST_TIMEOUT_MS,
+  MAX_DELETE_BATCH,
+  listAll,
+  type ObjectStore,
+} from "../store/object-store.js";
+import { resolveChunkMap, type Listed, type ResolvedMap } from "./chunk-map.js";
 import { FormatError, epochOfGeneration, under, type Superblock } from "./format.js";
-import { pinnedKeys, readSnapshots, readTrash } from "./snapshots.js";
+import {
+  pinnedKeys,
+  readSnapshots,
+  readTrash,
+  type SnapshotRecord,
+  type TrashedRecord,
+} from "./snapshots.js";
 
 /** How long garbage waits before it is deleted, unless told otherwise: 15 minutes. */
 export const DEFAULT_GC_GRACE_MS = 15 * 60_000;
@@ -65,19 +81,38 @@ export interface GcReport {
   readonly storeNowMs: number;
 }
 
-/** Collect the garbage of the volume at `prefix` (see the module comment). */
-export async function collectGarbage(
-  store: ObjectStore,
+/**
+ * How far the horizon is moved back past the grace, when there is one: S3 dates an object to
+ * the second, and may date it at the start of its upload, up to a request timeout early.
+ */
+const CLOCK_MARGIN_MS = 1000 + DEFAULT_REQUEST_TIMEOUT_MS;
+
+/** The moment before which an object must have become garbage to be deleted now. */
+export function horizonOf(storeNowMs: number, graceMs: number): number {
+  return graceMs === 0 ? storeNowMs : storeNowMs - graceMs - CLOCK_MARGIN_MS;
+}
+
+/** What a collection would do, of one resolution and the records read after it. */
+export interface GarbageSelection {
+  /** Garbage that became so before the horizon: to delete. */
+  readonly due: readonly Listed[];
+  /** Trash records older than the horizon: to delete once `due` is gone. */
+  readonly expiredTrash: readonly string[];
+  readonly keptWithinGrace: number;
+}
+
+/**
+ * Date the garbage of resolution `map` (see the module comment) and pick what became garbage
+ * before `horizonMs`. `snapshots` and `trash` must have been read after the resolution.
+ */
+export function selectGarbage(
   prefix: string,
   superblock: Superblock,
-  options: GcOptions = {},
-): Promise<GcReport> {
-  const graceMs = options.graceMs ?? DEFAULT_GC_GRACE_MS;
-  const storeNowMs = await readStoreClock(store, prefix);
-  const horizonMs = storeNowMs - graceMs;
-  const map = await resolveChunkMap(store, prefix, superblock);
-  const snapshots = await readSnapshots(store, prefix, superblock);
-  const trash = await readTrash(store, prefix, superblock);
+  map: ResolvedMap,
+  snapshots: readonly SnapshotRecord[],
+  trash: readonly TrashedRecord[],
+  horizonMs: number,
+): GarbageSelection {
   const expired = trash.filter((t) => t.lastModifiedMs <= horizonMs);
   const pinned = pinnedKeys(prefix, superblock, snapshots);
   const waiting = pinnedKeys(
@@ -85,8 +120,9 @@ export async function collectGarbage(
     superblock,
     trash.filter((t) => !expired.includes(t)).map((t) => t.record),
   );
-
   const newestSeal = map.seals.at(-1);
+  // The newest object of each chunk in the newest term: whatever it superseded, of this term
+  // or (named by the seal) of an older one, became garbage no later than it was written.
   const winners = new Map<number, Listed>();
   for (const l of map.listed) {
     if (epochOfGeneration(l.ref.generation) !== map.sealEpoch) continue;
@@ -107,30 +143,50 @@ export async function collectGarbage(
       keptWithinGrace++;
       continue;
     }
-    const sameTerm = epochOfGeneration(l.ref.generation) === map.sealEpoch;
-    consider(l, sameTerm ? winners.get(l.ref.index) : newestSeal);
+    // Superseded in the newest term: since its chunk's newest object. Otherwise dropped by the
+    // newest seal: since that seal.
+    consider(l, winners.get(l.ref.index) ?? newestSeal);
   }
   for (const seal of map.seals) if (seal !== newestSeal) consider(seal, newestSeal);
+  return { due, expiredTrash: expired.map((t) => t.key), keptWithinGrace };
+}
 
-  const deleted = due.map((d) => d.key);
+/** Collect the garbage of the volume at `prefix` (see the module comment). */
+export async function collectGarbage(
+  store: ObjectStore,
+  prefix: string,
+  superblock: Superblock,
+  options: GcOptions = {},
+): Promise<GcReport> {
+  const graceMs = options.graceMs ?? DEFAULT_GC_GRACE_MS;
+  const storeNowMs = await readStoreClock(store, prefix);
+  const map = await resolveChunkMap(store, prefix, superblock);
+  const snapshots = await readSnapshots(store, prefix, superblock);
+  const trash = await readTrash(store, prefix, superblock);
+  const selection = selectGarbage(
+    prefix,
+    superblock,
+    map,
+    snapshots,
+    trash,
+    horizonOf(storeNowMs, graceMs),
+  );
+  const deleted = selection.due.map((d) => d.key);
   if (!options.dryRun) {
     await deleteAll(store, deleted);
     // Only once the objects they pinned are gone: a crash between leaves garbage, no loss.
-    await deleteAll(
-      store,
-      expired.map((t) => t.key),
-    );
+    await deleteAll(store, selection.expiredTrash);
   }
   return {
-    deleted: [...deleted, ...expired.map((t) => t.key)],
-    deletedBytes: due.reduce((sum, d) => sum + d.sizeBytes, 0),
-    keptWithinGrace,
+    deleted: [...deleted, ...selection.expiredTrash],
+    deletedBytes: selection.due.reduce((sum, d) => sum + d.sizeBytes, 0),
+    keptWithinGrace: selection.keptWithinGrace,
     storeNowMs,
   };
 }
 
 /** The store's time now: write the marker, and read its LastModified off a LIST. */
-async function readStoreClock(store: ObjectStore, prefix: string): Promise<number> {
+export async function readStoreClock(store: ObjectStore, prefix: string): Promise<number> {
   const key = under(prefix, "gc/clock");
   await store.put(key, new Uint8Array(0));
   for await (const entry of listAll(store, under(prefix, "gc/"))) {

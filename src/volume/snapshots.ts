@@ -55,11 +55,11 @@ export interface SnapshotRecord extends EncodedChunkMap {
   /** A random id per create, read back after a retried create. */
   readonly creator: string;
   /**
-   * Set by a deletion before it looks for clones (see clones.ts), and left by one that was
-   * interrupted. The snapshot can then no longer be opened or cloned; it still pins its
-   * objects, and the clones that depend on it still read it.
+   * The id of the deletion that marked it, before it looked for clones (see clones.ts); left by
+   * one that was interrupted. The snapshot can then no longer be opened or cloned; it still
+   * pins its objects, and the clones that depend on it still read it.
    */
-  readonly deleting?: true;
+  readonly deleting?: string;
 }
 
 export function snapshotPrefix(prefix: string): string {
@@ -141,7 +141,7 @@ export async function createSnapshotRecord(
       there === undefined ? undefined : decodeSnapshotRecord(there.body, key, superblock.volumeId);
     if (theirs?.creator !== record.creator) {
       throw new SnapshotError(
-        theirs?.deleting
+        theirs?.deleting !== undefined
           ? `the snapshot named "${name}" is being deleted; finish that with: s3blk snapshot delete`
           : `a snapshot named "${name}" already exists`,
       );
@@ -180,12 +180,19 @@ export async function readSnapshot(
   name: string,
 ): Promise<SnapshotRecord> {
   const { record } = await readSnapshotAt(store, prefix, superblock.volumeId, name);
-  if (record.deleting) {
+  if (record.deleting !== undefined) {
     throw new SnapshotError(
       `snapshot "${name}" is being deleted (an interrupted delete is finished by running it again)`,
     );
   }
   return record;
+}
+
+/** A record found under `trash/` (or `snapshots/`), with when the store says it was written. */
+export interface TrashedRecord {
+  readonly record: SnapshotRecord;
+  readonly key: string;
+  readonly lastModifiedMs: number;
 }
 
 /** Every record under `base`: one LIST, and one GET per record. */
@@ -194,7 +201,7 @@ async function readRecords(
   base: string,
   volumeId: string,
   pattern: RegExp,
-): Promise<{ record: SnapshotRecord; key: string; lastModifiedMs: number }[]> {
+): Promise<TrashedRecord[]> {
   const records = [];
   for await (const entry of listAll(store, base)) {
     const match = pattern.exec(entry.key.slice(base.length));
@@ -227,7 +234,7 @@ export function readTrash(
   store: ObjectStore,
   prefix: string,
   superblock: Superblock,
-): Promise<{ record: SnapshotRecord; key: string; lastModifiedMs: number }[]> {
+): Promise<TrashedRecord[]> {
   return readRecords(store, trashPrefix(prefix), superblock.volumeId, /^(.+)\.[^.]+\.json$/);
 }
 

@@ -313,3 +313,121 @@ describe.each(backends)("a version 2 base on $name", (backend) => {
     await clone.disconnect();
   });
 });
+
+describe.each(backends)("snapshot deletion against clones on $name", (backend) => {
+  it("a refused deletion leaves a clone in flight its ref: that clone keeps the snapshot alive", async () => {
+    const base = await goldBase(backend, "inflight");
+    const first = await cloneOf(backend, base, "gold", "first");
+    const url = siblingUrl(base.url, "second");
+    let refused: Promise<string> | undefined;
+    // A deletion runs between the second clone's ref and its superblock: it sees the first
+    // clone (live) and the second's ref (no superblock yet), and is refused.
+    const target = existing(backend, url).stack({
+      wrap: (store: ObjectStore) =>
+        new (class extends StoreLayer {
+          override async put(key: string, body: Uint8Array, o?: PutOptions): Promise<PutResult> {
+            const result = await this.inner.put(key, body, o);
+            if (key.includes("/refs/")) {
+              refused ??= deleteSnapshot(base.stack(), "gold").then(
+                () => "deleted",
+                (e: Error) => e.message,
+              );
+              await refused;
+            }
+            return result;
+          }
+        })(store),
+    });
+    await cloneVolume(base.stack(), "gold", target);
+    expect(await refused).toMatch(/a clone depends on snapshot "gold"/);
+    // With the first clone gone, the second still holds the snapshot.
+    await deleteVolume(first.stack());
+    await expect(deleteSnapshot(base.stack(), "gold")).rejects.toThrow(
+      new RegExp(`a clone depends on snapshot "gold": .*second`),
+    );
+  });
+
+  it("a clone that began before a deletion and writes its ref after the deletion looked, backs off", async () => {
+    const base = await goldBase(backend, "late");
+    const url = siblingUrl(base.url, "late-clone");
+    let atTrash!: () => void;
+    const deletionAtTrash = new Promise<void>((resolve) => (atTrash = resolve));
+    const clone = { done: undefined as Promise<string> | undefined };
+    // The clone has read the record (unmarked); it writes its ref only once the deletion has
+    // listed the refs (none) and trashed the record. Then only the mark can tell the clone.
+    const cloneStack = existing(backend, url).stack({
+      wrap: (store: ObjectStore) =>
+        new (class extends StoreLayer {
+          override async put(key: string, body: Uint8Array, o?: PutOptions): Promise<PutResult> {
+            if (key.includes("/refs/")) await deletionAtTrash;
+            return this.inner.put(key, body, o);
+          }
+        })(store),
+    });
+    const deleting = base.stack({
+      wrap: (store: ObjectStore) =>
+        new (class extends StoreLayer {
+          override async put(key: string, body: Uint8Array, o?: PutOptions): Promise<PutResult> {
+            const result = await this.inner.put(key, body, o);
+            if (key.includes("/trash/")) {
+              atTrash();
+              await clone.done;
+            }
+            return result;
+          }
+        })(store),
+    });
+    clone.done = cloneVolume(base.stack(), "gold", cloneStack).then(
+      () => "cloned",
+      (e: Error) => e.message,
+    );
+    await deleteSnapshot(deleting, "gold");
+    expect(await clone.done).toMatch(/is being deleted: no clone was made/);
+    await expect(readSuperblock(existing(backend, url).stack())).rejects.toThrow(/no volume/);
+  });
+
+  it("is refused while another process holds the volume's lease, naming it", async () => {
+    const base = await goldBase(backend, "leased");
+    const writer = await base.open();
+    await expect(deleteSnapshot(base.stack(), "gold")).rejects.toThrow(/in use by pid \d+/);
+    await expect(deleteVolume(base.stack())).rejects.toThrow(/in use by pid \d+/);
+    expect((await writer.disconnect()).ok).toBe(true);
+  });
+
+  it("takes a ref whose clone now has another origin for a stale one", async () => {
+    const base = await goldBase(backend, "strayref");
+    await createSnapshot(base.stack(), "silver");
+    const clone = await cloneOf(backend, base, "gold");
+    const stack = base.stack();
+    const cloneBlock = await readSuperblock(clone.stack());
+    // A ref under "silver" naming a clone of "gold": it does not depend on "silver".
+    await stack.store.put(
+      `${stack.prefix}/refs/silver/${cloneBlock.volumeId}.json`,
+      Buffer.from(
+        JSON.stringify({
+          format: "s3blk-ref",
+          version: 1,
+          snapshot: "silver",
+          clone: { prefix: clone.stack().prefix, volumeId: cloneBlock.volumeId },
+          createdAt: new Date().toISOString(),
+        }),
+      ),
+    );
+    await deleteSnapshot(base.stack(), "silver");
+    await expect(deleteSnapshot(base.stack(), "gold")).rejects.toThrow(/a clone depends/);
+  });
+
+  it("never reads a snapshot made again under its origin's name", async () => {
+    const base = await goldBase(backend, "renamed");
+    const clone = await cloneOf(backend, base, "gold");
+    // Behind s3blk's back: the origin record is replaced by another snapshot of that name.
+    const stack = base.stack();
+    const key = snapshotKey(stack.prefix, "gold");
+    const got = await stack.store.get(key);
+    const record = JSON.parse(Buffer.from(got?.body ?? []).toString()) as { creator: string };
+    await stack.store.put(key, Buffer.from(JSON.stringify({ ...record, creator: "someone else" })));
+    await expect(clone.open({ readOnly: true })).rejects.toThrow(
+      /was deleted and another made under its name/,
+    );
+  });
+});

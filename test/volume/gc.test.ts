@@ -9,7 +9,15 @@ import { listAll } from "../../src/store/object-store.js";
 import { createSnapshot, deleteSnapshot } from "../../src/lifecycle/snapshot-lifecycle.js";
 import { cloneVolume, gcVolume } from "../../src/lifecycle/clone-lifecycle.js";
 import { openStoreStack } from "../../src/store/store-stack.js";
-import { openVolume } from "../../src/lifecycle/volume-lifecycle.js";
+import {
+  createVolume,
+  openVolume,
+  type OpenOptions,
+} from "../../src/lifecycle/volume-lifecycle.js";
+import { MemoryStore } from "../../src/store/memory-store.js";
+import { StoreLayer } from "../../src/store/store-layer.js";
+import { StoreError, type PutOptions, type PutResult } from "../../src/store/object-store.js";
+import { ChunkStore } from "../../src/volume/chunk-store.js";
 import { requireS3 } from "../support/s3-target.js";
 import {
   memoryBackend,
@@ -17,6 +25,7 @@ import {
   pattern,
   s3Backend,
   siblingUrl,
+  stackOver,
   type Backend,
   type TestVolume,
 } from "../support/volumes.js";
@@ -216,5 +225,122 @@ describe("a writer's own garbage", () => {
     await new Promise((resolve) => setTimeout(resolve, 20));
     expect(await objects()).toEqual([writer.chunkObjectKey(0)]);
     expect((await writer.disconnect()).ok).toBe(true);
+  });
+});
+
+/** A volume on a memory store whose clock the test sets: the store dates objects by it. */
+async function onStoreClock() {
+  const clock = { nowMs: Date.UTC(2026, 0, 1) };
+  const store = new MemoryStore("clocked", { wallClockMs: () => clock.nowMs });
+  await createVolume(stackOver(store), PARAMS);
+  const open = (options: OpenOptions = {}) =>
+    openVolume(stackOver(store), { lease: false, gcGraceMs: HOUR, ...options });
+  const gc = (graceMs: number) => gcVolume(stackOver(store), { graceMs });
+  return { store, clock, open, gc };
+}
+
+describe("garbage dated on the store's clock", () => {
+  it("dates an object of an older term by what superseded it in the newest, not by the seal", async () => {
+    const { clock, open, gc } = await onStoreClock();
+    const first = await open();
+    expect((await first.write(0, [pattern(1, 0, SPC)], { fua: true })).ok).toBe(true);
+    expect((await first.disconnect()).ok).toBe(true);
+    const writer = await open(); // a long term: its seal names term 1's object of chunk 0
+    clock.nowMs += 2 * HOUR;
+    const reader = await open({ readOnly: true, cacheBytes: 0 }); // opens two hours in
+    clock.nowMs += 1000;
+    expect((await writer.write(0, [pattern(2, 0, SPC)], { fua: true })).ok).toBe(true);
+    clock.nowMs += 1000;
+    // Term 1's object became garbage a second ago, not when the seal was written.
+    await gc(HOUR);
+    const out = new Uint8Array(CHUNK);
+    expect((await reader.read(0, [out])).ok).toBe(true);
+    expect(Buffer.from(out.subarray(0, 512)).equals(pattern(1, 0, 1))).toBe(true);
+    clock.nowMs += HOUR + 60_000;
+    expect((await gc(HOUR)).deleted.some((k) => k.includes("chunks/0000000000000000"))).toBe(true);
+    await reader.disconnect();
+    expect((await writer.disconnect()).ok).toBe(true);
+  });
+
+  it("keeps a deleted snapshot's objects through the grace from its deletion", async () => {
+    const { clock, open, gc, store } = await onStoreClock();
+    const writer = await open();
+    expect((await writer.write(0, [pattern(1, 0, SPC)], { fua: true })).ok).toBe(true);
+    expect((await writer.snapshot("old")).ok).toBe(true);
+    expect((await writer.write(0, [pattern(2, 0, SPC)], { fua: true })).ok).toBe(true);
+    expect((await writer.disconnect()).ok).toBe(true);
+    clock.nowMs += 2 * HOUR; // long after the rewrite
+    const snapshot = await openVolume(stackOver(store), { snapshot: "old", cacheBytes: 0 });
+    await deleteSnapshot(stackOver(store), "old");
+    clock.nowMs += 10 * 60_000;
+    const kept = await gc(HOUR);
+    expect(kept.deleted).toEqual([]);
+    const out = new Uint8Array(CHUNK);
+    expect((await snapshot.read(0, [out])).ok).toBe(true); // the export still runs
+    expect(Buffer.from(out.subarray(0, 512)).equals(pattern(1, 0, 1))).toBe(true);
+    await snapshot.disconnect();
+    clock.nowMs += HOUR;
+    const gone = await gc(HOUR);
+    expect(
+      gone.deleted.filter((k) => k.includes("/trash/") || k.startsWith("trash/")),
+    ).toHaveLength(1);
+    expect(gone.deleted.some((k) => k.includes("chunks/0000000000000000"))).toBe(true);
+  });
+
+  it("lets a writer's start delete its predecessors' garbage past the grace, and not before", async () => {
+    const { clock, open, store } = await onStoreClock();
+    const chunkKeys = async () => {
+      const keys: string[] = [];
+      for await (const e of listAll(store, "chunks/")) keys.push(e.key);
+      return keys;
+    };
+    const first = await open();
+    for (const value of [1, 2, 3]) {
+      expect((await first.write(0, [pattern(value, 0, SPC)], { fua: true })).ok).toBe(true);
+    }
+    expect((await first.disconnect()).ok).toBe(true); // left two superseded objects
+    expect(await chunkKeys()).toHaveLength(3);
+    clock.nowMs += 10 * 60_000;
+    await (await open()).disconnect(); // within the grace: kept
+    expect(await chunkKeys()).toHaveLength(3);
+    // An hour after that start: the second term's seal dropped them, more than a grace ago.
+    clock.nowMs += HOUR + 60_000;
+    const third = await open(); // gone at this start
+    expect(await chunkKeys()).toEqual([third.chunkObjectKey(0)]);
+    expect((await third.disconnect()).ok).toBe(true);
+  });
+});
+
+describe("a writer beside a collector", () => {
+  it("reads an upload reported failed that landed, when a collector deleted what it superseded", async () => {
+    let loseAnswers = false;
+    const store = new MemoryStore("landed");
+    const superblock = await createVolume(stackOver(store), PARAMS);
+    const layered = new (class extends StoreLayer {
+      override async put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult> {
+        const result = await super.put(key, body, options);
+        if (loseAnswers && key.startsWith("chunks/")) {
+          loseAnswers = false;
+          throw new StoreError("Permanent", `lost the answer to PUT ${key}`);
+        }
+        return result;
+      }
+    })(store);
+    const chunks = await ChunkStore.open({
+      store: layered,
+      prefix: "",
+      superblock,
+      term: { writerId: "w" },
+      gcGraceMs: HOUR,
+    });
+    const bytes = (value: number) => Buffer.from(pattern(value, 0, SPC));
+    await chunks.write(0, async () => bytes(1));
+    loseAnswers = true;
+    await expect(chunks.write(0, async () => bytes(2))).rejects.toThrow(/lost the answer/);
+    // Another process collects with no grace: the landed upload wins, the mapped one goes.
+    await gcVolume(stackOver(store), { graceMs: 0 });
+    const got = await chunks.read(0, 4096, 4096);
+    expect(Buffer.from(got ?? []).equals(bytes(2).subarray(4096, 8192))).toBe(true);
+    await chunks.drain();
   });
 });
