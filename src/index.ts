@@ -135,7 +135,8 @@ export { systemClock, type Clock } from "./util/clock.js";
 // The NBD server.
 export { NbdServer, nbdUri, type Endpoint, type NbdServerOptions } from "./nbd/server.js";
 export { ExportRegistry, NbdExport, type AllocationExtent, type NbdDevice } from "./nbd/exports.js";
-export type { ConnectionLimits, NbdLog } from "./nbd/connection.js";
+export type { ConnectionLimits } from "./nbd/connection.js";
+export type { Logger } from "./util/logger.js";
 export type { TlsMode } from "./nbd/negotiation.js";
 export {
   parsePskFile,

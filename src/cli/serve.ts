@@ -40,6 +40,7 @@ import {
 } from "../nbd/tls.js";
 import { formatSize } from "./sizes.js";
 import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
+import type { Logger } from "../util/logger.js";
 
 /** The default `--listen`: loopback, the IANA NBD port. */
 export const DEFAULT_LISTEN = "127.0.0.1:10809";
@@ -62,7 +63,6 @@ export interface ServeOptions {
   readonly force?: boolean;
   /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
   readonly leaseDuration?: number;
-  readonly verbose?: boolean;
   /** nbdkit's `--tls`: off (default), on (offered), require. */
   readonly tls?: TlsMode;
   /** nbdkit's `--tls-certificates`: server-cert.pem, server-key.pem, ca-cert.pem. */
@@ -75,8 +75,10 @@ export interface ServeOptions {
 
 export interface ServeEnvironment {
   readonly stackFor: (url: string) => StoreStack;
+  /** What the user reads: the exports, how to connect. */
   readonly out: (line: string) => void;
-  readonly err: (line: string) => void;
+  /** The log: each export's lines go through a child carrying `export`. */
+  readonly logger: Logger;
   /** Resolves on the first stop request; `onSecond` runs on a second one. */
   readonly waitForStop: WaitForStop;
 }
@@ -155,6 +157,7 @@ export function parseListen(text: string): { host: string; port: number } {
 
 interface Opened {
   readonly name: string;
+  readonly logger: Logger;
   readonly stack: StoreStack;
   readonly device: ChunkedBlockDevice;
 }
@@ -179,24 +182,29 @@ export async function serve(
   if (options.socket !== undefined) endpoints.push({ kind: "unix", path: options.socket });
   const tls = tlsSettings(options);
 
-  const deviceOptions: OpenOptions = {
+  const deviceOptions = (logger: Logger): OpenOptions => ({
     readOnly: options.readOnly ?? false,
     lease: {
       force: options.force ?? false,
       durationMs: options.leaseDuration,
-      log: (line) => env.err(`s3blk: lease: ${line}`),
-      onLost: (error) => env.err(`s3blk: ${error.message}; refusing further writes`),
+      log: (line) => {
+        if (/fail|could not/.test(line)) logger.warn(`lease: ${line}`);
+        else logger.info(`lease: ${line}`);
+      },
+      onLost: (error) => logger.error(`${error.message}; refusing further writes`),
     },
     ...(options.cacheSize === undefined ? {} : { cacheBytes: options.cacheSize }),
     ...(options.dirtySize === undefined ? {} : { maxDirtyBytes: options.dirtySize }),
     ...(options.dirtyChunks === undefined ? {} : { maxDirtyChunks: options.dirtyChunks }),
     ...(options.writebackDelay === undefined ? {} : { writebackDelayMs: options.writebackDelay }),
-    onWritebackError: (error) => env.err(`s3blk: write-back failed, will retry: ${error.message}`),
-  };
+    onWritebackError: (error) => logger.warn(`write-back failed, will retry: ${error.message}`),
+  });
   const opened: Opened[] = [];
   try {
     for (const { name, url } of volumes) {
-      opened.push({ name, ...(await openOne(url, options.createSize, deviceOptions, env)) });
+      const logger = env.logger.child({ export: name });
+      const one = await openOne(url, options.createSize, deviceOptions(logger), env);
+      opened.push({ name, logger, ...one });
     }
   } catch (error) {
     await Promise.all(opened.map((o) => o.device.disconnect()));
@@ -211,9 +219,7 @@ export async function serve(
     server = new NbdServer({
       exports,
       tls,
-      log: (level, line) => {
-        if (level === "warn" || options.verbose) env.err(`s3blk: ${line}`);
-      },
+      logger: env.logger,
     });
   } catch (error) {
     await Promise.all(opened.map((o) => o.device.disconnect()));
@@ -258,10 +264,10 @@ export async function serve(
     // Once every device is flushed and stopped, a late signal has nothing left to drop.
     if (forcing || stopped) return;
     forcing = true;
-    void forceExit(opened, second, env);
+    void forceExit(opened, second);
   });
-  env.err(
-    `s3blk: ${signal}: finishing requests in flight, then flushing; a second Ctrl-C or ` +
+  env.logger.info(
+    `${signal}: finishing requests in flight, then flushing; a second Ctrl-C or ` +
       `SIGTERM, ${STOP_SIGNAL_WINDOW_MS / 1000} s or more after this one, exits without flushing`,
   );
   await server.close();
@@ -269,32 +275,31 @@ export async function serve(
   for (const o of opened) {
     const dirtyChunks = o.device.cacheStats().dirtyChunks;
     if (dirtyChunks > 0) {
-      env.err(`s3blk: ${o.name}: flushing ${chunks(dirtyChunks)} of unflushed writes`);
+      o.logger.info(`${o.name}: flushing ${chunks(dirtyChunks)} of unflushed writes`);
     }
     const result = await o.device.disconnect();
     if (!result.ok) {
       failures++;
-      env.err(
-        `s3blk: ${o.name}: flush failed, unflushed writes are lost: ${ppWriteError(result.error)}`,
+      o.logger.error(
+        `${o.name}: flush failed, unflushed writes are lost: ${ppWriteError(result.error)}`,
       );
     }
   }
   stopped = true;
-  env.err(failures === 0 ? `s3blk: flushed and stopped` : `s3blk: stopped with lost writes`);
+  if (failures === 0) env.logger.info("flushed and stopped");
+  else env.logger.error("stopped with lost writes");
   return failures === 0 ? 0 : 1;
 }
 
 /** Abort every device, say what each dropped, and exit 130. */
-async function forceExit(
-  opened: readonly Opened[],
-  signal: NodeJS.Signals,
-  env: ServeEnvironment,
-): Promise<never> {
+async function forceExit(opened: readonly Opened[], signal: NodeJS.Signals): Promise<never> {
   const aborted = await Promise.all(opened.map((o) => abortWithin(o.device, FORCED_EXIT_WAIT_MS)));
   opened.forEach((o, i) => {
     const { lostDirtyChunks, settled } = aborted[i]!;
-    env.err(
-      `s3blk: second ${signal}: exiting without flushing; dropped ${chunks(lostDirtyChunks)} ` +
+    const say =
+      lostDirtyChunks === 0 ? o.logger.warn.bind(o.logger) : o.logger.error.bind(o.logger);
+    say(
+      `second ${signal}: exiting without flushing; dropped ${chunks(lostDirtyChunks)} ` +
         `of unflushed writes on ${o.name}${settled ? "" : " (its uploads in flight were cut off)"}`,
     );
   });
