@@ -392,6 +392,14 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .option("--tls-verify-peer", "require a client certificate signed by ca-cert.pem")
     .option("--tls-psk <file>", "TLS with pre-shared keys (identity:hexkey lines) instead")
+    .option(
+      "--metrics <host:port>",
+      "serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: on 127.0.0.1; default off)",
+    )
+    .option(
+      "--prices <file>",
+      "JSON price table for the cost estimate (default: S3 Standard us-east-1)",
+    )
     .option("-v, --verbose", "log at debug level: connections, TLS sessions (--log-level debug)")
     .addOption(
       new Option("--log-level <level>", `log level (default ${DEFAULT_LOG_LEVEL})`).choices(
@@ -414,6 +422,8 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           leaseDuration?: number;
           verbose?: boolean;
           logLevel?: (typeof LOG_LEVELS)[number];
+          metrics?: string;
+          prices?: string;
           tls?: "off" | "on" | "require";
           tlsCertificates?: string;
           tlsVerifyPeer?: boolean;
