@@ -293,6 +293,7 @@ export async function serve(
     );
     for (const endpoint of bound) env.out(`  ${nbdUri(endpoint, e.name, tls.mode === "require")}`);
   }
+  if (metricsServer !== undefined) env.out(`metrics: ${metricsServer.url}`);
   const first = nbdUri(bound[0]!, exports[0]!.name, tls.mode === "require");
   if (tls.mode === "require") {
     const query = first.includes("?") ? "&" : "?";
@@ -303,7 +304,6 @@ export async function serve(
   } else {
     env.out(`connect with: qemu-img info ${first}`);
   }
-  if (metricsServer !== undefined) env.out(`metrics: ${metricsServer.url}`);
   env.out(`stop with Ctrl-C or SIGTERM (writes are flushed first)`);
 
   let forcing = false;

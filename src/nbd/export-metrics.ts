@@ -49,7 +49,10 @@ export interface CommandCell {
   /** `NBD_CMD_READ` and so on, or {@link UNKNOWN_COMMAND}. */
   readonly command: string;
   requests: number;
-  /** The requests' lengths: bytes read, written, trimmed, zeroed, cached or queried. */
+  /**
+   * The lengths of the requests that succeeded: bytes read, written, trimmed, zeroed, cached or
+   * queried. A refused request moved nothing, whatever its header claimed.
+   */
   bytes: number;
   latencySumSeconds: number;
   /** Requests per latency bucket (not cumulative); the last is past the largest bound. */
@@ -97,7 +100,7 @@ export class NbdExportMetrics {
   record(type: number, lengthBytes: number, seconds: number, errno: number): void {
     const cell = (type < this.#byType.length ? this.#byType[type] : undefined) ?? this.#unknown;
     cell.requests++;
-    cell.bytes += lengthBytes;
+    if (errno === 0) cell.bytes += lengthBytes;
     cell.latencySumSeconds += seconds;
     let bucket = 0;
     while (bucket < LATENCY_BUCKETS_SECONDS.length && seconds > LATENCY_BUCKETS_SECONDS[bucket]!) {

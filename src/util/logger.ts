@@ -36,6 +36,9 @@ export const LOG_LEVELS: readonly (Level | "silent")[] = [
 export const DEFAULT_LOG_LEVEL: Level = "info";
 
 const SECRET_NAMES = [
+  "AWS_ACCESS_KEY_ID",
+  "AWS_SECRET_ACCESS_KEY",
+  "AWS_SESSION_TOKEN",
   "accessKeyId",
   "secretAccessKey",
   "sessionToken",
