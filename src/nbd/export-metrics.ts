@@ -57,7 +57,7 @@ export interface CommandCell {
   latencySumSeconds: number;
   /** Requests per latency bucket (not cumulative); the last is past the largest bound. */
   readonly latencyCounts: Float64Array;
-  /** Failed requests per error value, in the order of {@link NBD_ERRORS}. */
+  /** Failed requests per error value, in the order of {@link ERROR_NAMES}. */
   readonly errorCounts: Float64Array;
 }
 

@@ -15,7 +15,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { missingTools, run } from "../nbd/harness.js";
 import { FaultProxy } from "../support/fault-proxy.js";
 import { requireS3, s3Env } from "../support/s3-target.js";
-import { runCli, startServe, type ServeProcess } from "../support/serve-process.js";
+import { CLI, runCli, startServe, type ServeProcess } from "../support/serve-process.js";
 
 const s3 = await requireS3("serve log secrets test");
 const missing = missingTools("serve log secrets test", ["qemu-io", "nbdinfo"]);
@@ -101,4 +101,41 @@ describe.skipIf(s3 === undefined || missing.length > 0)("the log of a serve sess
     expect(everything).not.toMatch(/authorization/i);
     expect(everything).not.toMatch(/x-amz-security-token|PRIVATE KEY/i);
   }, 120_000);
+});
+
+describe("serve's --metrics, --prices and --log-level arguments", () => {
+  const work = mkdtempSync(path.join(tmpdir(), "s3blk-args-"));
+  const serveArgs = async (...args: string[]) =>
+    run(process.execPath, [CLI, "serve", "memory://args", "--create-size", "1M", ...args]);
+
+  it.each([
+    [["--metrics", "localhost"], /^s3blk: --metrics "localhost" is not HOST:PORT \(example: /],
+    [["--log-level", "loud"], /Allowed choices are trace, debug, info, warn, error, fatal, silent/],
+    [["--prices", "/nonexistent/p.json"], /^s3blk: cannot read --prices \/nonexistent\/p\.json: /],
+  ])("refuses %j with one clear line", async (args, message) => {
+    const result = await serveArgs(...args);
+    expect(result.code).not.toBe(0);
+    expect(
+      result.stderr
+        .trim()
+        .split("\n")
+        .filter((l) => !/ note: Node|^\(run with --help/.test(l)),
+    ).toHaveLength(1);
+    expect(result.stderr).toMatch(new RegExp(message.source, "m"));
+  });
+
+  it("refuses a price file with an unknown field or a bad price, naming it", async () => {
+    const file = path.join(work, "prices.json");
+    writeFileSync(file, JSON.stringify({ getHeadPer1000: 0.0004, putPer1000: 1 }));
+    const unknown = await serveArgs("--prices", file);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toMatch(
+      /^s3blk: .*prices\.json: unknown field "putPer1000"; the fields are /m,
+    );
+    writeFileSync(file, JSON.stringify({ transferOutPerGb: -0.09 }));
+    const negative = await serveArgs("--prices", file);
+    expect(negative.stderr).toMatch(
+      /"transferOutPerGb" must be a price in dollars, a number of at least 0, not -0\.09/,
+    );
+  });
 });
