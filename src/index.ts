@@ -77,7 +77,17 @@ export {
 export { S3Store, type S3StoreOptions } from "./store/s3-store.js";
 export { FileStore } from "./store/file-store.js";
 export { MemoryStore } from "./store/memory-store.js";
-export { CountingStore, type RequestCounts } from "./store/counting-store.js";
+export {
+  CountingStore,
+  REQUEST_OUTCOMES,
+  STORE_OPERATIONS,
+  type CountingStoreOptions,
+  type LeaseWriteCounts,
+  type OutcomeCounts,
+  type RequestCounts,
+  type RequestOutcome,
+  type StoreOperation,
+} from "./store/counting-store.js";
 // The fence and the retry layer are built by buildStoreStack only (the fence must sit below the
 // retries), so they are exported as types.
 export type { Fence, FencedStore } from "./store/fenced-store.js";
@@ -135,14 +145,26 @@ export {
 } from "./volume/lease.js";
 
 // The device.
-export { ChunkedBlockDevice, type DeviceOptions } from "./device/chunked-block-device.js";
+export {
+  ChunkedBlockDevice,
+  type DeviceOptions,
+  type LeaseState,
+} from "./device/chunked-block-device.js";
 export type { CacheStats, Extent } from "./cache/page-cache.js";
 export { systemClock, type Clock } from "./util/clock.js";
 
 // The NBD server.
 export { NbdServer, nbdUri, type Endpoint, type NbdServerOptions } from "./nbd/server.js";
 export { ExportRegistry, NbdExport, type AllocationExtent, type NbdDevice } from "./nbd/exports.js";
-export type { ConnectionLimits, NbdLog } from "./nbd/connection.js";
+export {
+  ERROR_NAMES,
+  LATENCY_BUCKETS_SECONDS,
+  NbdExportMetrics,
+  UNKNOWN_COMMAND,
+  type CommandCell,
+} from "./nbd/export-metrics.js";
+export type { ConnectionLimits } from "./nbd/connection.js";
+export type { Logger } from "./util/logger.js";
 export type { TlsMode } from "./nbd/negotiation.js";
 export {
   parsePskFile,

@@ -20,7 +20,7 @@
  * Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3 and python3-libnbd (apt), and S3_ENDPOINT
  * etc. (`eval "$(bash infra/rgw-start.sh)"`). Options: --quick (5 s turns), --runtime SECONDS,
  * --rounds N, --size SIZE, --only device,warm,cold, --jobs TEXT,TEXT (jobs whose name contains
- * one), --out DIR.
+ * one), --metrics (s3blk serves its Prometheus metrics, as a production server would), --out DIR.
  */
 
 import { execFileSync } from "node:child_process";
@@ -78,6 +78,7 @@ const { values, positionals } = parseArgs({
     only: { type: "string" },
     jobs: { type: "string" },
     compare: { type: "boolean", default: false },
+    metrics: { type: "boolean", default: false },
     out: { type: "string", default: "bench/results" },
   },
   allowPositionals: true,
@@ -197,6 +198,7 @@ function runContext() {
     node: process.version,
     cpuModel: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1],
     cpus: availableParallelism(),
+    metrics: values.metrics,
   };
 }
 
@@ -291,6 +293,7 @@ async function main(): Promise<void> {
       volumeUrl,
       cacheBytes: 2 * sizeBytes,
       dirtyBytes: 2 * sizeBytes,
+      metrics: values.metrics,
       env,
     });
     for (const job of jobs) {
@@ -322,6 +325,7 @@ async function main(): Promise<void> {
               volumeUrl,
               cacheBytes: cold.cacheBytes,
               dirtyBytes: 128 << 20,
+              metrics: values.metrics,
               env,
             });
             try {

@@ -132,6 +132,8 @@ export interface S3blkServeOptions {
   readonly volumeUrl: string;
   readonly cacheBytes: number;
   readonly dirtyBytes: number;
+  /** Serve Prometheus metrics too (on a free loopback port). Default false. */
+  readonly metrics?: boolean;
   readonly env: NodeJS.ProcessEnv;
 }
 
@@ -150,6 +152,7 @@ export async function startS3blk(options: S3blkServeOptions): Promise<RunningTar
       String(options.cacheBytes),
       "--dirty-size",
       String(options.dirtyBytes),
+      ...(options.metrics ? ["--metrics", "127.0.0.1:0"] : []),
     ],
     socket,
     options.env,

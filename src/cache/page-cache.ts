@@ -109,17 +109,27 @@ export interface Extent {
   readonly allocated: boolean;
 }
 
-/** Figures for tests and the benchmark. */
+/** Figures for tests, the benchmark and the metrics. */
 export interface CacheStats {
   /** Memory held by dirty pages. */
   dirtyBytes: number;
   peakDirtyBytes: number;
   dirtyChunks: number;
   peakDirtyChunks: number;
+  /** Dirty pages not uploading yet (the write-back backlog), and the memory they hold. */
+  backlogChunks: number;
+  backlogBytes: number;
   cleanBytes: number;
   uploads: number;
   uploadFailures: number;
   backpressureWaits: number;
+  /**
+   * Chunks a read touched that were answered from memory (a page that knew the bytes, or a
+   * chunk with no object, which reads as zeros without a request)...
+   */
+  readHits: number;
+  /** ...and those that had to be fetched, whole or in part (read-ahead not counted). */
+  readMisses: number;
 }
 
 interface Piece {
@@ -169,6 +179,10 @@ export class PageCache {
     uploads: 0,
     uploadFailures: 0,
     backpressureWaits: 0,
+    backlogChunks: 0,
+    backlogBytes: 0,
+    readHits: 0,
+    readMisses: 0,
   };
 
   constructor(options: PageCacheOptions) {
@@ -203,6 +217,8 @@ export class PageCache {
       ...this.#stats,
       dirtyBytes: this.#dirtyMemory,
       dirtyChunks: this.#dirty.size,
+      backlogChunks: this.#dirty.size - this.#uploadingPages,
+      backlogBytes: this.#dirtyMemory - this.#uploadingMemory,
       cleanBytes: this.#clean.calculatedSize,
     };
   }
@@ -242,18 +258,23 @@ export class PageCache {
     for (const [index, pieces] of byChunk) {
       const page = this.#lookup(index);
       if (page === undefined && !this.#chunks.isAllocated(index)) {
+        this.#stats.readHits++;
         ready.push({ page: undefined, pieces });
         continue;
       }
       const target = page ?? this.#newCleanPage(index);
       const { start, end } = extentOf(pieces);
-      if (target.isValid(start, end - start)) ready.push({ page: target, pieces });
-      else
+      if (target.isValid(start, end - start)) {
+        this.#stats.readHits++;
+        ready.push({ page: target, pieces });
+      } else {
+        this.#stats.readMisses++;
         ready.push({
           page: target,
           pieces,
           load: this.#load(target, start, end - start, sequential),
         });
+      }
     }
     if (sequential) this.#readahead(byChunk);
     const fetched = await Promise.all(ready.map((r) => r.load));

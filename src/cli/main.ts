@@ -51,6 +51,7 @@ import {
 } from "./serve.js";
 import { listenForStop } from "./stop-signals.js";
 import { printNodeVersionNotice } from "./node-version.js";
+import { createLogger, DEFAULT_LOG_LEVEL, LOG_LEVELS } from "../util/logger.js";
 
 /** On Node 20, one note of ours says why 22+ is recommended, instead of the SDK's on each start. */
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
@@ -412,7 +413,20 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .option("--tls-verify-peer", "require a client certificate signed by ca-cert.pem")
     .option("--tls-psk <file>", "TLS with pre-shared keys (identity:hexkey lines) instead")
-    .option("-v, --verbose", "log connections")
+    .option(
+      "--metrics <host:port>",
+      "serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: on 127.0.0.1; default off)",
+    )
+    .option(
+      "--prices <file>",
+      "JSON price table for the cost estimate (default: S3 Standard us-east-1)",
+    )
+    .option("-v, --verbose", "log at debug level: connections, TLS sessions (--log-level debug)")
+    .addOption(
+      new Option("--log-level <level>", `log level (default ${DEFAULT_LOG_LEVEL})`).choices(
+        LOG_LEVELS,
+      ),
+    )
     .action(
       async (
         urls: string[],
@@ -429,23 +443,29 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           force?: boolean;
           leaseDuration?: number;
           verbose?: boolean;
+          logLevel?: (typeof LOG_LEVELS)[number];
+          metrics?: string;
+          prices?: string;
           tls?: "off" | "on" | "require";
           tlsCertificates?: string;
           tlsVerifyPeer?: boolean;
           tlsPsk?: string;
         },
       ) => {
+        const logger = createLogger({
+          level: options.logLevel ?? (options.verbose ? "debug" : DEFAULT_LOG_LEVEL),
+        });
         const code = await serve(urls, options, {
           stackFor: (url) => stackFor(url, program),
           out,
-          err: (line) => console.error(line),
+          logger,
           // Listen for signals from the start: one that arrives while volumes open or sockets
           // bind must still stop the server cleanly, not kill it with the default action.
           waitForStop: listenForStop({
             // Nothing has been served yet, so nothing can be lost: a second Ctrl-C during a
             // slow start (a lease takeover waits up to a minute) need not wait for it.
             onSecondWhileStarting: (signal) => {
-              console.error(`s3blk: second ${signal} while starting: exiting (nothing was served)`);
+              logger.warn(`second ${signal} while starting: exiting (nothing was served)`);
               process.exit(130);
             },
           }),

@@ -40,9 +40,26 @@ import {
 } from "../nbd/tls.js";
 import { formatSize } from "./sizes.js";
 import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
+import type { Logger } from "../util/logger.js";
+import { Registry } from "prom-client";
+import { NbdExportMetrics } from "../nbd/export-metrics.js";
+import {
+  DEFAULT_PRICES,
+  formatDollars,
+  PriceTableError,
+  readPriceTable,
+  sumCosts,
+  type CostEstimate,
+  type PriceTable,
+} from "../metrics/cost.js";
+import { registerServeMetrics, VolumeCost } from "../metrics/serve-metrics.js";
+import { startMetricsServer, type MetricsServer } from "../metrics/metrics-server.js";
 
 /** The default `--listen`: loopback, the IANA NBD port. */
 export const DEFAULT_LISTEN = "127.0.0.1:10809";
+
+/** An example `--metrics`: loopback, the port node_exporter's neighbours leave free. */
+export const DEFAULT_METRICS_LISTEN = "127.0.0.1:9810";
 
 /**
  * How long a forced exit waits for a device's abort (requests it already sent, a stalled upload
@@ -64,7 +81,6 @@ export interface ServeOptions {
   readonly force?: boolean;
   /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
   readonly leaseDuration?: number;
-  readonly verbose?: boolean;
   /** nbdkit's `--tls`: off (default), on (offered), require. */
   readonly tls?: TlsMode;
   /** nbdkit's `--tls-certificates`: server-cert.pem, server-key.pem, ca-cert.pem. */
@@ -73,12 +89,18 @@ export interface ServeOptions {
   readonly tlsVerifyPeer?: boolean;
   /** nbdkit's `--tls-psk`: a file of `identity:hexkey` lines, instead of certificates. */
   readonly tlsPsk?: string;
+  /** `HOST:PORT` (or `PORT`, on loopback) to serve Prometheus metrics at `/metrics`. Default off. */
+  readonly metrics?: string;
+  /** A JSON price table replacing the defaults of the cost estimate (see metrics/cost.ts). */
+  readonly prices?: string;
 }
 
 export interface ServeEnvironment {
   readonly stackFor: (url: string) => StoreStack;
+  /** What the user reads: the exports, how to connect. */
   readonly out: (line: string) => void;
-  readonly err: (line: string) => void;
+  /** The log: each export's lines go through a child carrying `export`. */
+  readonly logger: Logger;
   /** Resolves on the first stop request; `onSecond` runs on a second one. */
   readonly waitForStop: WaitForStop;
 }
@@ -144,12 +166,13 @@ export function parseVolumeArgument(argument: string): { name: string; url: stri
   return { name, url: argument };
 }
 
-/** `HOST:PORT`, `[V6]:PORT` or `PORT`. */
-export function parseListen(text: string): { host: string; port: number } {
+/** `HOST:PORT`, `[V6]:PORT` or `PORT` (on 127.0.0.1); `flag` names the option in errors. */
+export function parseListen(text: string, flag = "--listen"): { host: string; port: number } {
   const match = /^(?:(?:\[([^\]]+)\]|([^:[\]]*)):)?(\d{1,5})$/.exec(text);
   const port = Number(match?.[3]);
   if (match === null || port > 65535) {
-    throw new ServeError(`--listen "${text}" is not HOST:PORT (example: ${DEFAULT_LISTEN})`);
+    const example = flag === "--listen" ? DEFAULT_LISTEN : DEFAULT_METRICS_LISTEN;
+    throw new ServeError(`${flag} "${text}" is not HOST:PORT (example: ${example})`);
   }
   const host = match[1] ?? match[2] ?? "";
   return { host: host === "" ? "127.0.0.1" : host, port };
@@ -157,6 +180,7 @@ export function parseListen(text: string): { host: string; port: number } {
 
 interface Opened {
   readonly name: string;
+  readonly logger: Logger;
   readonly stack: StoreStack;
   readonly device: ChunkedBlockDevice;
 }
@@ -180,43 +204,57 @@ export async function serve(
   }
   if (options.socket !== undefined) endpoints.push({ kind: "unix", path: options.socket });
   const tls = tlsSettings(options);
+  const metricsAt =
+    options.metrics === undefined ? undefined : parseListen(options.metrics, "--metrics");
+  const prices = priceTable(options.prices);
 
-  const deviceOptions: OpenOptions = {
+  const deviceOptions = (logger: Logger): OpenOptions => ({
     readOnly: options.readOnly ?? false,
     lease: {
       force: options.force ?? false,
       durationMs: options.leaseDuration,
-      log: (line) => env.err(`s3blk: lease: ${line}`),
-      onLost: (error) => env.err(`s3blk: ${error.message}; refusing further writes`),
+      log: (line) => {
+        if (/fail|could not/.test(line)) logger.warn(`lease: ${line}`);
+        else logger.info(`lease: ${line}`);
+      },
+      onLost: (error) => logger.error(`${error.message}; refusing further writes`),
     },
     ...(options.cacheSize === undefined ? {} : { cacheBytes: options.cacheSize }),
     ...(options.dirtySize === undefined ? {} : { maxDirtyBytes: options.dirtySize }),
     ...(options.dirtyChunks === undefined ? {} : { maxDirtyChunks: options.dirtyChunks }),
     ...(options.writebackDelay === undefined ? {} : { writebackDelayMs: options.writebackDelay }),
     ...(options.gcGrace === undefined ? {} : { gcGraceMs: options.gcGrace }),
-    onWritebackError: (error) => env.err(`s3blk: write-back failed, will retry: ${error.message}`),
-  };
+    onWritebackError: (error) => logger.warn(`write-back failed, will retry: ${error.message}`),
+  });
   const opened: Opened[] = [];
   try {
     for (const { name, url } of volumes) {
-      opened.push({ name, ...(await openOne(url, options.createSize, deviceOptions, env)) });
+      const logger = env.logger.child({ export: name });
+      const one = await openOne(url, options.createSize, deviceOptions(logger), env);
+      opened.push({ name, logger, ...one });
     }
   } catch (error) {
     await Promise.all(opened.map((o) => o.device.disconnect()));
     throw error;
   }
 
+  const costs = new Map(opened.map((o) => [o.name, new VolumeCost(o, prices)]));
+  const requestCounts = new Map(
+    opened.map((o) => [o.name, metricsAt === undefined ? undefined : new NbdExportMetrics()]),
+  );
   const exports = await Promise.all(
-    opened.map((o) => NbdExport.create(o.name, o.device, `s3blk volume ${o.stack.url}`)),
+    opened.map((o) =>
+      NbdExport.create(o.name, o.device, `s3blk volume ${o.stack.url}`, {
+        metrics: requestCounts.get(o.name),
+      }),
+    ),
   );
   let server: NbdServer;
   try {
     server = new NbdServer({
       exports,
       tls,
-      log: (level, line) => {
-        if (level === "warn" || options.verbose) env.err(`s3blk: ${line}`);
-      },
+      logger: env.logger,
     });
   } catch (error) {
     await Promise.all(opened.map((o) => o.device.disconnect()));
@@ -235,6 +273,21 @@ export async function serve(
     const why = code === "EADDRINUSE" ? "address in use" : (error as Error).message;
     throw new ServeError(`cannot listen on ${place}: ${why}`);
   }
+  let metricsServer: MetricsServer | undefined;
+  if (metricsAt !== undefined) {
+    const registry = new Registry();
+    const metered = opened.map((o) => ({ ...o, requests: requestCounts.get(o.name)! }));
+    registerServeMetrics(registry, metered, costs, prices);
+    try {
+      metricsServer = await startMetricsServer(registry, metricsAt.host, metricsAt.port);
+    } catch (error) {
+      await server.close();
+      await Promise.all(opened.map((o) => o.device.disconnect()));
+      const code = (error as NodeJS.ErrnoException).code;
+      const why = code === "EADDRINUSE" ? "address in use" : (error as Error).message;
+      throw new ServeError(`cannot serve --metrics on ${options.metrics}: ${why}`);
+    }
+  }
 
   for (const e of exports) {
     env.out(
@@ -243,6 +296,7 @@ export async function serve(
     );
     for (const endpoint of bound) env.out(`  ${nbdUri(endpoint, e.name, tls.mode === "require")}`);
   }
+  if (metricsServer !== undefined) env.out(`metrics: ${metricsServer.url}`);
   const first = nbdUri(bound[0]!, exports[0]!.name, tls.mode === "require");
   if (tls.mode === "require") {
     const query = first.includes("?") ? "&" : "?";
@@ -261,10 +315,10 @@ export async function serve(
     // Once every device is flushed and stopped, a late signal has nothing left to drop.
     if (forcing || stopped) return;
     forcing = true;
-    void forceExit(opened, second, env);
+    void forceExit(opened, second, () => logCosts(opened, costs, prices, env.logger));
   });
-  env.err(
-    `s3blk: ${signal}: finishing requests in flight, then flushing; a second Ctrl-C or ` +
+  env.logger.info(
+    `${signal}: finishing requests in flight, then flushing; a second Ctrl-C or ` +
       `SIGTERM, ${STOP_SIGNAL_WINDOW_MS / 1000} s or more after this one, exits without flushing`,
   );
   await server.close();
@@ -272,18 +326,21 @@ export async function serve(
   for (const o of opened) {
     const dirtyChunks = o.device.cacheStats().dirtyChunks;
     if (dirtyChunks > 0) {
-      env.err(`s3blk: ${o.name}: flushing ${chunks(dirtyChunks)} of unflushed writes`);
+      o.logger.info(`${o.name}: flushing ${chunks(dirtyChunks)} of unflushed writes`);
     }
     const result = await o.device.disconnect();
     if (!result.ok) {
       failures++;
-      env.err(
-        `s3blk: ${o.name}: flush failed, unflushed writes are lost: ${ppWriteError(result.error)}`,
+      o.logger.error(
+        `${o.name}: flush failed, unflushed writes are lost: ${ppWriteError(result.error)}`,
       );
     }
   }
   stopped = true;
-  env.err(failures === 0 ? `s3blk: flushed and stopped` : `s3blk: stopped with lost writes`);
+  logCosts(opened, costs, prices, env.logger);
+  await metricsServer?.close();
+  if (failures === 0) env.logger.info("flushed and stopped");
+  else env.logger.error("stopped with lost writes");
   return failures === 0 ? 0 : 1;
 }
 
@@ -291,17 +348,75 @@ export async function serve(
 async function forceExit(
   opened: readonly Opened[],
   signal: NodeJS.Signals,
-  env: ServeEnvironment,
+  summarise: () => void,
 ): Promise<never> {
   const aborted = await Promise.all(opened.map((o) => abortWithin(o.device, FORCED_EXIT_WAIT_MS)));
   opened.forEach((o, i) => {
     const { lostDirtyChunks, settled } = aborted[i]!;
-    env.err(
-      `s3blk: second ${signal}: exiting without flushing; dropped ${chunks(lostDirtyChunks)} ` +
+    const say =
+      lostDirtyChunks === 0 ? o.logger.warn.bind(o.logger) : o.logger.error.bind(o.logger);
+    say(
+      `second ${signal}: exiting without flushing; dropped ${chunks(lostDirtyChunks)} ` +
         `of unflushed writes on ${o.name}${settled ? "" : " (its uploads in flight were cut off)"}`,
     );
   });
+  summarise();
   process.exit(130);
+}
+
+/** The price table of `--prices FILE`, or the defaults. */
+function priceTable(file: string | undefined): PriceTable {
+  if (file === undefined) return DEFAULT_PRICES;
+  try {
+    return readPriceTable(file);
+  } catch (error) {
+    if (error instanceof PriceTableError) throw new ServeError(error.message);
+    throw error;
+  }
+}
+
+/** The summary at stop: one line per volume, one for the process, with the figures attached. */
+function logCosts(
+  opened: readonly Opened[],
+  costs: ReadonlyMap<string, VolumeCost>,
+  prices: PriceTable,
+  logger: Logger,
+): void {
+  const estimates = opened.map((o) => costs.get(o.name)!.estimate());
+  opened.forEach((o, i) => {
+    const e = estimates[i]!;
+    o.logger.info({ cost: costFields(e) }, `cost of ${o.name}: ${costLine(e, prices)}`);
+  });
+  if (opened.length > 1) {
+    const total = sumCosts(estimates);
+    logger.info({ cost: costFields(total) }, `cost of this process: ${costLine(total, prices)}`);
+  }
+}
+
+function costLine(e: CostEstimate, prices: PriceTable): string {
+  const { putCopyPostList, getHead, free } = e.requests;
+  return (
+    `${putCopyPostList} PUT/COPY/POST/LIST, ${getHead} GET/HEAD and ${free} DELETE requests; ` +
+    `${formatSize(e.storedBytes)} stored, ${formatSize(e.downloadedBytes)} downloaded, ` +
+    `${formatSize(e.uploadedBytes)} uploaded; estimated ${formatDollars(e.totalDollars)} ` +
+    `(requests ${formatDollars(e.dollars.requests)}, transfer ${formatDollars(e.dollars.transfer)}, ` +
+    `storage ${formatDollars(e.dollars.storage)}) at ${prices.name} prices`
+  );
+}
+
+function costFields(e: CostEstimate): Record<string, number> {
+  return {
+    putCopyPostListRequests: e.requests.putCopyPostList,
+    getHeadRequests: e.requests.getHead,
+    deleteRequests: e.requests.free,
+    storedBytes: e.storedBytes,
+    downloadedBytes: e.downloadedBytes,
+    uploadedBytes: e.uploadedBytes,
+    requestDollars: e.dollars.requests,
+    transferDollars: e.dollars.transfer,
+    storageDollars: e.dollars.storage,
+    totalDollars: e.totalDollars,
+  };
 }
 
 /**

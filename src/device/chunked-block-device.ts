@@ -49,6 +49,9 @@ import {
 } from "../volume/snapshots.js";
 import type { Lease } from "../volume/lease.js";
 
+/** See {@link ChunkedBlockDevice.leaseStatus}. */
+export type LeaseState = "none" | "held" | "lost" | "released";
+
 export interface DeviceOptions {
   /** Refuse writes, discards and flushes with `Is_read_only`. Default false. */
   readonly readOnly?: boolean;
@@ -321,6 +324,23 @@ export class ChunkedBlockDevice implements BlockDevice {
 
   cacheStats(): CacheStats {
     return this.#cache.stats();
+  }
+
+  /** Bytes of the chunk objects the chunk map names: what the volume's chunks store. */
+  storedBytes(): number {
+    return this.#chunks.allocatedCount() * this.superblock.chunkSizeBytes;
+  }
+
+  /**
+   * The lease as this device sees it: `none` for a read-only open (or one without a lease),
+   * `held` while it writes, `lost` once another process took it, `released` after
+   * `disconnect` or `abort`; with the epoch of this writer's term.
+   */
+  leaseStatus(): { readonly state: LeaseState; readonly epoch: number | undefined } {
+    const lease = this.#lease;
+    if (lease === undefined) return { state: "none", epoch: undefined };
+    const state = lease.lost !== undefined ? "lost" : this.#connected ? "held" : "released";
+    return { state, epoch: lease.epoch };
   }
 
   /** Run one operation: refuse it if disconnected (or a write on a read-only device). */

@@ -86,6 +86,8 @@ import type { ExportRegistry } from "./exports.js";
 import { Negotiation, type TlsMode } from "./negotiation.js";
 import { ReplyWriter } from "./reply-writer.js";
 import type { TlsUpgrader } from "./tls.js";
+import type { NbdExportMetrics } from "./export-metrics.js";
+import type { Logger } from "../util/logger.js";
 
 /** Per-connection limits. */
 export interface ConnectionLimits {
@@ -106,16 +108,14 @@ export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = Object.freeze({
   maxOptions: 1024,
 });
 
-/** Where log lines go. `debug` lines are routine (connects, disconnects). */
-export type NbdLog = (level: "debug" | "warn", line: string) => void;
-
 /** What a connection needs from its server. */
 export interface ConnectionContext {
   readonly exports: ExportRegistry;
   /** Where READ and WRITE buffers come from and go back to. */
   readonly pool: BufferPool;
   readonly limits: ConnectionLimits;
-  readonly log: NbdLog;
+  /** This connection's logger (its lines carry its id); `debug` lines are routine. */
+  readonly logger: Logger;
   readonly shuttingDown: () => boolean;
   /** Default `off`. */
   readonly tls?: TlsMode;
@@ -172,11 +172,15 @@ export class Connection {
   /** Admitted requests whose reply has not been queued yet. */
   #unanswered = 0;
   #onClose: () => void = () => {};
+  #logger: Logger;
+  /** The export's counters, once in transmission (if it has any). */
+  #metrics: NbdExportMetrics | undefined;
 
   constructor(id: number, socket: Socket, context: ConnectionContext) {
     this.id = id;
     this.#socket = socket;
     this.#context = context;
+    this.#logger = context.logger;
     this.#writer = new ReplyWriter(socket);
     this.#negotiation = new Negotiation({
       exports: context.exports,
@@ -275,6 +279,13 @@ export class Connection {
         this.#session = step.negotiated;
         this.#decoder = new TransmissionDecoder();
         this.#phase = "transmission";
+        this.#logger = this.#logger.child({ export: step.negotiated.export.name });
+        this.#metrics = step.negotiated.export.metrics;
+        if (this.#metrics !== undefined) {
+          const metrics = this.#metrics;
+          metrics.connections++;
+          void this.closed.then(() => metrics.connections--);
+        }
         this.#log(
           "debug",
           `serving "${step.negotiated.export.name}"` +
@@ -429,26 +440,35 @@ export class Connection {
 
   #run(admission: Admission, checked: CheckedRequest, buffer: Uint8Array | undefined): void {
     const pool = this.#context.pool;
+    const startedMs = this.#metrics === undefined ? 0 : performance.now();
     runRequest(this.#session!, checked, pool, buffer).then(
       (outcome) => {
         // The device holds no reference to a WRITE's buffer once its write settled.
         if (buffer !== undefined) pool.give(buffer);
-        this.#answer(admission, outcome);
+        this.#answer(admission, outcome, startedMs);
       },
       (error: unknown) => {
         this.#log("warn", `internal error serving a request (a bug): ${String(error)}`);
-        this.#answer(admission, {
-          kind: "failed",
-          failure: { errno: NBD_EIO, message: "internal server error" },
-        });
+        this.#answer(
+          admission,
+          { kind: "failed", failure: { errno: NBD_EIO, message: "internal server error" } },
+          startedMs,
+        );
       },
     );
   }
 
   // ---- transmission: replies ----------------------------------------------------------------
 
-  #answer(admission: Admission, outcome: Outcome): void {
+  /** Queue the reply; `startedMs` (performance.now()) is when it started running, if it ran. */
+  #answer(admission: Admission, outcome: Outcome, startedMs?: number): void {
     this.#unanswered--;
+    const metrics = this.#metrics;
+    if (metrics !== undefined) {
+      const { type, length } = admission.request;
+      const seconds = startedMs === undefined ? 0 : (performance.now() - startedMs) / 1000;
+      metrics.record(type, length, seconds, outcome.kind === "failed" ? outcome.failure.errno : 0);
+    }
     const backing = outcome.kind === "data" ? outcome.backing : undefined;
     this.#writer.send(this.#encode(admission.request, outcome), () => {
       // The kernel has the bytes now: the READ buffer may be reused.
@@ -562,7 +582,7 @@ export class Connection {
   }
 
   #log(level: "debug" | "warn", line: string): void {
-    this.#context.log(level, `connection ${this.id}: ${line}`);
+    this.#logger[level](line);
   }
 }
 

@@ -15,6 +15,7 @@
 import assert from "node:assert/strict";
 
 import type { BlockDevice, BlockError, Info, Result, Sector } from "../block/block-device.js";
+import type { NbdExportMetrics } from "./export-metrics.js";
 import { RangeLock } from "./range-lock.js";
 
 /** A run of bytes that either may hold data (`allocated`) or certainly reads as zeros. */
@@ -55,8 +56,16 @@ export class NbdExport {
    * @internal
    */
   readonly locks = new RangeLock();
+  /** Where its connections count their requests; undefined when nobody reads the counts. */
+  readonly metrics: NbdExportMetrics | undefined;
 
-  private constructor(name: string, description: string, device: NbdDevice, info: Info) {
+  private constructor(
+    name: string,
+    description: string,
+    device: NbdDevice,
+    info: Info,
+    metrics: NbdExportMetrics | undefined,
+  ) {
     const sizeBytes = info.sizeSectors * BigInt(info.sectorSize);
     assert(sizeBytes <= BigInt(Number.MAX_SAFE_INTEGER), "export size must be a safe integer");
     this.name = name;
@@ -65,11 +74,17 @@ export class NbdExport {
     this.sizeBytes = Number(sizeBytes);
     this.sectorSize = info.sectorSize;
     this.readOnly = !info.readWrite;
+    this.metrics = metrics;
   }
 
-  /** An export of `device` called `name`. */
-  static async create(name: string, device: NbdDevice, description = ""): Promise<NbdExport> {
-    return new NbdExport(name, description, device, await device.getInfo());
+  /** An export of `device` called `name`; with `metrics`, its connections count requests there. */
+  static async create(
+    name: string,
+    device: NbdDevice,
+    description = "",
+    options: { readonly metrics?: NbdExportMetrics } = {},
+  ): Promise<NbdExport> {
+    return new NbdExport(name, description, device, await device.getInfo(), options.metrics);
   }
 
   /**

@@ -25,15 +25,11 @@ import { existsSync, linkSync, lstatSync, unlinkSync } from "node:fs";
 import path from "node:path";
 import net, { type AddressInfo, type Server, type Socket } from "node:net";
 
-import {
-  Connection,
-  DEFAULT_CONNECTION_LIMITS,
-  type ConnectionLimits,
-  type NbdLog,
-} from "./connection.js";
+import { Connection, DEFAULT_CONNECTION_LIMITS, type ConnectionLimits } from "./connection.js";
 import { BufferPool } from "./buffer-pool.js";
 import { ExportRegistry, type NbdExport } from "./exports.js";
 import { TlsUpgrader, type NbdTlsOptions } from "./tls.js";
+import { createLogger, type Logger } from "../util/logger.js";
 
 /** Where to listen. */
 export type Endpoint =
@@ -48,8 +44,12 @@ export interface NbdServerOptions {
   readonly readBufferBytes?: number;
   /** Connections at once; more are refused. Default 64. */
   readonly maxConnections?: number;
-  /** Where log lines go. Default: warnings to stderr. */
-  readonly log?: NbdLog;
+  /**
+   * Where log lines go; each connection logs through a child carrying `connection` (its id) and,
+   * once it chose one, `export`. Routine events (connects, disconnects) are `debug`, trouble
+   * `warn`. Default: warnings to stderr.
+   */
+  readonly logger?: Logger;
   /**
    * How long `close()` waits for connections to deliver their last replies before it cuts them
    * (a client that stops reading must not hold a shutdown forever). Default 10 s.
@@ -70,7 +70,7 @@ export class NbdServer {
   readonly #readBufferBytes: number;
   readonly #maxConnections: number;
   readonly #drainTimeoutMs: number;
-  readonly #log: NbdLog;
+  readonly #logger: Logger;
   readonly #tls: NbdTlsOptions["mode"];
   readonly #tlsUpgrader: TlsUpgrader | undefined;
   readonly #listeners: { server: Server; endpoint: Endpoint }[] = [];
@@ -85,11 +85,7 @@ export class NbdServer {
     this.#readBufferBytes = options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES;
     this.#maxConnections = options.maxConnections ?? 64;
     this.#drainTimeoutMs = options.drainTimeoutMs ?? 10_000;
-    this.#log =
-      options.log ??
-      ((level, line) => {
-        if (level === "warn") console.error(`s3blk: ${line}`);
-      });
+    this.#logger = options.logger ?? createLogger({ level: "warn" });
     this.#tls = options.tls?.mode ?? "off";
     this.#tlsUpgrader = this.#tls === "off" ? undefined : new TlsUpgrader(options.tls!);
     assert(this.#limits.maxInFlightRequests >= 1, "maxInFlightRequests");
@@ -138,7 +134,7 @@ export class NbdServer {
         unlinkIfPresent(staging); // closing the listener may have removed it already
       }
     }
-    server.on("error", (error) => this.#log("warn", `listener: ${error.message}`));
+    server.on("error", (error) => this.#logger.warn(`listener: ${error.message}`));
     const bound: Endpoint =
       endpoint.kind === "tcp"
         ? { kind: "tcp", host: endpoint.host, port: (server.address() as AddressInfo).port }
@@ -181,7 +177,7 @@ export class NbdServer {
 
   #accept(accepted: Socket): void {
     if (this.#closing !== undefined || this.#connections.size >= this.#maxConnections) {
-      this.#log("warn", `refused a connection: ${this.#closing ? "shutting down" : "too many"}`);
+      this.#logger.warn(`refused a connection: ${this.#closing ? "shutting down" : "too many"}`);
       accepted.destroy();
       return;
     }
@@ -195,12 +191,13 @@ export class NbdServer {
       });
     }
     socket.setNoDelay(true);
+    const logger = this.#logger.child({ connection: id });
     // The callbacks above run only once reading starts, after this line.
     const connection = new Connection(id, socket, {
       exports: this.exports,
       pool: this.#pool,
       limits: this.#limits,
-      log: this.#log,
+      logger,
       shuttingDown: () => this.#closing !== undefined,
       tls: this.#tls,
       tlsUpgrader: this.#tlsUpgrader,
@@ -210,10 +207,10 @@ export class NbdServer {
       socket.remoteAddress === undefined
         ? "unix socket"
         : `${socket.remoteAddress}:${socket.remotePort}`;
-    this.#log("debug", `connection ${id}: from ${remote}`);
+    logger.debug(`connection from ${remote}`);
     void connection.closed.then(() => {
       this.#connections.delete(connection);
-      this.#log("debug", `connection ${id}: closed`);
+      logger.debug("closed");
     });
     socket.resume();
   }

@@ -54,6 +54,7 @@ export class RetryStore extends StoreLayer {
   readonly #clock: Clock;
   readonly #random: () => number;
   readonly #onRetry: RetryStoreOptions["onRetry"];
+  #retries = 0;
 
   constructor(inner: ObjectStore, options: RetryStoreOptions) {
     super(inner);
@@ -61,6 +62,11 @@ export class RetryStore extends StoreLayer {
     this.#clock = options.clock;
     this.#random = options.random ?? Math.random;
     this.#onRetry = options.onRetry;
+  }
+
+  /** Attempts made after a first one failed, so far. */
+  get retries(): number {
+    return this.#retries;
   }
 
   override get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
@@ -100,6 +106,7 @@ export class RetryStore extends StoreLayer {
             { cause: error },
           );
         }
+        this.#retries++;
         this.#onRetry?.(what, n, error, delayMs);
         await this.#clock.sleep(delayMs);
       }

@@ -26,6 +26,7 @@ import { namedMemoryStore } from "./memory-store.js";
 import { DEFAULT_REQUEST_TIMEOUT_MS, type ObjectStore } from "./object-store.js";
 import { RetryStore, type RetryPolicy } from "./retry-store.js";
 import { S3Store, type S3StoreOptions } from "./s3-store.js";
+import { leaseKey } from "../volume/lease.js";
 
 /** How the layers above the real store behave. */
 export interface StoreLayerOptions {
@@ -55,6 +56,8 @@ export interface StoreStack {
   readonly store: ObjectStore;
   /** The counter on the real store. */
   readonly counter: CountingStore;
+  /** The retry layer at the top (the same object as `store`), which counts its retries. */
+  readonly retry: RetryStore;
   /** Armed by the volume's lease: refuses writes the lease does not cover. */
   readonly fence: Fence;
   /** The volume's key prefix inside the store ("" for the whole store). */
@@ -89,7 +92,7 @@ export function buildStoreStack(
 ): StoreStack {
   const requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
   assert(requestTimeoutMs > 0, `requestTimeoutMs must be positive, not ${requestTimeoutMs}`);
-  const counter = new CountingStore(base);
+  const counter = new CountingStore(base, { leaseKey: leaseKey(where.prefix) });
   const middle = options.wrap?.(counter) ?? counter;
   const fence = new Fence();
   const store = new RetryStore(new FencedStore(middle, fence), {
@@ -98,6 +101,7 @@ export function buildStoreStack(
   });
   const stack = {
     store,
+    retry: store,
     counter,
     fence,
     prefix: where.prefix,

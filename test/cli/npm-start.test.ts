@@ -141,10 +141,12 @@ describe("npm start on a local volume", () => {
       npm.signalGroup(signal);
       expect(await npm.exited).toBe(0);
       expect(npm.stderr()).toMatch(
-        new RegExp(`s3blk: ${signal}: finishing requests in flight, then flushing`),
+        new RegExp(`"msg":"${signal}: finishing requests in flight, then flushing`),
       );
-      expect(npm.stderr()).toMatch(/s3blk: vol-\w+: flushing 4 chunks of unflushed writes/);
-      expect(npm.stderr()).toMatch(/s3blk: flushed and stopped/);
+      expect(npm.stderr()).toMatch(
+        /"export":"vol-\w+","msg":"vol-\w+: flushing 4 chunks of unflushed writes/,
+      );
+      expect(npm.stderr()).toMatch(/"msg":"flushed and stopped"/);
       expect(npm.stderr()).not.toMatch(/exiting without flushing/);
 
       expect(await storedChunks(volume)).toBe(4);
@@ -180,7 +182,7 @@ describe.skipIf(s3 === undefined)("npm start on S3 whose uploads stall", () => {
       npm.signalGroup("SIGINT");
       await waitFor("the flush's uploads to stall", () => proxy.counts.injected.stall >= 3);
       expect(npm.stderr()).toMatch(
-        new RegExp(`s3blk: ${name}: flushing 3 chunks of unflushed writes`),
+        new RegExp(`"export":"${name}","msg":"${name}: flushing 3 chunks of unflushed writes`),
       );
       // Well past the window: this is a second Ctrl-C, not a copy of the first.
       await new Promise((r) => setTimeout(r, 2.5 * STOP_SIGNAL_WINDOW_MS));
@@ -190,7 +192,7 @@ describe.skipIf(s3 === undefined)("npm start on S3 whose uploads stall", () => {
       expect(await npm.exited).toBe(130);
       expect(npm.stderr()).toMatch(
         new RegExp(
-          `s3blk: second SIGINT: exiting without flushing; ` +
+          `"level":50,.*"msg":"second SIGINT: exiting without flushing; ` +
             `dropped 3 chunks of unflushed writes on ${name}`,
         ),
       );

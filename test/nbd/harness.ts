@@ -17,6 +17,7 @@ import type { ConnectionLimits } from "../../src/nbd/connection.js";
 import { childEnv } from "../support/environment.js";
 import type { S3Target } from "../support/s3-target.js";
 import { startServe as startServeProcess, type ServeProcess } from "../support/serve-process.js";
+import { silentLogger } from "../../src/util/logger.js";
 
 export { CLI, type ServeProcess } from "../support/serve-process.js";
 
@@ -193,7 +194,7 @@ export async function memoryServer(
     devices.push(device);
     built.push(await NbdExport.create(e.name, e.wrap?.(device) ?? device, e.description ?? ""));
   }
-  const server = new NbdServer({ exports: built, log: () => {}, ...options });
+  const server = new NbdServer({ exports: built, logger: silentLogger(), ...options });
   const endpoint = await server.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
   if (endpoint.kind !== "tcp") throw new Error("unreachable");
   return {

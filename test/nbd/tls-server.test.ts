@@ -36,13 +36,25 @@ import { NbdClient } from "../support/nbd-client.js";
 import { makeTestCertificates, type TestCertificates } from "../support/tls-certificates.js";
 import { memoryServer, type MemoryServer } from "./harness.js";
 import { RawClient } from "./raw-client.js";
+import { captureLog } from "../support/log-capture.js";
 
 const MiB = 1024 * 1024;
 
 let certs: TestCertificates;
 let required: MemoryServer;
 let verifying: MemoryServer;
-const logs: string[] = [];
+const log = captureLog();
+const logs = {
+  some: (test: (line: string) => boolean) => log.messages().some(test),
+  get length() {
+    return log.raw.length;
+  },
+  slice: (from: number) =>
+    log
+      .entries()
+      .slice(from)
+      .map((e) => String(e.msg)),
+};
 
 function clientTls(dir: string): tls.ConnectionOptions {
   const file = (name: string) => readFileSync(path.join(dir, name));
@@ -59,13 +71,13 @@ beforeAll(async () => {
   const files = readTlsCertificates(certs.server);
   required = await memoryServer([{ name: "disk", sizeBytes: 16 * MiB }], {
     tls: { mode: "require", ...files },
-    log: (_level, line) => logs.push(line),
+    logger: log.logger,
     // Tight bounds, so that flow control (pausing the TLS socket) is exercised.
     limits: { maxInFlightRequests: 4, maxInFlightBytes: 1 * MiB },
   });
   verifying = await memoryServer([{ name: "disk", sizeBytes: 16 * MiB }], {
     tls: { mode: "require", ...files, verifyPeer: true },
-    log: (_level, line) => logs.push(line),
+    logger: log.logger,
   });
 });
 
@@ -199,7 +211,7 @@ describe("--tls=require at the protocol level", () => {
   it("closes a connection that acknowledged STARTTLS and then stalls, at the handshake timeout", async () => {
     const quick = await memoryServer([{ name: "disk", sizeBytes: MiB }], {
       tls: { mode: "require", ...readTlsCertificates(certs.server) },
-      log: (_level, line) => logs.push(line),
+      logger: log.logger,
       limits: { handshakeTimeoutMs: 300 },
     });
     try {

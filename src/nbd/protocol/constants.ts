@@ -178,3 +178,38 @@ const OPTION_NAMES: ReadonlyMap<number, string> = new Map([
 export function nameOfOption(option: number): string {
   return OPTION_NAMES.get(option) ?? `option 0x${option.toString(16)}`;
 }
+
+const COMMAND_NAMES: ReadonlyMap<number, string> = new Map([
+  [NBD_CMD_READ, "NBD_CMD_READ"],
+  [NBD_CMD_WRITE, "NBD_CMD_WRITE"],
+  [NBD_CMD_DISC, "NBD_CMD_DISC"],
+  [NBD_CMD_FLUSH, "NBD_CMD_FLUSH"],
+  [NBD_CMD_TRIM, "NBD_CMD_TRIM"],
+  [NBD_CMD_CACHE, "NBD_CMD_CACHE"],
+  [NBD_CMD_WRITE_ZEROES, "NBD_CMD_WRITE_ZEROES"],
+  [NBD_CMD_BLOCK_STATUS, "NBD_CMD_BLOCK_STATUS"],
+]);
+
+/** The spec's name of a command type, for messages and metrics: `NBD_CMD_READ`, or `command 9`. */
+export function nameOfCommand(type: number): string {
+  return COMMAND_NAMES.get(type) ?? `command ${type}`;
+}
+
+const ERROR_NAMES: ReadonlyMap<number, string> = new Map([
+  [NBD_EPERM, "NBD_EPERM"],
+  [NBD_EIO, "NBD_EIO"],
+  [NBD_ENOMEM, "NBD_ENOMEM"],
+  [NBD_EINVAL, "NBD_EINVAL"],
+  [NBD_ENOSPC, "NBD_ENOSPC"],
+  [NBD_EOVERFLOW, "NBD_EOVERFLOW"],
+  [NBD_ENOTSUP, "NBD_ENOTSUP"],
+  [NBD_ESHUTDOWN, "NBD_ESHUTDOWN"],
+]);
+
+/** The spec's name of an error value: `NBD_EIO`, or `error 42`. */
+export function nameOfError(errno: number): string {
+  return ERROR_NAMES.get(errno) ?? `error ${errno}`;
+}
+
+/** Every error value the spec names, in numeric order. */
+export const NBD_ERRORS: readonly number[] = [...ERROR_NAMES.keys()];
