@@ -31,8 +31,10 @@ export async function cloneVolume(
   target: CloneStack,
 ): Promise<Superblock> {
   if (source.space !== target.space) {
+    // A local volume's key space is its parent directory (see store-stack.ts).
+    const same = source.space.startsWith("file://") ? "directory" : "bucket and endpoint";
     throw new VolumeError(
-      `a clone must be in the same bucket and endpoint as its base: ${target.url} is in ` +
+      `a clone must be in the same ${same} as its base: ${target.url} is in ` +
         `${target.space}, but ${source.url} is in ${source.space}`,
     );
   }

@@ -4,7 +4,7 @@
  */
 
 import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { randomFillSync } from "node:crypto";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -15,7 +15,8 @@ import { childEnv } from "../support/environment.js";
 import { requireS3, s3Env } from "../support/s3-target.js";
 import { CLI, startServe } from "../support/serve-process.js";
 import { FileStore } from "../../src/store/file-store.js";
-import { pattern, writeVersion1Volume } from "../support/volumes.js";
+import { decodeSuperblock, encodeSuperblock, superblockKey } from "../../src/volume/format.js";
+import { pattern, siblingUrl, writeVersion1Volume } from "../support/volumes.js";
 
 const run = promisify(execFile);
 
@@ -223,6 +224,152 @@ describe("s3blk on a local directory", () => {
     );
   });
 
+  it("clones a snapshot, shows the clone's parent and what it owns, and collects garbage", async () => {
+    const MiB = 1024 * 1024;
+    const image = path.join(work, "cbase.raw");
+    const data = Buffer.alloc(16 * MiB);
+    randomFillSync(data, 0, 5 * MiB);
+    writeFileSync(image, data);
+    expect((await s3blk(["import", image, "cbase"])).code).toBe(0);
+    expect((await s3blk(["snapshot", "create", "cbase", "gold"])).code).toBe(0);
+    const cloned = await s3blk(["clone", "cbase@gold", "cclone"]);
+    expect(cloned.stderr).toBe("");
+    expect(cloned.stdout).toMatch(
+      /^file:\/\/\S+\/cclone \(a clone of file:\/\/\S+\/cbase@gold, volume id [0-9a-f-]{36}\)\n$/,
+    );
+    const baseId = JSON.parse((await s3blk(["info", "cbase", "--json"])).stdout).volumeId;
+    const shares = async () => JSON.parse((await s3blk(["info", "cclone", "--json"])).stdout);
+    expect(await shares()).toMatchObject({
+      origin: { prefix: "cbase", volumeId: baseId, snapshot: "gold" },
+      storedChunks: 5,
+      ownedChunks: 0,
+      sharedChunks: 5,
+      ownedBytes: 0,
+      sharedBytes: 5 * MiB,
+    });
+    // The demo writes 4 KiB at 1 MiB: the clone owns chunk 1 now, and shares the other four.
+    expect((await s3blk(["demo", "cclone"])).code).toBe(0);
+    expect(await shares()).toMatchObject({
+      ownedChunks: 1,
+      sharedChunks: 4,
+      ownedBytes: MiB,
+      sharedBytes: 4 * MiB,
+    });
+    const info = (await s3blk(["info", "cclone"])).stdout;
+    expect(info).toMatch(/^parent\s+cbase@gold$/m);
+    expect(info).toMatch(
+      /^owned\s+1 chunks \(1 MiB\); shared with the parent: 4 chunks \(4 MiB\)$/m,
+    );
+    const exported = path.join(work, "cclone.raw");
+    expect((await s3blk(["export", "cclone", exported])).code).toBe(0);
+    const clonedBytes = readFileSync(exported);
+    expect(clonedBytes.subarray(0, MiB).equals(data.subarray(0, MiB))).toBe(true);
+    expect(clonedBytes.subarray(2 * MiB).equals(data.subarray(2 * MiB))).toBe(true);
+    expect(clonedBytes.subarray(MiB, MiB + 60).toString()).toMatch(/^hello from s3blk/);
+
+    // Two writer terms on the base after the snapshot (the import and the snapshot were two
+    // before them): the second supersedes the first's chunk object, and each term's seal
+    // supersedes the one before. A writer keeps its garbage for
+    // the default grace (15 minutes), so it is all still there.
+    for (let n = 0; n < 2; n++) expect((await s3blk(["demo", "cbase"])).code).toBe(0);
+    // Every file of the volume's but gc's clock marker, which a dry run writes too.
+    const files = () =>
+      readdirSync(path.join(work, "cbase"), { recursive: true })
+        .map(String)
+        .filter((f) => !f.startsWith("gc"));
+    const before = files();
+    const graced = await s3blk(["gc", "--dry-run", "cbase"]);
+    expect(graced.stdout).toMatch(
+      /^file:\S+cbase: would delete 0 objects \(0 bytes\); [1-9]\d* kept within the grace$/m,
+    );
+    const dry = await s3blk(["gc", "--dry-run", "--grace", "0", "cbase"]);
+    const wouldDelete = [...dry.stdout.matchAll(/^would delete (\S+)$/gm)].map((m) => m[1]);
+    // The first demo's chunk 1, and the seals of the three terms before the last.
+    expect(wouldDelete).toHaveLength(4);
+    expect(
+      wouldDelete.filter((k) => /^cbase\/chunks\/0{15}1\.[0-9a-f]{20}$/.test(k ?? "")),
+    ).toHaveLength(1);
+    expect(
+      wouldDelete.filter((k) => /^cbase\/seals\/[0-9a-f]{8}\.json$/.test(k ?? "")),
+    ).toHaveLength(3);
+    expect(dry.stdout).toMatch(/: would delete 4 objects \(1.00 MiB\); 0 kept within the grace$/m);
+    expect(files()).toEqual(before);
+    const collected = await s3blk(["gc", "--grace", "0", "cbase"]);
+    expect([...collected.stdout.matchAll(/^deleted (\S+)$/gm)].map((m) => m[1])).toEqual(
+      wouldDelete,
+    );
+    expect(collected.stdout).toMatch(/: deleted 4 objects \(1.00 MiB\); 0 kept within the grace$/m);
+    for (const key of wouldDelete) expect(files()).not.toContain(key?.slice("cbase/".length));
+    expect((await s3blk(["gc", "--grace", "0", "cbase"])).stdout).toMatch(/: deleted 0 objects/);
+    // What the snapshot and the clone read is all still there.
+    const gold = path.join(work, "gold.raw");
+    expect((await s3blk(["export", "cbase@gold", gold])).code).toBe(0);
+    expect(readFileSync(gold).equals(data)).toBe(true);
+    expect((await s3blk(["export", "cclone", exported])).code).toBe(0);
+    expect(readFileSync(exported).equals(clonedBytes)).toBe(true);
+  });
+
+  it("refuses what cannot be cloned or deleted because of clones, in one line", async () => {
+    expect((await s3blk(["create", "rbase", "--size", "16M"])).code).toBe(0);
+    expect((await s3blk(["snapshot", "create", "rbase", "gold"])).code).toBe(0);
+    expect((await s3blk(["clone", "rbase@gold", "rclone"])).code).toBe(0);
+    expectOneLineError(
+      await s3blk(["clone", "rbase@nope", "rother"]),
+      /no snapshot named "nope" \(no rbase\/snapshots\/nope.json\)/,
+    );
+    expectOneLineError(
+      await s3blk(["clone", "rbase", "rother"]),
+      /a clone is made from a snapshot: write rbase@<name>/,
+    );
+    expectOneLineError(
+      await s3blk(["clone", "rbase@gold", "rclone"]),
+      /a volume already exists at .*rclone/,
+    );
+    const elsewhere = mkdtempSync(path.join(tmpdir(), "s3blk-cli-other-"));
+    expectOneLineError(
+      await s3blk(["clone", "rbase@gold", path.join(elsewhere, "rclone")]),
+      new RegExp(`a clone must be in the same directory as its base: .*${elsewhere}`),
+    );
+    expectOneLineError(
+      await s3blk(["snapshot", "delete", "rbase", "gold"]),
+      /a clone depends on snapshot "gold": rclone \(of gold\); delete it first/,
+    );
+    expectOneLineError(
+      await s3blk(["delete", "--yes", "rbase"]),
+      /a clone depends on snapshot "gold": rclone \(of gold\)/,
+    );
+    // Both refusals left everything as it was: the clone still reads, a second clone is made.
+    expect((await s3blk(["info", "rclone"])).stdout).toMatch(/^parent\s+rbase@gold$/m);
+    expect((await s3blk(["clone", "rbase@gold", "rclone2"])).code).toBe(0);
+    expectOneLineError(
+      await s3blk(["snapshot", "delete", "rbase", "gold"]),
+      /2 clones depend on snapshot "gold": .*rclone \(of gold\).*; delete them first/,
+    );
+    // Deleting the clones drops their references: then the snapshot and the base can go.
+    for (const clone of ["rclone", "rclone2"]) {
+      expect((await s3blk(["delete", "--yes", clone])).code).toBe(0);
+    }
+    expect((await s3blk(["snapshot", "delete", "rbase", "gold"])).code).toBe(0);
+    expect((await s3blk(["delete", "--yes", "rbase"])).code).toBe(0);
+  });
+
+  it("refuses to clone a base of format version 2 until it is upgraded", async () => {
+    expect((await s3blk(["create", "v2base", "--size", "16M"])).code).toBe(0);
+    expect((await s3blk(["snapshot", "create", "v2base", "gold"])).code).toBe(0);
+    // As a version 2 s3blk left it: the same layout, formatVersion 2.
+    const store = new FileStore(work);
+    const key = superblockKey("v2base");
+    const superblock = decodeSuperblock((await store.get(key))!.body, key);
+    await store.put(key, encodeSuperblock({ ...superblock, formatVersion: 2 }));
+    expectOneLineError(
+      await s3blk(["clone", "v2base@gold", "v2clone"]),
+      /v2base is a format version 2 volume; to clone it, first run: s3blk upgrade file:\/\/\S+\/v2base$/,
+    );
+    expectOneLineError(await s3blk(["info", "v2clone"]), /no volume at/);
+    expect((await s3blk(["upgrade", "v2base"])).stdout).toMatch(/from format version 2 to 3/);
+    expect((await s3blk(["clone", "v2base@gold", "v2clone"])).code).toBe(0);
+  });
+
   it("answers bad input with one clear line", async () => {
     expectOneLineError(await s3blk(["create", "x", "--size", "10X"]), /"10X" is not a size/, 2);
     expectOneLineError(await s3blk(["create", "x"]), /--size/, 2);
@@ -256,6 +403,29 @@ describe.skipIf(s3 === undefined)("s3blk against S3", () => {
     expect((await s3blk(["info", url], env())).stdout).toMatch(/stored\s+1 of 1024 chunks, 1 MiB/);
     // The chunk, the demo's seal, the superblock.
     expect((await s3blk(["delete", "-y", url], env())).stdout).toMatch(/\(3 objects\)/);
+  });
+
+  it("clones in the bucket, and refuses a clone in another bucket in one line", async () => {
+    const url = s3?.newVolumeUrl("cli-base") ?? "";
+    const clone = siblingUrl(url, "cli-clone");
+    expect((await s3blk(["create", url, "--size", "1G"], env())).code).toBe(0);
+    expect((await s3blk(["demo", url], env())).code).toBe(0);
+    expect((await s3blk(["snapshot", "create", url, "gold"], env())).code).toBe(0);
+    expect((await s3blk(["clone", `${url}@gold`, clone], env())).stdout).toBe(
+      `${clone} (a clone of ${url}@gold, volume id ` +
+        `${JSON.parse((await s3blk(["info", "--json", clone], env())).stdout).volumeId})\n`,
+    );
+    expect(JSON.parse((await s3blk(["info", "--json", clone], env())).stdout)).toMatchObject({
+      ownedBytes: 0,
+      sharedBytes: 1024 * 1024,
+    });
+    expectOneLineError(
+      await s3blk(["clone", `${url}@gold`, "s3://another-bucket-s3blk/c"], env()),
+      /a clone must be in the same bucket and endpoint as its base: s3:\/\/another-bucket-s3blk\/c is in s3:\/\/another-bucket-s3blk at /,
+    );
+    expect((await s3blk(["delete", "-y", clone], env())).code).toBe(0);
+    expect((await s3blk(["snapshot", "delete", url, "gold"], env())).code).toBe(0);
+    expect((await s3blk(["delete", "-y", url], env())).code).toBe(0);
   });
 
   it("names a missing bucket and wrong credentials in one line", async () => {

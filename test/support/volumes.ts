@@ -69,11 +69,15 @@ export async function newTestVolume(
   label: string,
   parameters: VolumeParameters,
 ): Promise<TestVolume> {
-  const url = backend.newUrl(label);
+  const volume = existingTestVolume(backend, backend.newUrl(label));
+  await createVolume(volume.stack(), parameters);
+  return volume;
+}
+
+/** The volume at `url` on `backend` (made by a test, e.g. a clone), as the tests open one. */
+export function existingTestVolume(backend: Backend, url: string): TestVolume {
   const stack = (options?: StoreStackOptions) =>
     openStoreStack(url, { ...backend.stackOptions, retry: { baseDelayMs: 1 }, ...options });
-  const creator = stack();
-  await createVolume(creator, parameters);
   return {
     url,
     stack,

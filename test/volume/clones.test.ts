@@ -11,7 +11,6 @@ import { cloneVolume } from "../../src/lifecycle/clone-lifecycle.js";
 import {
   deleteVolume,
   describeVolume,
-  openVolume,
   readSuperblock,
   upgradeVolume,
 } from "../../src/lifecycle/volume-lifecycle.js";
@@ -20,6 +19,7 @@ import { snapshotKey } from "../../src/volume/snapshots.js";
 import { StoreLayer } from "../../src/store/store-layer.js";
 import { requireS3 } from "../support/s3-target.js";
 import {
+  existingTestVolume,
   memoryBackend,
   newTestVolume,
   pattern,
@@ -28,7 +28,6 @@ import {
   type Backend,
   type TestVolume,
 } from "../support/volumes.js";
-import { openStoreStack } from "../../src/store/store-stack.js";
 import type { PutOptions, PutResult } from "../../src/store/object-store.js";
 
 const CHUNK = 64 * 1024;
@@ -60,16 +59,7 @@ async function objectsOf(volume: TestVolume): Promise<Map<string, string>> {
 }
 
 /** A volume at `url` that already exists, as the tests open one. */
-function existing(backend: Backend, url: string): TestVolume {
-  const stack = (options = {}) =>
-    openStoreStack(url, { ...backend.stackOptions, retry: { baseDelayMs: 1 }, ...options });
-  return {
-    url,
-    stack,
-    open: (options, s) =>
-      openVolume(s ?? stack(), { writebackDelayMs: 50, gcGraceMs: 0, ...options }),
-  };
-}
+const existing = existingTestVolume;
 
 /** A base holding pattern 1 in chunks 0-5 (6 and 7 never written), snapshot "gold". */
 async function goldBase(backend: Backend, label: string): Promise<TestVolume> {
