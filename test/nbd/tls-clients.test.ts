@@ -295,7 +295,7 @@ describe.skipIf(without("openssl"))("s3blk serve --tls=require --tls-psk", () =>
         expect(refused.code).not.toBe(0);
         expect(refused.stdout).toBe("");
       }
-      expect(served.serve.stderr()).toMatch(/unknown PSK identity "mallory"/);
+      expect(served.serve.stderr()).toMatch(/unknown PSK identity \\?"mallory\\?"/);
       const plain = await run("nbdinfo", ["--list", "--json", `nbd://127.0.0.1:${served.port}`]);
       expect(plain.stdout).not.toContain(served.name);
     },
