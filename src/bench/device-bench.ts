@@ -27,7 +27,11 @@ async function must(result: Promise<{ ok: boolean }>, what: string): Promise<voi
 }
 
 /** Run `depth` workers issuing `op(i)` until `stop()`; returns operations done. */
-async function workers(depth: number, stop: () => boolean, op: (i: number) => Promise<void>) {
+export async function workers(
+  depth: number,
+  stop: () => boolean,
+  op: (i: number) => Promise<void>,
+) {
   let n = 0;
   await Promise.all(
     Array.from({ length: depth }, async () => {

@@ -11,6 +11,8 @@
  *     default 256 MiB cache, which warms during a turn, and with 16 MiB, far smaller than the
  *     working set, so that fio's later passes stay cold too.
  *   - device: the block device alone, no NBD, each row from an empty cache.
+ *   - clone: making 100 clones of a 10 GiB base, what 100 writing clones store, and a clone's
+ *     cold sequential read against its base's (clone-bench.ts).
  *
  * It prints a table (ratios, S3 requests and bytes from RGW's own counters when the server is a
  * local RGW, peak RSS) and writes the same as JSON under bench/results/, with the commit, the
@@ -19,8 +21,9 @@
  *
  * Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3 and python3-libnbd (apt), and S3_ENDPOINT
  * etc. (`eval "$(bash infra/rgw-start.sh)"`). Options: --quick (5 s turns), --runtime SECONDS,
- * --rounds N, --size SIZE, --only device,warm,cold, --jobs TEXT,TEXT (jobs whose name contains
- * one), --metrics (s3blk serves its Prometheus metrics, as a production server would), --out DIR.
+ * --rounds N, --size SIZE, --only device,warm,cold,clone, --jobs TEXT,TEXT (jobs whose name
+ * contains one), --clones N (default 100), --metrics (s3blk serves its Prometheus metrics, as a
+ * production server would), --out DIR.
  */
 
 import { execFileSync } from "node:child_process";
@@ -34,6 +37,7 @@ import { openStoreStack } from "../store/store-stack.js";
 import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
+import { cloneTable, runCloneBench, type CloneReport } from "./clone-bench.js";
 import { runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
 import { interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
 import { rgwCounters } from "./rgw-counters.js";
@@ -77,6 +81,7 @@ const { values, positionals } = parseArgs({
     size: { type: "string" },
     only: { type: "string" },
     jobs: { type: "string" },
+    clones: { type: "string" },
     compare: { type: "boolean", default: false },
     metrics: { type: "boolean", default: false },
     out: { type: "string", default: "bench/results" },
@@ -87,7 +92,7 @@ const { values, positionals } = parseArgs({
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
 const rounds = Number(values.rounds ?? 3);
 const sizeBytes = values.size === undefined ? 256 * 1024 * 1024 : Number(parseSize(values.size));
-const only = new Set((values.only ?? "device,warm,cold").split(","));
+const only = new Set((values.only ?? "device,warm,cold,clone").split(","));
 const jobs =
   values.jobs === undefined
     ? STANDARD_JOBS
@@ -228,6 +233,7 @@ async function main(): Promise<void> {
   }
   const rows: Row[] = [];
   let deviceRows: DeviceRow[] = [];
+  let clones: CloneReport | undefined;
   const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: FioJob) => {
     const pairs = await interleave(a, b, rounds, (t) => metric(job.name, t));
     const row: Row = {
@@ -345,11 +351,25 @@ async function main(): Promise<void> {
     }
     await peer.stop();
   }
+  if (only.has("clone")) {
+    clones = await runCloneBench({
+      bucket: s3.bucket,
+      prefix: `bench-${run}/clones`,
+      stackOptions,
+      rounds,
+      ...(values.clones === undefined ? {} : { clones: Number(values.clones) }),
+      log: (line) => console.error(line),
+    });
+  }
   await deletePrefix(stack.store, `bench-${run}/`).catch(() => 0);
   await stack.store.close();
 
   if (deviceRows.length > 0) printDeviceTable(deviceRows);
   printTable(rows);
+  if (clones !== undefined) {
+    console.log("\nClones (a 10 GiB base holding 1 GiB, 1 MiB chunks), on S3:\n");
+    printLines(cloneTable(clones));
+  }
   const outDir = values.out ?? "bench/results";
   mkdirSync(outDir, { recursive: true });
   const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
@@ -362,6 +382,7 @@ async function main(): Promise<void> {
     s3Endpoint: s3.endpoint,
     rows,
     deviceRows,
+    clones,
   };
   writeFileSync(file, JSON.stringify(report, null, 2));
   console.log(`\nwrote ${file}`);
@@ -458,6 +479,7 @@ function printComparison(beforeFile: string, afterFile: string): void {
     JSON.parse(readFileSync(file, "utf8")) as {
       context?: { commit?: string };
       rows: Row[];
+      clones?: CloneReport;
     };
   const before = load(beforeFile);
   const after = load(afterFile);
@@ -486,6 +508,21 @@ function printComparison(beforeFile: string, afterFile: string): void {
         ? "-"
         : `${(row.ratio.median / old.ratio.median).toFixed(2)}`;
     lines.push([row.target, row.job, row.reference, cell(old), cell(row), change]);
+  }
+  const cold = (r: { clones?: CloneReport }) => r.clones?.coldRead.ratio;
+  const [was, now] = [cold(before), cold(after)];
+  if (now !== undefined) {
+    const ratio = (r: typeof now) =>
+      `${r.median.toFixed(2)}x (${r.min.toFixed(2)}-${r.max.toFixed(2)})`;
+    const change = was === undefined ? "-" : (now.median / was.median).toFixed(2);
+    lines.push([
+      "s3blk-clone",
+      "cold seq read 1M QD8",
+      "s3blk-base",
+      was === undefined ? "-" : ratio(was),
+      ratio(now),
+      change,
+    ]);
   }
   console.log("Median ratios to the reference (spread of the rounds):\n");
   printLines(lines);

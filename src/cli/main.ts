@@ -15,7 +15,7 @@ import {
   type StoreStack,
   type StoreStackOptions,
 } from "../store/store-stack.js";
-import { FORMAT_VERSION, FormatError } from "../volume/format.js";
+import { FORMAT_VERSION, FormatError, type Superblock } from "../volume/format.js";
 import { SnapshotError, splitSnapshotUrl } from "../volume/snapshots.js";
 import { listSnapshots } from "../lifecycle/snapshot-lifecycle.js";
 import { register as registerSnapshotCommands } from "./snapshot-commands.js";
@@ -110,6 +110,16 @@ async function withStack<T>(
   }
 }
 
+/** A clone's parent, `<url>@<snapshot>`: its prefix in the clone's own key space. */
+function parentUrl(stack: StoreStack, superblock: Superblock): string | undefined {
+  const origin = superblock.origin;
+  if (origin === undefined) return undefined;
+  const space = stack.url.endsWith(stack.prefix)
+    ? stack.url.slice(0, stack.url.length - stack.prefix.length)
+    : "";
+  return `${space}${origin.prefix}@${origin.snapshot}`;
+}
+
 export function buildProgram(out: (line: string) => void = console.log): Command {
   /** Run an import or export with a progress bar, disconnect the device, and say what moved. */
   async function transfer(
@@ -195,7 +205,8 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           const shared = sharedChunks * superblock.chunkSizeBytes;
           const json = { url: stack.url, ...superblock, storedChunks, storedBytes };
           const counts = { ownedChunks, sharedChunks, ownedBytes: owned, sharedBytes: shared };
-          out(JSON.stringify({ ...json, ...counts, snapshots, snapshot: shown }, null, 2));
+          const parent = parentUrl(stack, superblock);
+          out(JSON.stringify({ ...json, parent, ...counts, snapshots, snapshot: shown }, null, 2));
           return;
         }
         const chunks = Math.ceil(superblock.sizeBytes / superblock.chunkSizeBytes);
@@ -212,9 +223,8 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         out(`chunk size    ${formatSize(superblock.chunkSizeBytes)}`);
         out(`stored        ${storedChunks} of ${chunks} chunks, ${formatSize(storedBytes)}`);
         if (superblock.origin !== undefined) {
-          const { prefix, snapshot: from } = superblock.origin;
           const chunkBytes = superblock.chunkSizeBytes;
-          out(`parent        ${prefix || "(the bucket's root)"}@${from}`);
+          out(`parent        ${parentUrl(stack, superblock)}`);
           out(
             `owned         ${ownedChunks} chunks (${formatSize(ownedChunks * chunkBytes)}); ` +
               `shared with the parent: ${sharedChunks} chunks (${formatSize(sharedChunks * chunkBytes)})`,

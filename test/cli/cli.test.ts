@@ -256,7 +256,9 @@ describe("s3blk on a local directory", () => {
       sharedBytes: 4 * MiB,
     });
     const info = (await s3blk(["info", "cclone"])).stdout;
-    expect(info).toMatch(/^parent\s+cbase@gold$/m);
+    // The parent as a URL, which the other commands take.
+    expect(info).toMatch(new RegExp(`^parent\\s+file://${work}/cbase@gold$`, "m"));
+    expect((await shares()).parent).toBe(`file://${work}/cbase@gold`);
     expect(info).toMatch(
       /^owned\s+1 chunks \(1 MiB\); shared with the parent: 4 chunks \(4 MiB\)$/m,
     );
@@ -339,7 +341,7 @@ describe("s3blk on a local directory", () => {
       /a clone depends on snapshot "gold": rclone \(of gold\)/,
     );
     // Both refusals left everything as it was: the clone still reads, a second clone is made.
-    expect((await s3blk(["info", "rclone"])).stdout).toMatch(/^parent\s+rbase@gold$/m);
+    expect((await s3blk(["info", "rclone"])).stdout).toMatch(/^parent\s+file:\S+\/rbase@gold$/m);
     expect((await s3blk(["clone", "rbase@gold", "rclone2"])).code).toBe(0);
     expectOneLineError(
       await s3blk(["snapshot", "delete", "rbase", "gold"]),
@@ -416,6 +418,7 @@ describe.skipIf(s3 === undefined)("s3blk against S3", () => {
         `${JSON.parse((await s3blk(["info", "--json", clone], env())).stdout).volumeId})\n`,
     );
     expect(JSON.parse((await s3blk(["info", "--json", clone], env())).stdout)).toMatchObject({
+      parent: `${url}@gold`,
       ownedBytes: 0,
       sharedBytes: 1024 * 1024,
     });

@@ -8,7 +8,6 @@
  * SNAPSHOT_CRASH_ROUNDS (default 8) sets the number of kills per backend.
  */
 
-import { spawn } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -16,8 +15,7 @@ import { describe, expect, it } from "vitest";
 import { openVolume, createVolume } from "../../src/lifecycle/volume-lifecycle.js";
 import { listSnapshots } from "../../src/lifecycle/snapshot-lifecycle.js";
 import { openStoreStack, type StoreStackOptions } from "../../src/store/store-stack.js";
-import { childEnv } from "../support/environment.js";
-import { CLI } from "../support/serve-process.js";
+import { runCliKilledAfter } from "../support/serve-process.js";
 import { requireS3, s3Env, stackOptions } from "../support/s3-target.js";
 import { pattern } from "../support/volumes.js";
 
@@ -51,29 +49,6 @@ function backends(): Backend[] {
   return list;
 }
 
-/**
- * Run `s3blk snapshot create` and kill -9 it after `delayMs` (if it is still running). Resolves
- * with how it ended (the signal's name, or the exit code) and how long it ran.
- */
-function killedSnapshot(
-  backend: Backend,
-  name: string,
-  delayMs: number,
-): Promise<{ outcome: string; ranMs: number }> {
-  return new Promise((resolve) => {
-    const startedMs = performance.now();
-    const child = spawn(process.execPath, [CLI, "snapshot", "create", backend.url, name], {
-      env: childEnv(backend.env),
-      stdio: "ignore",
-    });
-    const timer = setTimeout(() => child.kill("SIGKILL"), delayMs);
-    child.on("exit", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ outcome: signal ?? String(code), ranMs: performance.now() - startedMs });
-    });
-  });
-}
-
 describe.each(backends())("kill -9 during snapshot create on $name", (backend) => {
   it(`leaves the volume and every snapshot as the model says, ${ROUNDS} kills`, async () => {
     const stack = () =>
@@ -96,7 +71,11 @@ describe.each(backends())("kill -9 during snapshot create on $name", (backend) =
       // machine is today.
       const runsToEnd = round % 2 === 1;
       const delayMs = runsToEnd ? 120_000 : Math.floor((0.05 + 0.9 * Math.random()) * fullRunMs);
-      const { outcome, ranMs } = await killedSnapshot(backend, name, delayMs);
+      const { outcome, ranMs } = await runCliKilledAfter(
+        ["snapshot", "create", backend.url, name],
+        backend.env,
+        delayMs,
+      );
       outcomes.add(outcome);
       if (runsToEnd && outcome === "0") fullRunMs = ranMs;
       taken.set(name, Buffer.from(volume));

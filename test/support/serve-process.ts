@@ -88,3 +88,59 @@ export function runCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Pr
     child.once("exit", (code) => resolve(code ?? -1));
   });
 }
+
+/** How a command that may have been killed ended. */
+export interface KilledRun {
+  /** The signal's name ("SIGKILL") or the exit code ("0", "1"...). */
+  readonly outcome: string;
+  /** When it was started, in wall-clock ms since 1970, and how long it ran. */
+  readonly startedAtMs: number;
+  readonly ranMs: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+/**
+ * Run `s3blk args` and send it SIGKILL once `kill` resolves, if it is still running then: a
+ * crash of that command at that moment. `env` as in `ServeOptions`.
+ */
+export function runCliKilledWhen(
+  args: readonly string[],
+  env: NodeJS.ProcessEnv,
+  kill: Promise<unknown>,
+): Promise<KilledRun> {
+  return new Promise((resolve) => {
+    const startedAtMs = Date.now();
+    const startedMs = performance.now();
+    const child = spawn(process.execPath, [CLI, ...args], {
+      env: childEnv(env),
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    void kill.then(() => {
+      if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    });
+    child.on("close", (code, signal) => {
+      const ranMs = performance.now() - startedMs;
+      resolve({ outcome: signal ?? String(code), startedAtMs, ranMs, stdout, stderr });
+    });
+  });
+}
+
+/** Run `s3blk args` and kill -9 it after `delayMs`, if it is still running then. */
+export async function runCliKilledAfter(
+  args: readonly string[],
+  env: NodeJS.ProcessEnv,
+  delayMs: number,
+): Promise<KilledRun> {
+  let timer: NodeJS.Timeout | undefined;
+  const due = new Promise<void>((resolve) => (timer = setTimeout(resolve, delayMs)));
+  try {
+    return await runCliKilledWhen(args, env, due);
+  } finally {
+    clearTimeout(timer);
+  }
+}
