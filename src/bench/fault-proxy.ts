@@ -5,9 +5,15 @@
  * serve --endpoint`), and steer it with rules while a workload runs. A request no rule picks is
  * forwarded at once. Every request is recorded with the time it arrived, so a test can check
  * when attempts were sent (the lease's fence promises a deadline).
+ *
+ * `latencyMs` delays every forwarded request by a fixed time before it goes upstream, as a
+ * distant S3 would (loopback RGW answers in 1-2 ms and flatters designs that make many small
+ * serial requests); the benchmark's cold rows run at 0 and at 20 ms. With `tls`, the proxy
+ * speaks HTTPS to its clients (and plain HTTP upstream), for the tests of TLS endpoints.
  */
 
 import http from "node:http";
+import https from "node:https";
 import type { AddressInfo } from "node:net";
 
 export type FaultKind = "500" | "503" | "reset" | "stall";
@@ -55,9 +61,21 @@ const BODIES: Record<"500" | "503", string> = {
     '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>injected</Message></Error>',
 };
 
+export interface FaultProxyOptions {
+  /** Decides `probability` rules. Default `Math.random`. */
+  readonly random?: () => number;
+  /** Every forwarded request waits this long before it is sent upstream. Default 0. */
+  readonly latencyMs?: number;
+  /** Serve HTTPS with this key and certificate (PEM). Default: plain HTTP. */
+  readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
+}
+
 export class FaultProxy {
   readonly #upstream: URL;
   readonly #server: http.Server;
+  readonly #secure: boolean;
+  /** Added before every forwarded request; change it at any time. */
+  latencyMs: number;
   readonly #agent = new http.Agent({ keepAlive: true, maxSockets: 128 });
   #rules: { rule: ProxyRule; remaining: number }[] = [];
   #random: () => number;
@@ -69,23 +87,38 @@ export class FaultProxy {
   /** Every request received, in order of arrival (up to {@link MAX_LOGGED_REQUESTS}). */
   readonly requests: ProxyRequest[] = [];
 
-  private constructor(upstream: string, random: () => number) {
+  private constructor(upstream: string, options: FaultProxyOptions) {
     this.#upstream = new URL(upstream);
-    this.#random = random;
-    this.#server = http.createServer((req, res) => this.#handle(req, res));
+    this.#random = options.random ?? Math.random;
+    this.latencyMs = options.latencyMs ?? 0;
+    this.#secure = options.tls !== undefined;
+    const handle = (req: http.IncomingMessage, res: http.ServerResponse) => this.#handle(req, res);
+    this.#server =
+      options.tls === undefined
+        ? http.createServer(handle)
+        : https.createServer({ key: options.tls.key, cert: options.tls.cert }, handle);
     this.#server.keepAliveTimeout = 5000;
   }
 
-  /** Start on 127.0.0.1 with an ephemeral port. */
-  static async start(upstream: string, random: () => number = Math.random): Promise<FaultProxy> {
-    const proxy = new FaultProxy(upstream, random);
+  /**
+   * Start on 127.0.0.1 with an ephemeral port. The second argument is the random source of
+   * `probability` rules, or the options.
+   */
+  static async start(
+    upstream: string,
+    options: FaultProxyOptions | (() => number) = {},
+  ): Promise<FaultProxy> {
+    const proxy = new FaultProxy(
+      upstream,
+      typeof options === "function" ? { random: options } : options,
+    );
     await new Promise<void>((resolve) => proxy.#server.listen(0, "127.0.0.1", resolve));
     return proxy;
   }
 
   get endpoint(): string {
     const { port } = this.#server.address() as AddressInfo;
-    return `http://127.0.0.1:${port}`;
+    return `${this.#secure ? "https" : "http"}://127.0.0.1:${port}`;
   }
 
   inject(rule: ProxyRule): void {
@@ -162,6 +195,21 @@ export class FaultProxy {
       }
     }
     this.counts.forwarded++;
+    if (this.latencyMs > 0) {
+      // Hold the request (its body waits in the socket) and forward it after the delay.
+      req.pause();
+      const cancel = () => clearTimeout(timer);
+      const timer = setTimeout(() => {
+        req.socket.off("close", cancel);
+        this.#forward(req, res, record);
+      }, this.latencyMs);
+      req.socket.once("close", cancel);
+      return;
+    }
+    this.#forward(req, res, record);
+  }
+
+  #forward(req: http.IncomingMessage, res: http.ServerResponse, record: ProxyRequest): void {
     const upstream = http.request(
       {
         host: this.#upstream.hostname,
