@@ -1,7 +1,9 @@
 /**
- * The lean GET path of {@link S3Store}: a chunk GET as one plain `node:http`/`node:https` request
- * signed with `@smithy/signature-v4`, its body read straight into one buffer of the announced
- * length, which the page cache then adopts as the page's memory (no further copy).
+ * The lean GET path of {@link S3Store}: a chunk GET as one HTTP request signed with
+ * `@smithy/signature-v4`, its body read straight into one buffer of the announced length, which
+ * the page cache then adopts as the page's memory (no further copy). Plain `http:` endpoints go
+ * through a small keep-alive client of our own (http1-client.ts), which reads each socket into
+ * one reused buffer; `https:` ones through `node:https`.
  *
  * Why not the SDK's `GetObjectCommand`: on a cold sequential read the SDK's middleware stack
  * (serialisation, endpoint rules, the signer's wrappers, the body stream mixin, deserialisation)
@@ -13,7 +15,7 @@
  *
  * What is kept from the SDK path, on purpose:
  * - the same credentials provider, region and signing settings (`UNSIGNED-PAYLOAD`, S3's path
- *   escaping), and the same keep-alive agents, so TLS endpoints work as before;
+ *   escaping), and for HTTPS the same keep-alive agent, so TLS endpoints work as before;
  * - a timeout on the whole attempt (`requestTimeoutMs`, sent to body read) and on connecting;
  * - errors shaped like the SDK's (`S3ServiceException` with the S3 error code as its name and
  *   the HTTP status in `$metadata`), so the one table, `translateError`, translates both;
@@ -27,8 +29,9 @@ import type {
   ChecksumConstructor,
   HashConstructor,
 } from "@smithy/types";
-import http from "node:http";
+import type http from "node:http";
 import https from "node:https";
+import { Http1Client } from "./http1-client.js";
 import { StoreError, type ByteRangeRequest, type GetResult } from "./object-store.js";
 
 /** Where a bucket's objects are, and how requests to it are signed. */
@@ -48,8 +51,10 @@ export interface LeanGetOptions {
   readonly endpoint: () => Promise<BucketEndpoint>;
   readonly credentials: AwsCredentialIdentityProvider;
   readonly sha256: ChecksumConstructor | HashConstructor;
-  readonly httpAgent: http.Agent;
+  /** For HTTPS endpoints (plain ones use a pool of their own, http1-client.ts). */
   readonly httpsAgent: https.Agent;
+  /** Plain connections open at most. */
+  readonly maxSockets: number;
   /** One attempt, sent to the last body byte read, fails past this. */
   readonly requestTimeoutMs: number;
   /** Connecting for longer than this fails. */
@@ -68,6 +73,7 @@ export class LeanGetter {
   readonly #options: LeanGetOptions;
   #endpoint: Promise<BucketEndpoint> | undefined;
   #signer: { region: string; service: string; signer: SignatureV4 } | undefined;
+  #plain: Http1Client | undefined;
 
   constructor(options: LeanGetOptions) {
     this.#options = options;
@@ -120,71 +126,115 @@ export class LeanGetter {
     return this.#signer.signer;
   }
 
-  #send(
+  /** Send the signed GET; a 200/206 answer becomes the result, anything else an error. */
+  async #send(
     endpoint: BucketEndpoint,
     path: string,
     headers: Record<string, string>,
   ): Promise<GetResult | undefined> {
-    const secure = endpoint.protocol === "https:";
+    const { requestTimeoutMs } = this.#options;
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), requestTimeoutMs);
+    let answer: Answer;
+    try {
+      answer =
+        endpoint.protocol === "https:"
+          ? await this.#sendTls(endpoint, path, headers, abort.signal)
+          : await this.#plainClient(endpoint).get(path, headers, abort.signal);
+    } catch (error) {
+      if (abort.signal.aborted) {
+        throw timeoutError(`no whole answer within ${requestTimeoutMs} ms`);
+      }
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+    const { status, body } = answer;
+    if (status !== 200 && status !== 206) {
+      throw serviceError(status, answer.headers, body.subarray(0, MAX_ERROR_BODY_BYTES));
+    }
+    return {
+      body,
+      metadata: userMetadata(answer.headers),
+      etag: unquote(answer.headers.etag),
+      objectSizeBytes: objectSize(answer.headers["content-range"], body),
+    };
+  }
+
+  #plainClient(endpoint: BucketEndpoint): Http1Client {
+    this.#plain ??= new Http1Client({
+      hostname: endpoint.hostname,
+      port: endpoint.port ?? 80,
+      maxSockets: this.#options.maxSockets,
+      idleTimeoutMs: PLAIN_IDLE_TIMEOUT_MS,
+      connectionTimeoutMs: this.#options.connectionTimeoutMs,
+    });
+    return this.#plain;
+  }
+
+  /** HTTPS, through `node:https` and the store's keep-alive agent. */
+  #sendTls(
+    endpoint: BucketEndpoint,
+    path: string,
+    headers: Record<string, string>,
+    signal: AbortSignal,
+  ): Promise<Answer> {
     const options = this.#options;
     return new Promise((resolve, reject) => {
-      let settled = false;
-      const fail = (error: unknown) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        request.destroy();
-        reject(error);
-      };
-      const request = (secure ? https : http).request(
+      const request = https.request(
         {
           method: "GET",
           hostname: endpoint.hostname,
           ...(endpoint.port === undefined ? {} : { port: endpoint.port }),
           path,
           headers,
-          agent: secure ? options.httpsAgent : options.httpAgent,
+          agent: options.httpsAgent,
+          signal,
         },
         (response) => {
-          const status = response.statusCode ?? 0;
-          if (status !== 200 && status !== 206) {
-            readErrorBody(response).then(
-              (body) => fail(serviceError(status, response.headers, body)),
-              fail,
-            );
-            return;
-          }
-          readBodyInto(response).then((body) => {
-            if (settled) return;
-            settled = true;
-            clearTimeout(timer);
-            resolve({
-              body,
-              metadata: userMetadata(response.headers),
-              etag: unquote(header(response.headers, "etag")),
-              objectSizeBytes: objectSize(header(response.headers, "content-range"), body),
-            });
-          }, fail);
+          readBody(response).then(
+            (body) =>
+              resolve({
+                status: response.statusCode ?? 0,
+                headers: flatten(response.headers),
+                body,
+              }),
+            (error: unknown) => {
+              request.destroy();
+              reject(error);
+            },
+          );
         },
-      );
-      const timer = setTimeout(
-        () => fail(timeoutError(`no whole answer within ${options.requestTimeoutMs} ms`)),
-        options.requestTimeoutMs,
       );
       request.once("socket", (socket) => {
         if (!socket.connecting) return;
         const connectTimer = setTimeout(
-          () => fail(timeoutError(`not connected within ${options.connectionTimeoutMs} ms`)),
+          () =>
+            request.destroy(timeoutError(`not connected within ${options.connectionTimeoutMs} ms`)),
           options.connectionTimeoutMs,
         );
-        socket.once(secure ? "secureConnect" : "connect", () => clearTimeout(connectTimer));
+        socket.once("secureConnect", () => clearTimeout(connectTimer));
         socket.once("close", () => clearTimeout(connectTimer));
       });
-      request.once("error", fail);
+      request.once("error", reject);
       request.end();
     });
   }
+
+  close(): void {
+    this.#plain?.close();
+  }
 }
+
+/** A whole answer, from either transport. */
+interface Answer {
+  readonly status: number;
+  readonly headers: Readonly<Record<string, string>>;
+  readonly body: Buffer;
+}
+
+/** Idle plain connections are closed after this long: under the servers' own keep-alive limits. */
+const PLAIN_IDLE_TIMEOUT_MS = 4_000;
 
 /** Escape a key for the path as S3 and the SDK do: each segment, RFC 3986 strictly. */
 export function encodeKey(key: string): string {
@@ -200,19 +250,17 @@ export function encodeKey(key: string): string {
 }
 
 /**
- * The body of a 200/206 answer, into one buffer of its `content-length` (adopted by the page
+ * A `node:https` answer's body, into one buffer of its `content-length` (adopted by the page
  * cache as the page's memory), or concatenated if the server announced none.
  */
-function readBodyInto(response: http.IncomingMessage): Promise<Uint8Array> {
-  const announced = header(response.headers, "content-length");
-  const lengthBytes = announced === undefined ? undefined : Number(announced);
+function readBody(response: http.IncomingMessage): Promise<Buffer> {
+  const announced = Number(response.headers["content-length"] ?? Number.NaN);
+  const lengthBytes = Number.isSafeInteger(announced) ? announced : undefined;
   return new Promise((resolve, reject) => {
     const parts: Buffer[] = [];
-    const body =
-      lengthBytes === undefined || !Number.isSafeInteger(lengthBytes)
-        ? undefined
-        : Buffer.allocUnsafe(lengthBytes);
+    const body = lengthBytes === undefined ? undefined : Buffer.allocUnsafe(lengthBytes);
     let filled = 0;
+    let ended = false;
     response.on("data", (chunk: Buffer) => {
       if (body === undefined) {
         parts.push(chunk);
@@ -224,7 +272,6 @@ function readBodyInto(response: http.IncomingMessage): Promise<Uint8Array> {
       }
       filled += chunk.byteLength;
     });
-    let ended = false;
     response.once("end", () => {
       ended = true;
       if (body === undefined) resolve(Buffer.concat(parts));
@@ -244,20 +291,12 @@ function readBodyInto(response: http.IncomingMessage): Promise<Uint8Array> {
   });
 }
 
-/** Up to {@link MAX_ERROR_BODY_BYTES} of an error answer's body, as text. */
-function readErrorBody(response: http.IncomingMessage): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const parts: Buffer[] = [];
-    let bytes = 0;
-    response.on("data", (chunk: Buffer) => {
-      if (bytes < MAX_ERROR_BODY_BYTES) parts.push(chunk);
-      bytes += chunk.byteLength;
-    });
-    response.once("end", () =>
-      resolve(Buffer.concat(parts).subarray(0, MAX_ERROR_BODY_BYTES).toString("utf8")),
-    );
-    response.once("error", reject);
-  });
+function flatten(headers: http.IncomingHttpHeaders): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (value !== undefined) out[name] = Array.isArray(value) ? value.join(", ") : value;
+  }
+  return out;
 }
 
 /**
@@ -266,9 +305,10 @@ function readErrorBody(response: http.IncomingMessage): Promise<string> {
  */
 function serviceError(
   status: number,
-  headers: http.IncomingHttpHeaders,
-  body: string,
+  headers: Readonly<Record<string, string>>,
+  bodyBytes: Buffer,
 ): S3ServiceException {
+  const body = bodyBytes.toString("utf8");
   const code = xmlElement(body, "Code") ?? BARE_STATUS_NAMES[status] ?? "UnknownError";
   const message = xmlElement(body, "Message") ?? code;
   return new S3ServiceException({
@@ -276,9 +316,9 @@ function serviceError(
     $fault: status >= 500 ? "server" : "client",
     $metadata: {
       httpStatusCode: status,
-      ...(header(headers, "x-amz-request-id") === undefined
+      ...(headers["x-amz-request-id"] === undefined
         ? {}
-        : { requestId: header(headers, "x-amz-request-id")! }),
+        : { requestId: headers["x-amz-request-id"] }),
     },
     message,
   });
@@ -311,19 +351,13 @@ function unescapeXml(text: string): string {
   );
 }
 
-function header(headers: http.IncomingHttpHeaders, name: string): string | undefined {
-  const value = headers[name];
-  return Array.isArray(value) ? value[0] : value;
-}
-
 const META_PREFIX = "x-amz-meta-";
 
 /** `x-amz-meta-*` headers, as the SDK's `Metadata`: names without the prefix, lower case. */
-function userMetadata(headers: http.IncomingHttpHeaders): Record<string, string> {
+function userMetadata(headers: Readonly<Record<string, string>>): Record<string, string> {
   const metadata: Record<string, string> = {};
   for (const [name, value] of Object.entries(headers)) {
-    if (!name.startsWith(META_PREFIX) || value === undefined) continue;
-    metadata[name.slice(META_PREFIX.length)] = Array.isArray(value) ? value.join(", ") : value;
+    if (name.startsWith(META_PREFIX)) metadata[name.slice(META_PREFIX.length)] = value;
   }
   return metadata;
 }

@@ -114,8 +114,8 @@ export class S3Store implements ObjectStore {
             endpoint: () => bucketEndpoint(this.#client, options.bucket),
             credentials: config.credentials,
             sha256: config.sha256,
-            httpAgent,
             httpsAgent,
+            maxSockets,
             requestTimeoutMs,
             connectionTimeoutMs,
           });
@@ -244,6 +244,7 @@ export class S3Store implements ObjectStore {
   }
 
   async close(): Promise<void> {
+    this.#lean?.close();
     this.#client.destroy();
   }
 }
