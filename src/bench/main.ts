@@ -24,8 +24,18 @@
  */
 
 import { execFileSync } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { availableParallelism } from "node:os";
+import { randomFillSync } from "node:crypto";
+import {
+  closeSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { availableParallelism, tmpdir } from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseSize } from "../cli/sizes.js";
@@ -34,13 +44,17 @@ import { openStoreStack } from "../store/store-stack.js";
 import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
-import { runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
-import { interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
+import { FaultProxy } from "./fault-proxy.js";
+import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
+import { putObjects, runRawGet } from "./raw-get.js";
+import { S3Store } from "../store/s3-store.js";
+import { cpuTicks, interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
 import { rgwCounters } from "./rgw-counters.js";
 import {
   startNbdkitMemory,
   startNbdkitS3,
   startS3blk,
+  THIS_CLI,
   type RunningTarget,
   type S3Settings,
 } from "./targets.js";
@@ -55,6 +69,8 @@ interface Turn {
   s3BytesIn?: number;
   s3BytesOut?: number;
   peakRssBytes?: number;
+  /** CPU time per MiB moved: the s3blk process's (for a whole-volume job), or the GET client's. */
+  cpuMsPerMiB?: number;
 }
 
 /** One job, s3blk against its reference, interleaved (see interleave.ts). */
@@ -79,6 +95,8 @@ const { values, positionals } = parseArgs({
     jobs: { type: "string" },
     compare: { type: "boolean", default: false },
     out: { type: "string", default: "bench/results" },
+    cli: { type: "string" },
+    latencies: { type: "string", default: "0,20" },
   },
   allowPositionals: true,
 });
@@ -86,11 +104,16 @@ const { values, positionals } = parseArgs({
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
 const rounds = Number(values.rounds ?? 3);
 const sizeBytes = values.size === undefined ? 256 * 1024 * 1024 : Number(parseSize(values.size));
-const only = new Set((values.only ?? "device,warm,cold").split(","));
-const jobs =
+const only = new Set((values.only ?? "raw,cold-read,device,warm,cold").split(","));
+const picked = (all: readonly FioJob[]) =>
   values.jobs === undefined
-    ? STANDARD_JOBS
-    : STANDARD_JOBS.filter((j) => values.jobs!.split(",").some((w) => j.name.includes(w)));
+    ? all
+    : all.filter((j) => values.jobs!.split(",").some((w) => j.name.includes(w)));
+const jobs = picked(STANDARD_JOBS);
+/** The s3blk CLI measured: this build's, or another's (`--cli`, for a before/after run). */
+const cli = values.cli === undefined ? THIS_CLI : path.resolve(values.cli);
+/** Fixed delays per S3 request the cold-read rows run at, through the fault proxy. */
+const latenciesMs = values.latencies.split(",").map(Number);
 
 function s3Settings(): S3Settings | undefined {
   const endpoint = process.env.S3_ENDPOINT ?? process.env.AWS_ENDPOINT_URL;
@@ -113,11 +136,16 @@ function have(tool: string): boolean {
   }
 }
 
-/** The figure a row compares: MB/s for sequential jobs, IOPS for random ones. */
+/** Whether a row compares MB/s (sequential jobs, raw GETs) rather than IOPS. */
+function isThroughput(job: string): boolean {
+  return job.startsWith("seq") || job.startsWith("raw GET");
+}
+
+/** The figure a row compares: MB/s for sequential jobs and raw GETs, IOPS for random ones. */
 function metric(job: string, turn: Turn): number | undefined {
   const r = turn.result;
   if (r === undefined) return undefined;
-  return job.startsWith("seq") ? r.bytesPerSecond / 1e6 : r.iops;
+  return isThroughput(job) ? r.bytesPerSecond / 1e6 : r.iops;
 }
 
 /** One fio run of `job` on `running`, with the S3 requests it caused and the server's peak RSS. */
@@ -132,6 +160,7 @@ async function fioTurn(
   } = {},
 ): Promise<Turn> {
   const before = rgwCounters();
+  const ticksBefore = cpuTicks(running.pid);
   const turn: Turn = {};
   try {
     turn.result = await runFio(job, {
@@ -142,6 +171,11 @@ async function fioTurn(
     });
   } catch (error) {
     turn.error = (error as Error).message.split("\n")[0];
+  }
+  const ticksAfter = cpuTicks(running.pid);
+  if (job.once === true && ticksBefore !== undefined && ticksAfter !== undefined) {
+    turn.cpuMsPerMiB =
+      ((ticksAfter - ticksBefore) * 1000) / CLOCK_TICKS_PER_SECOND / (sizeBytes / 2 ** 20);
   }
   await options.after?.();
   const after = rgwCounters();
@@ -171,6 +205,9 @@ function longRunning(
     warmUp: async () => void (await fioTurn(job, running, { seconds: 2, ...after })),
   };
 }
+
+/** The kernel's USER_HZ, in which /proc/PID/stat counts CPU time (100 on Linux). */
+const CLOCK_TICKS_PER_SECOND = 100;
 
 /** s3blk with no upload in flight: every write flushed, and the process idle. */
 async function quiesce(running: RunningTarget): Promise<void> {
@@ -226,7 +263,7 @@ async function main(): Promise<void> {
   }
   const rows: Row[] = [];
   let deviceRows: DeviceRow[] = [];
-  const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: FioJob) => {
+  const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: { name: string }) => {
     const pairs = await interleave(a, b, rounds, (t) => metric(job.name, t));
     const row: Row = {
       target: a.name,
@@ -261,6 +298,9 @@ async function main(): Promise<void> {
     region: s3.region,
   };
 
+  if (only.has("raw")) await rawGetRows(s3, run, compare);
+  if (only.has("cold-read")) await coldReadRows(s3, run, env, compare);
+
   if (only.has("device")) {
     const deviceUrl = `s3://${s3.bucket}/bench-${run}/device`;
     const creator = openStoreStack(deviceUrl, stackOptions);
@@ -292,6 +332,7 @@ async function main(): Promise<void> {
       cacheBytes: 2 * sizeBytes,
       dirtyBytes: 2 * sizeBytes,
       env,
+      cli,
     });
     for (const job of jobs) {
       await compare(
@@ -323,6 +364,7 @@ async function main(): Promise<void> {
               cacheBytes: cold.cacheBytes,
               dirtyBytes: 128 << 20,
               env,
+              cli,
             });
             try {
               return await fioTurn(job, running, { endFsync });
@@ -361,6 +403,126 @@ async function main(): Promise<void> {
   };
   writeFileSync(file, JSON.stringify(report, null, 2));
   console.log(`\nwrote ${file}`);
+}
+
+type Compare = (a: Contender<Turn>, b: Contender<Turn>, job: { name: string }) => Promise<void>;
+
+/**
+ * Raw GETs of 1 MiB objects at 8, 16 and 32 in flight, through `S3Store` as s3blk uses it (the
+ * lean GET path) against the SDK's GetObjectCommand: the ceiling for a cold sequential read, and
+ * what the GET path costs in client CPU.
+ */
+async function rawGetRows(s3: S3Settings, run: string, compare: Compare): Promise<void> {
+  const make = (leanGet: boolean) =>
+    new S3Store({
+      bucket: s3.bucket,
+      endpoint: s3.endpoint,
+      region: s3.region,
+      credentials: { accessKeyId: s3.accessKey, secretAccessKey: s3.secretKey },
+      leanGet,
+    });
+  const lean = make(true);
+  const sdk = make(false);
+  const prefix = `bench-${run}/raw`;
+  const keys = await putObjects(lean, prefix, 64, 1 << 20);
+  const side = (name: string, store: S3Store, inFlight: number): Contender<Turn> => ({
+    name,
+    turn: async () => {
+      const before = rgwCounters();
+      const result = await runRawGet({ store, keys, inFlight, seconds: runtimeSeconds });
+      const after = rgwCounters();
+      return {
+        result,
+        cpuMsPerMiB: result.cpuMsPerMiB,
+        ...(before === undefined || after === undefined
+          ? {}
+          : {
+              s3Requests: after.requests - before.requests,
+              s3BytesIn: after.getBytes - before.getBytes,
+            }),
+      };
+    },
+  });
+  for (const inFlight of [8, 16, 32]) {
+    await compare(side("s3blk-GET", lean, inFlight), side("SDK-GET", sdk, inFlight), {
+      name: `raw GET 1M x${inFlight}`,
+    });
+  }
+  await deletePrefix(lean, `${prefix}/`);
+  await lean.close();
+  await sdk.close();
+}
+
+/**
+ * Truly cold reads: a volume of random data (every chunk stored), read by a fresh s3blk process
+ * with a 16 MiB cache, against nbdkit's S3 plugin over the same data, at each latency of
+ * `--latencies` (the fault proxy adds it to every request of both; 0 goes direct). The
+ * sequential job reads every byte exactly once.
+ */
+async function coldReadRows(
+  s3: S3Settings,
+  run: string,
+  env: NodeJS.ProcessEnv,
+  compare: Compare,
+): Promise<void> {
+  const dir = mkdtempSync(path.join(tmpdir(), "s3blk-bench-image-"));
+  const image = path.join(dir, "random.raw");
+  writeRandomImage(image, sizeBytes);
+  const volumeUrl = `s3://${s3.bucket}/bench-${run}/cold-read`;
+  const peerKey = `bench-${run}/cold-read-peer`;
+  execFileSync(process.execPath, [THIS_CLI, "import", image, volumeUrl], { env, stdio: "ignore" });
+  const filler = await startNbdkitS3(s3, peerKey, sizeBytes, 1 << 20);
+  execFileSync("nbdcopy", [image, filler.uri], { stdio: "ignore" });
+  await filler.stop();
+  rmSync(dir, { recursive: true, force: true });
+
+  for (const latencyMs of latenciesMs) {
+    const proxy = latencyMs > 0 ? await FaultProxy.start(s3.endpoint, { latencyMs }) : undefined;
+    const endpoint = proxy?.endpoint ?? s3.endpoint;
+    const peer = await startNbdkitS3({ ...s3, endpoint }, peerKey, sizeBytes, 1 << 20);
+    for (const job of picked(COLD_READ_JOBS)) {
+      const fresh: Contender<Turn> = {
+        name: "s3blk-cold16M",
+        turn: async () => {
+          const running = await startS3blk({
+            volumeUrl,
+            cacheBytes: 16 << 20,
+            dirtyBytes: 128 << 20,
+            env: { ...env, AWS_ENDPOINT_URL: endpoint },
+            cli,
+            readOnly: true,
+          });
+          try {
+            return await fioTurn(job, running);
+          } finally {
+            await running.stop();
+          }
+        },
+      };
+      const reference: Contender<Turn> = {
+        name: "nbdkit-S3",
+        turn: () => fioTurn(job, peer),
+        settle: async () => void (await waitUntilIdle(peer.pid)),
+      };
+      await compare(fresh, reference, { name: `${job.name} @${latencyMs}ms` });
+    }
+    await peer.stop();
+    await proxy?.stop();
+  }
+}
+
+/** A raw image of `sizeBytes` random bytes: no chunk of it is all zeros. */
+function writeRandomImage(file: string, sizeBytes: number): void {
+  const fd = openSync(file, "w");
+  const block = Buffer.allocUnsafe(1 << 20);
+  try {
+    for (let at = 0; at < sizeBytes; at += block.byteLength) {
+      randomFillSync(block);
+      writeSync(fd, block, 0, Math.min(block.byteLength, sizeBytes - at));
+    }
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function printDeviceTable(rows: DeviceRow[]): void {
@@ -412,10 +574,11 @@ function printTable(rows: readonly Row[]): void {
       "S3 in MB",
       "S3 out MB",
       "peak RSS MB",
+      "CPU ms/MiB",
     ],
   ];
   for (const row of rows) {
-    const unit = row.job.startsWith("seq") ? "MB/s" : "IOPS";
+    const unit = isThroughput(row.job) ? "MB/s" : "IOPS";
     const ours = spread(row.turns.flatMap((t) => metric(row.job, t) ?? []));
     const theirs = spread(row.referenceTurns.flatMap((t) => metric(row.job, t) ?? []));
     const perTurn = (f: (t: Turn) => number | undefined) => mean(row.turns.map(f));
@@ -440,11 +603,13 @@ function printTable(rows: readonly Row[]): void {
         "",
       ).trim(),
       (Math.max(0, ...row.turns.map((t) => t.peakRssBytes ?? 0)) / 2 ** 20).toFixed(0),
+      perTurn((t) => t.cpuMsPerMiB)?.toFixed(2) ?? "-",
     ]);
   }
   printLines(lines);
   console.log(
-    "\nS3 requests and bytes: mean per s3blk turn. ratios: smallest-largest of the rounds.",
+    "\nS3 requests and bytes: mean per s3blk turn. ratios: smallest-largest of the rounds. " +
+      "CPU ms/MiB: s3blk's process for a whole-volume job, the client for raw GETs.",
   );
 }
 

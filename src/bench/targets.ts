@@ -133,15 +133,24 @@ export interface S3blkServeOptions {
   readonly cacheBytes: number;
   readonly dirtyBytes: number;
   readonly env: NodeJS.ProcessEnv;
+  /** The CLI to run (another build, for a before/after run). Default: this build's. */
+  readonly cli?: string;
+  /** Serve read-only. Default false. */
+  readonly readOnly?: boolean;
 }
+
+/** This build's CLI. */
+export const THIS_CLI = path.resolve(
+  path.dirname(new URL(import.meta.url).pathname),
+  "../cli/main.js",
+);
 
 export async function startS3blk(options: S3blkServeOptions): Promise<RunningTarget> {
   const socket = await socketPath("s3blk");
-  const cli = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../cli/main.js");
   return startProcess(
     process.execPath,
     [
-      cli,
+      options.cli ?? THIS_CLI,
       "serve",
       options.volumeUrl,
       "--socket",
@@ -150,6 +159,7 @@ export async function startS3blk(options: S3blkServeOptions): Promise<RunningTar
       String(options.cacheBytes),
       "--dirty-size",
       String(options.dirtyBytes),
+      ...(options.readOnly === true ? ["--read-only"] : []),
     ],
     socket,
     options.env,
