@@ -51,6 +51,8 @@ const MAX_LOGGED_REQUESTS = 200_000;
 export interface ProxyCounts {
   requests: number;
   forwarded: number;
+  /** Bytes of the upstream's answer bodies forwarded to clients. */
+  responseBytes: number;
   injected: Record<FaultKind, number>;
 }
 
@@ -82,6 +84,7 @@ export class FaultProxy {
   readonly counts: ProxyCounts = {
     requests: 0,
     forwarded: 0,
+    responseBytes: 0,
     injected: { "500": 0, "503": 0, reset: 0, stall: 0 },
   };
   /** Every request received, in order of arrival (up to {@link MAX_LOGGED_REQUESTS}). */
@@ -221,6 +224,7 @@ export class FaultProxy {
       },
       (answer) => {
         record.status = answer.statusCode;
+        answer.on("data", (chunk: Buffer) => (this.counts.responseBytes += chunk.byteLength));
         res.writeHead(answer.statusCode ?? 502, answer.headers);
         answer.pipe(res);
       },

@@ -44,6 +44,7 @@ import { openStoreStack } from "../store/store-stack.js";
 import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
+import { bootTable, runBootRows, type BootRow } from "./boot.js";
 import { FaultProxy } from "./fault-proxy.js";
 import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
 import { putObjects, runRawGet } from "./raw-get.js";
@@ -104,7 +105,7 @@ const { values, positionals } = parseArgs({
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
 const rounds = Number(values.rounds ?? 3);
 const sizeBytes = values.size === undefined ? 256 * 1024 * 1024 : Number(parseSize(values.size));
-const only = new Set((values.only ?? "raw,cold-read,device,warm,cold").split(","));
+const only = new Set((values.only ?? "raw,cold-read,boot,device,warm,cold").split(","));
 const picked = (all: readonly FioJob[]) =>
   values.jobs === undefined
     ? all
@@ -300,6 +301,12 @@ async function main(): Promise<void> {
 
   if (only.has("raw")) await rawGetRows(s3, run, compare);
   if (only.has("cold-read")) await coldReadRows(s3, run, env, compare);
+  let bootRows: BootRow[] = [];
+  if (only.has("boot")) {
+    const booted = await runBootRows({ s3, run, env, cli, latenciesMs, rounds });
+    if (typeof booted === "string") console.error(`  boot: not run: ${booted}`);
+    else bootRows = booted;
+  }
 
   if (only.has("device")) {
     const deviceUrl = `s3://${s3.bucket}/bench-${run}/device`;
@@ -387,6 +394,14 @@ async function main(): Promise<void> {
   await stack.store.close();
 
   if (deviceRows.length > 0) printDeviceTable(deviceRows);
+  if (bootRows.length > 0) {
+    console.log(
+      `\nBoot: the guest's seconds from mount to the program's answer, s3blk (cold, fresh process)` +
+        ` against a local raw file, ${rounds} interleaved rounds:\n`,
+    );
+    printLines(bootTable(bootRows));
+    console.log("");
+  }
   printTable(rows);
   const outDir = values.out ?? "bench/results";
   mkdirSync(outDir, { recursive: true });
@@ -400,6 +415,7 @@ async function main(): Promise<void> {
     s3Endpoint: s3.endpoint,
     rows,
     deviceRows,
+    bootRows,
   };
   writeFileSync(file, JSON.stringify(report, null, 2));
   console.log(`\nwrote ${file}`);

@@ -33,7 +33,7 @@ async function socketPath(label: string): Promise<string> {
   return path.join(await mkdtemp(path.join(tmpdir(), `s3blk-bench-${label}-`)), "nbd.sock");
 }
 
-async function startProcess(
+export async function startProcess(
   command: string,
   args: readonly string[],
   socket: string,
