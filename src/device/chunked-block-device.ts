@@ -37,7 +37,12 @@ import {
   InvalidArgumentError,
 } from "../block/block-device.js";
 import { checkRange, checkRequest } from "../block/validate.js";
-import { PageCache, type CacheStats, type Extent } from "../cache/page-cache.js";
+import {
+  PageCache,
+  type CacheStats,
+  type Extent,
+  type PageCacheOptions,
+} from "../cache/page-cache.js";
 import type { ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { ChunkStore } from "../volume/chunk-store.js";
@@ -72,6 +77,8 @@ export interface DeviceOptions {
   readonly wholeChunkReadBytes?: number;
   /** The smallest span a ranged GET asks for. Default 64 KiB. */
   readonly minRangedReadBytes?: number;
+  /** The fetch and read-ahead policy (src/cache/read-policy.ts has the defaults). */
+  readonly readPolicy?: PageCacheOptions["readPolicy"];
   readonly clock?: Clock;
   readonly onWritebackError?: (error: Error) => void;
 }
@@ -114,6 +121,7 @@ export class ChunkedBlockDevice implements BlockDevice {
       writebackDelayMs: options.writebackDelayMs,
       wholeChunkReadBytes: options.wholeChunkReadBytes,
       minRangedReadBytes: options.minRangedReadBytes,
+      readPolicy: options.readPolicy,
       onWritebackError: options.onWritebackError,
     });
     this.#info = Object.freeze({
