@@ -6,8 +6,9 @@
  * - The local reference is `nbdkit file` on the raw image, with nbdkit's log filter, whose log
  *   says exactly which bytes the guest asked for.
  * - s3blk is a fresh `s3blk serve` process (default cache) on a volume the image was imported
- *   into, reached through the fault proxy at each latency (also at 0 ms, so that the proxy
- *   counts the bytes fetched: RGW's own counters are shared with anything else on the machine).
+ *   into, reached through the delay proxy (delay-proxy.ts) at each latency, also at 0 ms, so
+ *   that the proxy counts the GETs and the bytes fetched (answers, headers included): RGW's own
+ *   counters are shared with anything else on the machine.
  * - The figure is the guest's own time from the moment it starts mounting to the program's
  *   answer (the uptime stamps of init.sh's "boot: mount" and "boot: answer" lines): kernel start
  *   and module loading are the same on both sides and are left out.
@@ -20,7 +21,7 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { FaultProxy } from "./fault-proxy.js";
+import { DelayProxy } from "./delay-proxy.js";
 import { bootGuest, ensureGuest, type GuestImage } from "./guest.js";
 import { spread } from "./interleave.js";
 import { startProcess, startS3blk, THIS_CLI, type S3Settings } from "./targets.js";
@@ -33,7 +34,7 @@ export interface BootTurn {
   /** Local turns: bytes and requests the guest read. */
   readonly guestReadBytes?: number;
   readonly guestReads?: number;
-  /** s3blk turns: bytes of GET answers and GETs through the proxy. */
+  /** s3blk turns: bytes of answers (headers included) and GETs through the proxy. */
   readonly fetchedBytes?: number;
   readonly gets?: number;
 }
@@ -80,7 +81,7 @@ export async function runBootRows(options: BootRowsOptions): Promise<BootRow[] |
   });
   const rows: BootRow[] = [];
   for (const latencyMs of options.latenciesMs) {
-    const proxy = await FaultProxy.start(options.s3.endpoint, { latencyMs });
+    const proxy = await DelayProxy.start(options.s3.endpoint, latencyMs);
     const row: BootRow = { latencyMs, local: [], s3blk: [], ratios: [] };
     try {
       for (let round = 0; round < options.rounds; round++) {
@@ -178,7 +179,7 @@ export function readsInLog(log: string): { bytes: number; reads: number } {
 async function s3blkTurn(
   guest: GuestImage,
   volumeUrl: string,
-  proxy: FaultProxy,
+  proxy: DelayProxy,
   options: BootRowsOptions,
 ): Promise<BootTurn> {
   const server = await startS3blk({
@@ -191,13 +192,13 @@ async function s3blkTurn(
   });
   // The open's LISTs and seal GET are done once the socket exists: count from here.
   const bytesBefore = proxy.counts.responseBytes;
-  const requestsBefore = proxy.requests.length;
+  const getsBefore = proxy.counts.gets;
   try {
     const turn = await boot(guest, server.uri);
     return {
       ...turn,
       fetchedBytes: proxy.counts.responseBytes - bytesBefore,
-      gets: proxy.requests.slice(requestsBefore).filter((r) => r.method === "GET").length,
+      gets: proxy.counts.gets - getsBefore,
     };
   } finally {
     await server.stop();

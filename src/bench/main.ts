@@ -11,6 +11,13 @@
  *     default 256 MiB cache, which warms during a turn, and with 16 MiB, far smaller than the
  *     working set, so that fio's later passes stay cold too.
  *   - device: the block device alone, no NBD, each row from an empty cache.
+ *   - raw: raw 1 MiB GETs at 8, 16 and 32 in flight through S3Store's GET path, against the
+ *     SDK's GetObjectCommand (raw-get.ts).
+ *   - cold-read: truly cold reads (a fresh process, a 16 MiB cache, random data; the sequential
+ *     job reads every byte once) against nbdkit's S3 plugin, at each `--latencies` delay added
+ *     by the delay proxy (delay-proxy.ts; 0: direct).
+ *   - boot: a TCG guest starts a program from a Debian root filesystem on a cold volume, against
+ *     a local raw file (boot.ts).
  *
  * It prints a table (ratios, S3 requests and bytes from RGW's own counters when the server is a
  * local RGW, peak RSS) and writes the same as JSON under bench/results/, with the commit, the
@@ -19,8 +26,8 @@
  *
  * Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3 and python3-libnbd (apt), and S3_ENDPOINT
  * etc. (`eval "$(bash infra/rgw-start.sh)"`). Options: --quick (5 s turns), --runtime SECONDS,
- * --rounds N, --size SIZE, --only device,warm,cold, --jobs TEXT,TEXT (jobs whose name contains
- * one), --out DIR.
+ * --rounds N, --size SIZE, --only raw,cold-read,boot,device,warm,cold, --jobs TEXT,TEXT (jobs
+ * whose name contains one), --latencies MS,MS, --cli PATH (another build's CLI), --out DIR.
  */
 
 import { execFileSync } from "node:child_process";
@@ -45,7 +52,7 @@ import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
 import { bootTable, runBootRows, type BootRow } from "./boot.js";
-import { FaultProxy } from "./fault-proxy.js";
+import { DelayProxy } from "./delay-proxy.js";
 import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
 import { putObjects, runRawGet } from "./raw-get.js";
 import { S3Store } from "../store/s3-store.js";
@@ -113,7 +120,7 @@ const picked = (all: readonly FioJob[]) =>
 const jobs = picked(STANDARD_JOBS);
 /** The s3blk CLI measured: this build's, or another's (`--cli`, for a before/after run). */
 const cli = values.cli === undefined ? THIS_CLI : path.resolve(values.cli);
-/** Fixed delays per S3 request the cold-read rows run at, through the fault proxy. */
+/** Fixed delays per S3 request the cold-read rows run at, through the delay proxy. */
 const latenciesMs = values.latencies.split(",").map(Number);
 
 function s3Settings(): S3Settings | undefined {
@@ -472,7 +479,7 @@ async function rawGetRows(s3: S3Settings, run: string, compare: Compare): Promis
 /**
  * Truly cold reads: a volume of random data (every chunk stored), read by a fresh s3blk process
  * with a 16 MiB cache, against nbdkit's S3 plugin over the same data, at each latency of
- * `--latencies` (the fault proxy adds it to every request of both; 0 goes direct). The
+ * `--latencies` (the delay proxy adds it to every request of both; 0 goes direct). The
  * sequential job reads every byte exactly once.
  */
 async function coldReadRows(
@@ -493,7 +500,7 @@ async function coldReadRows(
   rmSync(dir, { recursive: true, force: true });
 
   for (const latencyMs of latenciesMs) {
-    const proxy = latencyMs > 0 ? await FaultProxy.start(s3.endpoint, { latencyMs }) : undefined;
+    const proxy = latencyMs > 0 ? await DelayProxy.start(s3.endpoint, latencyMs) : undefined;
     const endpoint = proxy?.endpoint ?? s3.endpoint;
     const peer = await startNbdkitS3({ ...s3, endpoint }, peerKey, sizeBytes, 1 << 20);
     for (const job of picked(COLD_READ_JOBS)) {
