@@ -77,7 +77,11 @@ export interface DeviceOptions {
   readonly wholeChunkReadBytes?: number;
   /** The smallest span a ranged GET asks for. Default 64 KiB. */
   readonly minRangedReadBytes?: number;
-  /** The fetch and read-ahead policy (src/cache/read-policy.ts has the defaults). */
+  /**
+   * The fetch and read-ahead policy (src/cache/read-policy.ts has the defaults), for tests and
+   * measurements; not yet a public setting.
+   * @internal
+   */
   readonly readPolicy?: PageCacheOptions["readPolicy"];
   readonly clock?: Clock;
   readonly onWritebackError?: (error: Error) => void;
