@@ -306,34 +306,82 @@ async function main(): Promise<void> {
     region: s3.region,
   };
 
-  if (only.has("raw")) await rawGetRows(s3, run, compare);
-  if (only.has("cold-read")) await coldReadRows(s3, run, env, compare);
+  // Whatever happens, the run's objects go: the S3 server here is a few GiB of RAM, shared.
+  const cleanup = openStoreStack(`s3://${s3.bucket}/bench-${run}`, stackOptions);
   let bootRows: BootRow[] = [];
-  if (only.has("boot")) {
-    const booted = await runBootRows({ s3, run, env, cli, latenciesMs, rounds });
-    if (typeof booted === "string") console.error(`  boot: not run: ${booted}`);
-    else bootRows = booted;
+  try {
+    if (only.has("raw")) await rawGetRows(s3, run, compare);
+    if (only.has("cold-read")) await coldReadRows(s3, run, env, compare);
+    if (only.has("boot")) {
+      const booted = await runBootRows({ s3, run, env, cli, latenciesMs, rounds });
+      if (typeof booted === "string") console.error(`  boot: not run: ${booted}`);
+      else bootRows = booted;
+    }
+    deviceRows = await fioSections(s3, run, env, stackOptions, compare);
+  } finally {
+    await deletePrefix(cleanup.store, `bench-${run}/`).catch(() => 0);
+    await cleanup.store.close();
   }
 
+  if (deviceRows.length > 0) printDeviceTable(deviceRows);
+  if (bootRows.length > 0) {
+    console.log(
+      `\nBoot: the guest's seconds from mount to the program's answer, s3blk (cold, fresh process)` +
+        ` against a local raw file, ${rounds} interleaved rounds:\n`,
+    );
+    printLines(bootTable(bootRows));
+    console.log("");
+  }
+  printTable(rows);
+  const outDir = values.out ?? "bench/results";
+  mkdirSync(outDir, { recursive: true });
+  const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
+  const report = {
+    date: new Date().toISOString(),
+    context: runContext(),
+    runtimeSeconds,
+    rounds,
+    sizeBytes,
+    s3Endpoint: s3.endpoint,
+    rows,
+    deviceRows,
+    bootRows,
+  };
+  writeFileSync(file, JSON.stringify(report, null, 2));
+  console.log(`\nwrote ${file}`);
+}
+
+/** The fio rows of the device, warm and cold sections, and the device rows. */
+async function fioSections(
+  s3: S3Settings,
+  run: string,
+  env: NodeJS.ProcessEnv,
+  stackOptions: Parameters<typeof openStoreStack>[1],
+  compare: Compare,
+): Promise<DeviceRow[]> {
+  const deviceRows: DeviceRow[] = [];
   if (only.has("device")) {
     const deviceUrl = `s3://${s3.bucket}/bench-${run}/device`;
     const creator = openStoreStack(deviceUrl, stackOptions);
     await createVolume(creator, { sizeBytes });
-    deviceRows = await runDeviceBench({
-      sizeBytes,
-      seconds: runtimeSeconds,
-      open: async () => {
-        const stack = openStoreStack(deviceUrl, stackOptions);
-        const device = await openVolume(stack);
-        return { device, counts: () => stack.counter.counts() };
-      },
-    });
+    deviceRows.push(
+      ...(await runDeviceBench({
+        sizeBytes,
+        seconds: runtimeSeconds,
+        open: async () => {
+          const stack = openStoreStack(deviceUrl, stackOptions);
+          const device = await openVolume(stack);
+          return { device, counts: () => stack.counter.counts() };
+        },
+      })),
+    );
     for (const r of deviceRows) {
       console.error(
         `  device         ${r.job.padEnd(28)} ${(r.bytesPerSecond / 1e6).toFixed(1)} MB/s`,
       );
     }
   }
+  if (!only.has("warm") && !only.has("cold")) return deviceRows;
   const volumeUrl = `s3://${s3.bucket}/bench-${run}/s3blk`;
   const stack = openStoreStack(volumeUrl, stackOptions);
   await createVolume(stack, { sizeBytes });
@@ -397,35 +445,8 @@ async function main(): Promise<void> {
     }
     await peer.stop();
   }
-  await deletePrefix(stack.store, `bench-${run}/`).catch(() => 0);
   await stack.store.close();
-
-  if (deviceRows.length > 0) printDeviceTable(deviceRows);
-  if (bootRows.length > 0) {
-    console.log(
-      `\nBoot: the guest's seconds from mount to the program's answer, s3blk (cold, fresh process)` +
-        ` against a local raw file, ${rounds} interleaved rounds:\n`,
-    );
-    printLines(bootTable(bootRows));
-    console.log("");
-  }
-  printTable(rows);
-  const outDir = values.out ?? "bench/results";
-  mkdirSync(outDir, { recursive: true });
-  const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
-  const report = {
-    date: new Date().toISOString(),
-    context: runContext(),
-    runtimeSeconds,
-    rounds,
-    sizeBytes,
-    s3Endpoint: s3.endpoint,
-    rows,
-    deviceRows,
-    bootRows,
-  };
-  writeFileSync(file, JSON.stringify(report, null, 2));
-  console.log(`\nwrote ${file}`);
+  return deviceRows;
 }
 
 type Compare = (a: Contender<Turn>, b: Contender<Turn>, job: { name: string }) => Promise<void>;
