@@ -13,13 +13,14 @@
 # `mke2fs -t ext4 -d DIR` (e2fsprogs 1.43 or later). It is sparse: blocks no file uses are holes,
 # so `s3blk import` stores only the chunks that hold data.
 #
-# Cached in ${S3BLK_VM_DIR:-~/.cache/s3blk-vm}/rootfs-<hash>/ (the hash covers this script, the
+# Cached in ${S3BLK_ROOTFS_DIR:-~/.cache/s3blk-rootfs}/rootfs-<hash>/ (not in build-guest.sh's
+# cache directory, whose new builds delete everything else in it; the hash covers this script, the
 # suite, the mirror and the package list); a cached image is printed in well under a second, a
 # new one takes a few minutes (about 60 MB of packages). Concurrent runs wait for each other. Runs
 # as root (debootstrap needs it); debootstrap is installed with apt-get when missing.
 #
 # Env (all optional):
-#   S3BLK_VM_DIR=$HOME/.cache/s3blk-vm       cache directory
+#   S3BLK_ROOTFS_DIR=$HOME/.cache/s3blk-rootfs  cache directory
 #   S3BLK_ROOTFS_MIRROR=<the first deb URI in /etc/apt/sources.list.d/debian.sources>
 #   S3BLK_ROOTFS_SUITE=bookworm
 set -euo pipefail
@@ -27,7 +28,7 @@ umask 022
 export LC_ALL=C
 
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
-CACHE=${S3BLK_VM_DIR:-${HOME:-/root}/.cache/s3blk-vm}
+CACHE=${S3BLK_ROOTFS_DIR:-${HOME:-/root}/.cache/s3blk-rootfs}
 SUITE=${S3BLK_ROOTFS_SUITE:-bookworm}
 PACKAGES=python3
 IMAGE_SIZE=1G
