@@ -7,6 +7,9 @@
 #   check   e2fsck -fn /dev/vda, mount it read-only, compare MANIFEST.sha256 with the manifest
 #           baked into the initramfs and run sha256sum -c on it; prints "S3BLK-VM: CHECK-OK" or
 #           "S3BLK-VM: CHECK-FAIL <reason>".
+#   boot    mount /dev/vda (a root filesystem, infra/vm/build-rootfs.sh) read-only, run its
+#           /usr/local/bin/s3blk-answer in a chroot, and print "S3BLK-VM: BOOT-OK <answer>"; the
+#           lines "boot: mount" and "boot: answer" carry the uptime the benchmark measures between.
 #   shell   an interactive shell on the console, for debugging by hand.
 # Then it powers off (the host runs qemu with -no-reboot, so a panic ends qemu too).
 #
@@ -113,11 +116,12 @@ say "mode=${mode:-<unset>} kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptim
 case $mode in
   format) MODE=FORMAT ;;
   check) MODE=CHECK ;;
+  boot) MODE=BOOT ;;
   shell) MODE=SHELL ;;
   *) MODE=GUEST ;;
 esac
 fail() { marker "$MODE-FAIL $*"; }
-[ "$MODE" = GUEST ] && fail "unknown s3blk.mode '${mode}' (format|check|shell)"
+[ "$MODE" = GUEST ] && fail "unknown s3blk.mode '${mode}' (format|check|boot|shell)"
 
 # Modules in dependency order, as computed from modules.dep at build time.
 while read -r module; do
@@ -132,6 +136,19 @@ while [ ! -b "$DISK" ] && [ $tries -lt 200 ]; do
 done
 [ -b "$DISK" ] || fail "no $DISK after 10 s"
 say "$DISK: $(cat /sys/block/vda/size) sectors, ro=$(cat /sys/block/vda/ro), after $((tries * 50)) ms"
+
+if [ "$MODE" = BOOT ]; then
+  say "boot: mount"
+  run mount -t ext4 -o ro "$DISK" "$MNT" || fail "mount exit $rc"
+  mount -t proc proc "$MNT/proc" && mount -t devtmpfs devtmpfs "$MNT/dev" || fail "chroot mounts"
+  answer=$(chroot "$MNT" /usr/local/bin/s3blk-answer 2>&1)
+  rc=$?
+  say "boot: answer"
+  echo "$answer"
+  [ $rc -eq 0 ] || fail "s3blk-answer exit $rc"
+  umount "$MNT/dev" "$MNT/proc" "$MNT"
+  marker "BOOT-OK $answer"
+fi
 
 if [ "$MODE" = SHELL ]; then
   say "shell: exit it to power off"

@@ -12,6 +12,8 @@ export interface FioJob {
   readonly rw: "read" | "write" | "randread" | "randwrite";
   readonly blockSizeBytes: number;
   readonly iodepth: number;
+  /** Read or write the whole size once, not for a time: every byte is touched exactly once. */
+  readonly once?: boolean;
 }
 
 export interface FioResult {
@@ -31,6 +33,16 @@ export const STANDARD_JOBS: readonly FioJob[] = [
   { name: "rand write 4k QD16", rw: "randwrite", blockSizeBytes: 4096, iodepth: 16 },
 ];
 
+/**
+ * The cold-read jobs, run by a fresh process at each injected latency: a sequential read of the
+ * whole volume once (nothing is read twice, whatever the cache), and random 4 KiB reads.
+ */
+export const COLD_READ_JOBS: readonly FioJob[] = [
+  { name: "seq read 1M QD8 once", rw: "read", blockSizeBytes: 1 << 20, iodepth: 8, once: true },
+  { name: "rand read 4k QD1", rw: "randread", blockSizeBytes: 4096, iodepth: 1 },
+  { name: "rand read 4k QD16", rw: "randread", blockSizeBytes: 4096, iodepth: 16 },
+];
+
 export interface FioOptions {
   readonly uri: string;
   readonly sizeBytes: number;
@@ -48,9 +60,9 @@ export async function runFio(job: FioJob, options: FioOptions): Promise<FioResul
     `--bs=${job.blockSizeBytes}`,
     `--iodepth=${job.iodepth}`,
     `--size=${options.sizeBytes}`,
-    "--time_based",
-    `--runtime=${options.runtimeSeconds}`,
-    "--ramp_time=1",
+    ...(job.once === true
+      ? []
+      : ["--time_based", `--runtime=${options.runtimeSeconds}`, "--ramp_time=1"]),
     "--randrepeat=0",
     "--norandommap",
     `--end_fsync=${options.endFsync ? 1 : 0}`,
@@ -58,7 +70,7 @@ export async function runFio(job: FioJob, options: FioOptions): Promise<FioResul
   ];
   const { stdout } = await run("fio", args, {
     maxBuffer: 64 * 1024 * 1024,
-    timeout: (options.runtimeSeconds + 120) * 1000,
+    timeout: (options.runtimeSeconds + (job.once === true ? 600 : 120)) * 1000,
   });
   // fio may print notes before the JSON document.
   const json = JSON.parse(stdout.slice(stdout.indexOf("{"))) as {

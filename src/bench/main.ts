@@ -11,6 +11,13 @@
  *     default 256 MiB cache, which warms during a turn, and with 16 MiB, far smaller than the
  *     working set, so that fio's later passes stay cold too.
  *   - device: the block device alone, no NBD, each row from an empty cache.
+ *   - raw: raw 1 MiB GETs at 8, 16 and 32 in flight through S3Store's GET path, against the
+ *     SDK's GetObjectCommand (raw-get.ts).
+ *   - cold-read: truly cold reads (a fresh process, a 16 MiB cache, random data; the sequential
+ *     job reads every byte once) against nbdkit's S3 plugin, at each `--latencies` delay added
+ *     by the delay proxy (delay-proxy.ts; 0: direct).
+ *   - boot: a TCG guest starts a program from a Debian root filesystem on a cold volume, against
+ *     a local raw file (boot.ts).
  *   - clone: making 100 clones of a 10 GiB base, what 100 writing clones store, and a clone's
  *     cold sequential read against its base's (clone-bench.ts).
  *
@@ -21,14 +28,25 @@
  *
  * Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3 and python3-libnbd (apt), and S3_ENDPOINT
  * etc. (`eval "$(bash infra/rgw-start.sh)"`). Options: --quick (5 s turns), --runtime SECONDS,
- * --rounds N, --size SIZE, --only device,warm,cold,clone, --jobs TEXT,TEXT (jobs whose name
- * contains one), --clones N (default 100), --metrics (s3blk serves its Prometheus metrics, as a
- * production server would), --out DIR.
+ * --rounds N, --size SIZE, --only raw,cold-read,boot,device,warm,cold,clone, --jobs TEXT,TEXT
+ * (jobs whose name contains one), --latencies MS,MS, --cli PATH (another build's CLI), --clones N
+ * (default 100), --metrics (s3blk serves its Prometheus metrics, as a production server would),
+ * --out DIR.
  */
 
 import { execFileSync } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { availableParallelism } from "node:os";
+import { randomFillSync } from "node:crypto";
+import {
+  closeSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { availableParallelism, tmpdir } from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { parseSize } from "../cli/sizes.js";
@@ -38,13 +56,18 @@ import { deletePrefix } from "../store/object-store.js";
 import { createVolume, openVolume } from "../lifecycle/volume-lifecycle.js";
 import { runDeviceBench, type DeviceRow } from "./device-bench.js";
 import { cloneTable, runCloneBench, type CloneReport } from "./clone-bench.js";
-import { runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
-import { interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
+import { bootTable, runBootRows, type BootRow } from "./boot.js";
+import { DelayProxy } from "./delay-proxy.js";
+import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
+import { putObjects, runRawGet } from "./raw-get.js";
+import { S3Store } from "../store/s3-store.js";
+import { cpuTicks, interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
 import { rgwCounters } from "./rgw-counters.js";
 import {
   startNbdkitMemory,
   startNbdkitS3,
   startS3blk,
+  THIS_CLI,
   type RunningTarget,
   type S3Settings,
 } from "./targets.js";
@@ -59,6 +82,8 @@ interface Turn {
   s3BytesIn?: number;
   s3BytesOut?: number;
   peakRssBytes?: number;
+  /** CPU time per MiB moved: the s3blk process's (for a whole-volume job), or the GET client's. */
+  cpuMsPerMiB?: number;
 }
 
 /** One job, s3blk against its reference, interleaved (see interleave.ts). */
@@ -81,10 +106,12 @@ const { values, positionals } = parseArgs({
     size: { type: "string" },
     only: { type: "string" },
     jobs: { type: "string" },
-    clones: { type: "string" },
     compare: { type: "boolean", default: false },
+    clones: { type: "string" },
     metrics: { type: "boolean", default: false },
     out: { type: "string", default: "bench/results" },
+    cli: { type: "string" },
+    latencies: { type: "string", default: "0,20" },
   },
   allowPositionals: true,
 });
@@ -92,11 +119,16 @@ const { values, positionals } = parseArgs({
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
 const rounds = Number(values.rounds ?? 3);
 const sizeBytes = values.size === undefined ? 256 * 1024 * 1024 : Number(parseSize(values.size));
-const only = new Set((values.only ?? "device,warm,cold,clone").split(","));
-const jobs =
+const only = new Set((values.only ?? "raw,cold-read,boot,device,warm,cold,clone").split(","));
+const picked = (all: readonly FioJob[]) =>
   values.jobs === undefined
-    ? STANDARD_JOBS
-    : STANDARD_JOBS.filter((j) => values.jobs!.split(",").some((w) => j.name.includes(w)));
+    ? all
+    : all.filter((j) => values.jobs!.split(",").some((w) => j.name.includes(w)));
+const jobs = picked(STANDARD_JOBS);
+/** The s3blk CLI measured: this build's, or another's (`--cli`, for a before/after run). */
+const cli = values.cli === undefined ? THIS_CLI : path.resolve(values.cli);
+/** Fixed delays per S3 request the cold-read rows run at, through the delay proxy. */
+const latenciesMs = values.latencies.split(",").map(Number);
 
 function s3Settings(): S3Settings | undefined {
   const endpoint = process.env.S3_ENDPOINT ?? process.env.AWS_ENDPOINT_URL;
@@ -119,11 +151,16 @@ function have(tool: string): boolean {
   }
 }
 
-/** The figure a row compares: MB/s for sequential jobs, IOPS for random ones. */
+/** Whether a row compares MB/s (sequential jobs, raw GETs) rather than IOPS. */
+function isThroughput(job: string): boolean {
+  return job.startsWith("seq") || job.startsWith("raw GET");
+}
+
+/** The figure a row compares: MB/s for sequential jobs and raw GETs, IOPS for random ones. */
 function metric(job: string, turn: Turn): number | undefined {
   const r = turn.result;
   if (r === undefined) return undefined;
-  return job.startsWith("seq") ? r.bytesPerSecond / 1e6 : r.iops;
+  return isThroughput(job) ? r.bytesPerSecond / 1e6 : r.iops;
 }
 
 /** One fio run of `job` on `running`, with the S3 requests it caused and the server's peak RSS. */
@@ -138,6 +175,7 @@ async function fioTurn(
   } = {},
 ): Promise<Turn> {
   const before = rgwCounters();
+  const ticksBefore = cpuTicks(running.pid);
   const turn: Turn = {};
   try {
     turn.result = await runFio(job, {
@@ -148,6 +186,11 @@ async function fioTurn(
     });
   } catch (error) {
     turn.error = (error as Error).message.split("\n")[0];
+  }
+  const ticksAfter = cpuTicks(running.pid);
+  if (job.once === true && ticksBefore !== undefined && ticksAfter !== undefined) {
+    turn.cpuMsPerMiB =
+      ((ticksAfter - ticksBefore) * 1000) / CLOCK_TICKS_PER_SECOND / (sizeBytes / 2 ** 20);
   }
   await options.after?.();
   const after = rgwCounters();
@@ -177,6 +220,9 @@ function longRunning(
     warmUp: async () => void (await fioTurn(job, running, { seconds: 2, ...after })),
   };
 }
+
+/** The kernel's USER_HZ, in which /proc/PID/stat counts CPU time (100 on Linux). */
+const CLOCK_TICKS_PER_SECOND = 100;
 
 /** s3blk with no upload in flight: every write flushed, and the process idle. */
 async function quiesce(running: RunningTarget): Promise<void> {
@@ -234,7 +280,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   let deviceRows: DeviceRow[] = [];
   let clones: CloneReport | undefined;
-  const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: FioJob) => {
+  const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: { name: string }) => {
     const pairs = await interleave(a, b, rounds, (t) => metric(job.name, t));
     const row: Row = {
       target: a.name,
@@ -269,25 +315,97 @@ async function main(): Promise<void> {
     region: s3.region,
   };
 
+  // Whatever happens, the run's objects go: the S3 server here is a few GiB of RAM, shared.
+  const cleanup = openStoreStack(`s3://${s3.bucket}/bench-${run}`, stackOptions);
+  let bootRows: BootRow[] = [];
+  try {
+    if (only.has("raw")) await rawGetRows(s3, run, compare);
+    if (only.has("cold-read")) await coldReadRows(s3, run, env, compare);
+    if (only.has("boot")) {
+      const booted = await runBootRows({ s3, run, env, cli, latenciesMs, rounds });
+      if (typeof booted === "string") console.error(`  boot: not run: ${booted}`);
+      else bootRows = booted;
+    }
+    deviceRows = await fioSections(s3, run, env, stackOptions, compare);
+    if (only.has("clone")) {
+      clones = await runCloneBench({
+        bucket: s3.bucket,
+        prefix: `bench-${run}/clones`,
+        stackOptions,
+        rounds,
+        ...(values.clones === undefined ? {} : { clones: Number(values.clones) }),
+        log: (line) => console.error(line),
+      });
+    }
+  } finally {
+    await deletePrefix(cleanup.store, `bench-${run}/`).catch(() => 0);
+    await cleanup.store.close();
+  }
+
+  if (deviceRows.length > 0) printDeviceTable(deviceRows);
+  if (bootRows.length > 0) {
+    console.log(
+      `\nBoot: the guest's seconds from mount to the program's answer, s3blk (cold, fresh process)` +
+        ` against a local raw file, ${rounds} interleaved rounds:\n`,
+    );
+    printLines(bootTable(bootRows));
+    console.log("");
+  }
+  printTable(rows);
+  if (clones !== undefined) {
+    console.log("\nClones (a 10 GiB base holding 1 GiB, 1 MiB chunks), on S3:\n");
+    printLines(cloneTable(clones));
+  }
+  const outDir = values.out ?? "bench/results";
+  mkdirSync(outDir, { recursive: true });
+  const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
+  const report = {
+    date: new Date().toISOString(),
+    context: runContext(),
+    runtimeSeconds,
+    rounds,
+    sizeBytes,
+    s3Endpoint: s3.endpoint,
+    rows,
+    deviceRows,
+    bootRows,
+    clones,
+  };
+  writeFileSync(file, JSON.stringify(report, null, 2));
+  console.log(`\nwrote ${file}`);
+}
+
+/** The fio rows of the device, warm and cold sections, and the device rows. */
+async function fioSections(
+  s3: S3Settings,
+  run: string,
+  env: NodeJS.ProcessEnv,
+  stackOptions: Parameters<typeof openStoreStack>[1],
+  compare: Compare,
+): Promise<DeviceRow[]> {
+  const deviceRows: DeviceRow[] = [];
   if (only.has("device")) {
     const deviceUrl = `s3://${s3.bucket}/bench-${run}/device`;
     const creator = openStoreStack(deviceUrl, stackOptions);
     await createVolume(creator, { sizeBytes });
-    deviceRows = await runDeviceBench({
-      sizeBytes,
-      seconds: runtimeSeconds,
-      open: async () => {
-        const stack = openStoreStack(deviceUrl, stackOptions);
-        const device = await openVolume(stack);
-        return { device, counts: () => stack.counter.counts() };
-      },
-    });
+    deviceRows.push(
+      ...(await runDeviceBench({
+        sizeBytes,
+        seconds: runtimeSeconds,
+        open: async () => {
+          const stack = openStoreStack(deviceUrl, stackOptions);
+          const device = await openVolume(stack);
+          return { device, counts: () => stack.counter.counts() };
+        },
+      })),
+    );
     for (const r of deviceRows) {
       console.error(
         `  device         ${r.job.padEnd(28)} ${(r.bytesPerSecond / 1e6).toFixed(1)} MB/s`,
       );
     }
   }
+  if (!only.has("warm") && !only.has("cold")) return deviceRows;
   const volumeUrl = `s3://${s3.bucket}/bench-${run}/s3blk`;
   const stack = openStoreStack(volumeUrl, stackOptions);
   await createVolume(stack, { sizeBytes });
@@ -301,6 +419,7 @@ async function main(): Promise<void> {
       dirtyBytes: 2 * sizeBytes,
       metrics: values.metrics,
       env,
+      cli,
     });
     for (const job of jobs) {
       await compare(
@@ -333,6 +452,7 @@ async function main(): Promise<void> {
               dirtyBytes: 128 << 20,
               metrics: values.metrics,
               env,
+              cli,
             });
             try {
               return await fioTurn(job, running, { endFsync });
@@ -351,41 +471,128 @@ async function main(): Promise<void> {
     }
     await peer.stop();
   }
-  if (only.has("clone")) {
-    clones = await runCloneBench({
+  await stack.store.close();
+  return deviceRows;
+}
+
+type Compare = (a: Contender<Turn>, b: Contender<Turn>, job: { name: string }) => Promise<void>;
+
+/**
+ * Raw GETs of 1 MiB objects at 8, 16 and 32 in flight, through `S3Store` as s3blk uses it (the
+ * lean GET path) against the SDK's GetObjectCommand: the ceiling for a cold sequential read, and
+ * what the GET path costs in client CPU.
+ */
+async function rawGetRows(s3: S3Settings, run: string, compare: Compare): Promise<void> {
+  const make = (leanGet: boolean) =>
+    new S3Store({
       bucket: s3.bucket,
-      prefix: `bench-${run}/clones`,
-      stackOptions,
-      rounds,
-      ...(values.clones === undefined ? {} : { clones: Number(values.clones) }),
-      log: (line) => console.error(line),
+      endpoint: s3.endpoint,
+      region: s3.region,
+      credentials: { accessKeyId: s3.accessKey, secretAccessKey: s3.secretKey },
+      leanGet,
+    });
+  const lean = make(true);
+  const sdk = make(false);
+  const prefix = `bench-${run}/raw`;
+  const keys = await putObjects(lean, prefix, 64, 1 << 20);
+  const side = (name: string, store: S3Store, inFlight: number): Contender<Turn> => ({
+    name,
+    turn: async () => {
+      const before = rgwCounters();
+      const result = await runRawGet({ store, keys, inFlight, seconds: runtimeSeconds });
+      const after = rgwCounters();
+      return {
+        result,
+        cpuMsPerMiB: result.cpuMsPerMiB,
+        ...(before === undefined || after === undefined
+          ? {}
+          : {
+              s3Requests: after.requests - before.requests,
+              s3BytesIn: after.getBytes - before.getBytes,
+            }),
+      };
+    },
+  });
+  for (const inFlight of [8, 16, 32]) {
+    await compare(side("s3blk-GET", lean, inFlight), side("SDK-GET", sdk, inFlight), {
+      name: `raw GET 1M x${inFlight}`,
     });
   }
-  await deletePrefix(stack.store, `bench-${run}/`).catch(() => 0);
-  await stack.store.close();
+  await deletePrefix(lean, `${prefix}/`);
+  await lean.close();
+  await sdk.close();
+}
 
-  if (deviceRows.length > 0) printDeviceTable(deviceRows);
-  printTable(rows);
-  if (clones !== undefined) {
-    console.log("\nClones (a 10 GiB base holding 1 GiB, 1 MiB chunks), on S3:\n");
-    printLines(cloneTable(clones));
+/**
+ * Truly cold reads: a volume of random data (every chunk stored), read by a fresh s3blk process
+ * with a 16 MiB cache, against nbdkit's S3 plugin over the same data, at each latency of
+ * `--latencies` (the delay proxy adds it to every request of both; 0 goes direct). The
+ * sequential job reads every byte exactly once.
+ */
+async function coldReadRows(
+  s3: S3Settings,
+  run: string,
+  env: NodeJS.ProcessEnv,
+  compare: Compare,
+): Promise<void> {
+  const dir = mkdtempSync(path.join(tmpdir(), "s3blk-bench-image-"));
+  const image = path.join(dir, "random.raw");
+  writeRandomImage(image, sizeBytes);
+  const volumeUrl = `s3://${s3.bucket}/bench-${run}/cold-read`;
+  const peerKey = `bench-${run}/cold-read-peer`;
+  execFileSync(process.execPath, [THIS_CLI, "import", image, volumeUrl], { env, stdio: "ignore" });
+  const filler = await startNbdkitS3(s3, peerKey, sizeBytes, 1 << 20);
+  execFileSync("nbdcopy", [image, filler.uri], { stdio: "ignore" });
+  await filler.stop();
+  rmSync(dir, { recursive: true, force: true });
+
+  for (const latencyMs of latenciesMs) {
+    const proxy = latencyMs > 0 ? await DelayProxy.start(s3.endpoint, latencyMs) : undefined;
+    const endpoint = proxy?.endpoint ?? s3.endpoint;
+    const peer = await startNbdkitS3({ ...s3, endpoint }, peerKey, sizeBytes, 1 << 20);
+    for (const job of picked(COLD_READ_JOBS)) {
+      const fresh: Contender<Turn> = {
+        name: "s3blk-cold16M",
+        turn: async () => {
+          const running = await startS3blk({
+            volumeUrl,
+            cacheBytes: 16 << 20,
+            dirtyBytes: 128 << 20,
+            env: { ...env, AWS_ENDPOINT_URL: endpoint },
+            cli,
+            readOnly: true,
+          });
+          try {
+            return await fioTurn(job, running);
+          } finally {
+            await running.stop();
+          }
+        },
+      };
+      const reference: Contender<Turn> = {
+        name: "nbdkit-S3",
+        turn: () => fioTurn(job, peer),
+        settle: async () => void (await waitUntilIdle(peer.pid)),
+      };
+      await compare(fresh, reference, { name: `${job.name} @${latencyMs}ms` });
+    }
+    await peer.stop();
+    await proxy?.stop();
   }
-  const outDir = values.out ?? "bench/results";
-  mkdirSync(outDir, { recursive: true });
-  const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
-  const report = {
-    date: new Date().toISOString(),
-    context: runContext(),
-    runtimeSeconds,
-    rounds,
-    sizeBytes,
-    s3Endpoint: s3.endpoint,
-    rows,
-    deviceRows,
-    clones,
-  };
-  writeFileSync(file, JSON.stringify(report, null, 2));
-  console.log(`\nwrote ${file}`);
+}
+
+/** A raw image of `sizeBytes` random bytes: no chunk of it is all zeros. */
+function writeRandomImage(file: string, sizeBytes: number): void {
+  const fd = openSync(file, "w");
+  const block = Buffer.allocUnsafe(1 << 20);
+  try {
+    for (let at = 0; at < sizeBytes; at += block.byteLength) {
+      randomFillSync(block);
+      writeSync(fd, block, 0, Math.min(block.byteLength, sizeBytes - at));
+    }
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function printDeviceTable(rows: DeviceRow[]): void {
@@ -437,10 +644,11 @@ function printTable(rows: readonly Row[]): void {
       "S3 in MB",
       "S3 out MB",
       "peak RSS MB",
+      "CPU ms/MiB",
     ],
   ];
   for (const row of rows) {
-    const unit = row.job.startsWith("seq") ? "MB/s" : "IOPS";
+    const unit = isThroughput(row.job) ? "MB/s" : "IOPS";
     const ours = spread(row.turns.flatMap((t) => metric(row.job, t) ?? []));
     const theirs = spread(row.referenceTurns.flatMap((t) => metric(row.job, t) ?? []));
     const perTurn = (f: (t: Turn) => number | undefined) => mean(row.turns.map(f));
@@ -465,11 +673,13 @@ function printTable(rows: readonly Row[]): void {
         "",
       ).trim(),
       (Math.max(0, ...row.turns.map((t) => t.peakRssBytes ?? 0)) / 2 ** 20).toFixed(0),
+      perTurn((t) => t.cpuMsPerMiB)?.toFixed(2) ?? "-",
     ]);
   }
   printLines(lines);
   console.log(
-    "\nS3 requests and bytes: mean per s3blk turn. ratios: smallest-largest of the rounds.",
+    "\nS3 requests and bytes: mean per s3blk turn. ratios: smallest-largest of the rounds. " +
+      "CPU ms/MiB: s3blk's process for a whole-volume job, the client for raw GETs.",
   );
 }
 
@@ -509,8 +719,8 @@ function printComparison(beforeFile: string, afterFile: string): void {
         : `${(row.ratio.median / old.ratio.median).toFixed(2)}`;
     lines.push([row.target, row.job, row.reference, cell(old), cell(row), change]);
   }
-  const cold = (r: { clones?: CloneReport }) => r.clones?.coldRead.ratio;
-  const [was, now] = [cold(before), cold(after)];
+  const coldClone = (r: { clones?: CloneReport }) => r.clones?.coldRead.ratio;
+  const [was, now] = [coldClone(before), coldClone(after)];
   if (now !== undefined) {
     const ratio = (r: typeof now) =>
       `${r.median.toFixed(2)}x (${r.min.toFixed(2)}-${r.max.toFixed(2)})`;

@@ -33,7 +33,7 @@ async function socketPath(label: string): Promise<string> {
   return path.join(await mkdtemp(path.join(tmpdir(), `s3blk-bench-${label}-`)), "nbd.sock");
 }
 
-async function startProcess(
+export async function startProcess(
   command: string,
   args: readonly string[],
   socket: string,
@@ -135,15 +135,24 @@ export interface S3blkServeOptions {
   /** Serve Prometheus metrics too (on a free loopback port). Default false. */
   readonly metrics?: boolean;
   readonly env: NodeJS.ProcessEnv;
+  /** The CLI to run (another build, for a before/after run). Default: this build's. */
+  readonly cli?: string;
+  /** Serve read-only. Default false. */
+  readonly readOnly?: boolean;
 }
+
+/** This build's CLI. */
+export const THIS_CLI = path.resolve(
+  path.dirname(new URL(import.meta.url).pathname),
+  "../cli/main.js",
+);
 
 export async function startS3blk(options: S3blkServeOptions): Promise<RunningTarget> {
   const socket = await socketPath("s3blk");
-  const cli = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../cli/main.js");
   return startProcess(
     process.execPath,
     [
-      cli,
+      options.cli ?? THIS_CLI,
       "serve",
       options.volumeUrl,
       "--socket",
@@ -153,6 +162,7 @@ export async function startS3blk(options: S3blkServeOptions): Promise<RunningTar
       "--dirty-size",
       String(options.dirtyBytes),
       ...(options.metrics ? ["--metrics", "127.0.0.1:0"] : []),
+      ...(options.readOnly === true ? ["--read-only"] : []),
     ],
     socket,
     options.env,

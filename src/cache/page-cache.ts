@@ -58,6 +58,7 @@ import { LRUCache } from "lru-cache";
 import type { ChunkStore } from "../volume/chunk-store.js";
 import type { Clock } from "../util/clock.js";
 import { Page, type Fetched } from "./page.js";
+import { defaultReadPolicySettings, ReadPolicy, type ReadPolicySettings } from "./read-policy.js";
 
 export interface PageCacheOptions {
   readonly chunks: ChunkStore;
@@ -91,8 +92,11 @@ export interface PageCacheOptions {
    * Default 64 KiB.
    */
   readonly minRangedReadBytes?: number;
-  /** Chunks fetched ahead of a sequential reader. Default 4. */
-  readonly readaheadChunks?: number;
+  /**
+   * How misses are fetched and what is read ahead (read-policy.ts, where the defaults are). The
+   * read-ahead window is capped at half of `cacheBytes`.
+   */
+  readonly readPolicy?: Partial<Omit<ReadPolicySettings, "chunkSizeBytes">>;
   /** Told of write-back failures. */
   readonly onWritebackError?: (error: Error) => void;
 }
@@ -151,13 +155,13 @@ export class PageCache {
   readonly #writebackDelayMs: number;
   readonly #writebackThresholdBytes: number;
   readonly #writebackThresholdChunks: number;
-  readonly #wholeChunkReadBytes: number;
-  readonly #readaheadChunks: number;
-  readonly #minRangedReadBytes: number;
+  readonly #policy: ReadPolicy;
   readonly #onWritebackError: ((error: Error) => void) | undefined;
   readonly #zeroChunk: Buffer;
 
   readonly #dirty = new Map<number, Page>();
+  /** Chunks whose read-ahead fill may still wait in the queue, at read-ahead priority. */
+  readonly #readaheadQueued = new Set<number>();
   readonly #dirtiedAtMs = new Map<number, number>();
   readonly #clean: LRUCache<number, Page>;
   #roomWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
@@ -168,7 +172,6 @@ export class PageCache {
   /** Pages whose upload is queued or in flight, and the memory they hold. */
   #uploadingPages = 0;
   #uploadingMemory = 0;
-  #lastReadEndBytes = -1;
   #closed = false;
   #stats: CacheStats = {
     dirtyBytes: 0,
@@ -198,12 +201,7 @@ export class PageCache {
     this.#writebackDelayMs = options.writebackDelayMs ?? 5000;
     this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 2;
     this.#writebackThresholdChunks = Math.floor(this.#maxDirtyChunks / 2);
-    this.#wholeChunkReadBytes = options.wholeChunkReadBytes ?? this.chunkSizeBytes / 4;
-    this.#readaheadChunks = options.readaheadChunks ?? 4;
-    this.#minRangedReadBytes = Math.min(
-      this.chunkSizeBytes,
-      Math.max(options.chunks.superblock.checkBlockBytes, options.minRangedReadBytes ?? 64 * 1024),
-    );
+    this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes));
     this.#onWritebackError = options.onWritebackError;
     this.#zeroChunk = Buffer.alloc(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
@@ -248,8 +246,9 @@ export class PageCache {
   /** Fill `buffers`, laid end to end, from byte `offsetBytes` of the volume. */
   async read(offsetBytes: number, buffers: readonly Uint8Array[]): Promise<void> {
     const byChunk = this.#split(offsetBytes, buffers);
-    const sequential = offsetBytes === this.#lastReadEndBytes;
-    this.#lastReadEndBytes = offsetBytes + sumLengths(buffers);
+    const requestBytes = sumLengths(buffers);
+    const plan = this.#policy.onRead(offsetBytes, requestBytes, this.#chunks.chunkCount);
+    const { sequential } = plan;
     const ready: {
       page: Page | undefined;
       pieces: Piece[];
@@ -272,11 +271,11 @@ export class PageCache {
         ready.push({
           page: target,
           pieces,
-          load: this.#load(target, start, end - start, sequential),
+          load: this.#load(target, start, end - start, sequential, requestBytes),
         });
       }
     }
-    if (sequential) this.#readahead(byChunk);
+    this.#readahead(plan.readahead);
     const fetched = await Promise.all(ready.map((r) => r.load));
     // From here on synchronously, so every piece sees the page as it is now.
     ready.forEach(({ page, pieces }, i) => {
@@ -298,10 +297,9 @@ export class PageCache {
   }
 
   /**
-   * Make `[offset, +length)` of `page` valid. Large or sequential misses, and a second miss in
-   * the same chunk, fetch the whole chunk (shared by every reader that needs it meanwhile);
-   * small random misses fetch an aligned span of at least `minRangedReadBytes`, since on S3 a
-   * 64 KiB ranged GET costs no more than a 4 KiB one.
+   * Make `[offset, +length)` of `page` valid. The read policy says whether the miss fetches the
+   * whole chunk (shared by every reader that needs it meanwhile) or a ranged span; joining a
+   * read-ahead that is still queued moves it up to a guest read's priority.
    *
    * Resolves with the fetched bytes when the page could not keep them (see `#keep`); the
    * caller then reads from those, overlaid with what the page knows.
@@ -311,21 +309,27 @@ export class PageCache {
     offsetBytes: number,
     lengthBytes: number,
     sequential: boolean,
+    requestBytes = lengthBytes,
   ): Promise<Fetched | undefined> {
     while (!page.isValid(offsetBytes, lengthBytes)) {
       if (page.fill === undefined) {
-        const wholeWanted =
-          sequential || lengthBytes >= this.#wholeChunkReadBytes || page.rangedReads > 0;
+        const wholeWanted = this.#policy.wantsWhole(
+          sequential,
+          offsetBytes,
+          offsetBytes + lengthBytes,
+        );
         // A dirty page that could not keep the chunk would fetch it whole only to drop it.
         const keepable =
           this.#dirty.get(page.index) !== page ||
           this.#roomForCachedBytes(page.growthFor(0, this.chunkSizeBytes));
         if (!(wholeWanted && keepable)) {
-          const fetched = await this.#fetchRange(page, offsetBytes, lengthBytes);
+          const fetched = await this.#fetchRange(page, offsetBytes, lengthBytes, requestBytes);
           if (fetched !== undefined) return fetched;
           continue;
         }
         this.#fillWhole(page);
+      } else if (this.#readaheadQueued.delete(page.index)) {
+        this.#chunks.promote(page.index);
       }
       const fetched = await page.fill;
       if (fetched !== undefined) return fetched;
@@ -333,24 +337,29 @@ export class PageCache {
     return undefined;
   }
 
-  /** One ranged GET, of whole aligned spans, for a small miss. */
+  /** One ranged GET, of an aligned span the policy sizes by the request, for a small miss. */
   async #fetchRange(
     page: Page,
     offsetBytes: number,
     lengthBytes: number,
+    requestBytes: number,
   ): Promise<Fetched | undefined> {
-    const span = this.#minRangedReadBytes;
-    const start = Math.floor(offsetBytes / span) * span;
-    const end = Math.min(this.chunkSizeBytes, Math.ceil((offsetBytes + lengthBytes) / span) * span);
-    page.rangedReads++;
+    const { startBytes: start, endBytes: end } = this.#policy.rangedSpan(
+      offsetBytes,
+      offsetBytes + lengthBytes,
+      requestBytes,
+    );
     const bytes = await this.#chunks.read(page.index, start, end - start);
     return this.#keep(page, start, bytes, end - start);
   }
 
-  /** Fetch the whole chunk into `page`, once for every reader that needs it meanwhile. */
-  #fillWhole(page: Page): Promise<Fetched | undefined> {
+  /**
+   * Fetch the whole chunk into `page`, once for every reader that needs it meanwhile; as
+   * read-ahead, below the guest's reads in the queue.
+   */
+  #fillWhole(page: Page, readahead = false): Promise<Fetched | undefined> {
     page.fill ??= this.#chunks
-      .read(page.index, 0, this.chunkSizeBytes)
+      .read(page.index, 0, this.chunkSizeBytes, readahead ? "readahead" : "guest")
       .then((bytes) => this.#keep(page, 0, bytes, this.chunkSizeBytes))
       .finally(() => {
         page.fill = undefined;
@@ -376,15 +385,19 @@ export class PageCache {
     return undefined;
   }
 
-  /** Start fetching the chunks after a sequential read, if they are stored and not cached. */
-  #readahead(byChunk: Map<number, Piece[]>): void {
-    const lastIndex = [...byChunk.keys()].at(-1);
-    if (lastIndex === undefined) return;
-    for (let i = lastIndex + 1; i <= lastIndex + this.#readaheadChunks; i++) {
-      if (i >= this.#chunks.chunkCount) break;
+  /** Start fetching the chunks the policy reads ahead, if they are stored and not cached. */
+  #readahead(indexes: readonly number[]): void {
+    for (const i of indexes) {
       if (this.#lookup(i) !== undefined || !this.#chunks.isAllocated(i)) continue;
-      // A failed readahead is forgotten: the page stays unfilled and a real read retries.
-      this.#fillWhole(this.#newCleanPage(i)).catch(() => {});
+      this.#policy.readaheadStarted();
+      this.#readaheadQueued.add(i);
+      // A failed read-ahead is forgotten: the page stays unfilled and a real read retries.
+      this.#fillWhole(this.#newCleanPage(i), true)
+        .catch(() => {})
+        .finally(() => {
+          this.#readaheadQueued.delete(i);
+          this.#policy.readaheadEnded();
+        });
     }
   }
 
@@ -761,6 +774,33 @@ export class PageCache {
     this.#cancelTimer?.();
     this.#cancelTimer = undefined;
   }
+}
+
+/** The read policy's settings: the defaults, the options', the window capped by the cache. */
+function readPolicySettings(options: PageCacheOptions, chunkSizeBytes: number): ReadPolicySettings {
+  const defaults = defaultReadPolicySettings(chunkSizeBytes);
+  const cacheBytes = Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024);
+  const chosen = { ...defaults, ...options.readPolicy };
+  const readaheadMaxBytes = Math.max(
+    chunkSizeBytes,
+    Math.min(
+      chosen.readaheadMaxBytes,
+      Math.floor(cacheBytes / 2 / chunkSizeBytes) * chunkSizeBytes,
+    ),
+  );
+  return {
+    ...chosen,
+    wholeChunkReadBytes: options.wholeChunkReadBytes ?? chosen.wholeChunkReadBytes,
+    minRangedReadBytes: Math.min(
+      chunkSizeBytes,
+      Math.max(
+        options.chunks.superblock.checkBlockBytes,
+        options.minRangedReadBytes ?? chosen.minRangedReadBytes,
+      ),
+    ),
+    readaheadMaxBytes,
+    readaheadMinBytes: Math.min(chosen.readaheadMinBytes, readaheadMaxBytes),
+  };
 }
 
 /** The bytes of a chunk that a run of consecutive pieces covers. */

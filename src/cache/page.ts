@@ -48,8 +48,6 @@ export class Page {
   durableSeq = 0;
   /** The upload queued or in flight for this page, if any. */
   upload: Promise<void> | undefined;
-  /** Ranged GETs made for this page: a second miss fetches the whole chunk instead. */
-  rangedReads = 0;
   /**
    * A whole-chunk fetch in flight, shared by every reader that needs one. It resolves with the
    * bytes when the page could not keep them (the cache decides), else `undefined`.

@@ -37,7 +37,12 @@ import {
   InvalidArgumentError,
 } from "../block/block-device.js";
 import { checkRange, checkRequest } from "../block/validate.js";
-import { PageCache, type CacheStats, type Extent } from "../cache/page-cache.js";
+import {
+  PageCache,
+  type CacheStats,
+  type Extent,
+  type PageCacheOptions,
+} from "../cache/page-cache.js";
 import type { ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { ChunkStore } from "../volume/chunk-store.js";
@@ -80,6 +85,12 @@ export interface DeviceOptions {
    * that opened earlier can finish (see src/volume/garbage.ts). Default 15 minutes.
    */
   readonly gcGraceMs?: number;
+  /**
+   * The fetch and read-ahead policy (src/cache/read-policy.ts has the defaults), for tests and
+   * measurements; not yet a public setting.
+   * @internal
+   */
+  readonly readPolicy?: PageCacheOptions["readPolicy"];
   readonly clock?: Clock;
   readonly onWritebackError?: (error: Error) => void;
 }
@@ -122,6 +133,7 @@ export class ChunkedBlockDevice implements BlockDevice {
       writebackDelayMs: options.writebackDelayMs,
       wholeChunkReadBytes: options.wholeChunkReadBytes,
       minRangedReadBytes: options.minRangedReadBytes,
+      readPolicy: options.readPolicy,
       onWritebackError: options.onWritebackError,
     });
     this.#info = Object.freeze({

@@ -8,6 +8,9 @@
  *   checksum uploads fail on RGW and corrupt data on some servers. Our chunks carry their own
  *   checksums (see docs/format.md).
  * - A custom endpoint implies path-style addressing (`http://host/bucket/key`).
+ * - GETs take the lean path (s3-get.ts): one signed `node:http` request each, not the SDK's
+ *   middleware stack, which cost more CPU per cold MiB than anything else. The SDK still resolves
+ *   the bucket's endpoint (once) and supplies the credentials; every other call goes through it.
  * - Bodies are read straight into one buffer of the announced length, not concatenated.
  *
  * Errors are translated to {@link StoreError} in one table, `translateError`.
@@ -26,6 +29,7 @@ import { NodeHttpHandler } from "@smithy/node-http-handler";
 import http from "node:http";
 import https from "node:https";
 import type { Readable } from "node:stream";
+import { LeanGetter, objectSize, unquote, type BucketEndpoint } from "./s3-get.js";
 import {
   DEFAULT_REQUEST_TIMEOUT_MS,
   MAX_DELETE_BATCH,
@@ -55,6 +59,11 @@ export interface S3StoreOptions {
   readonly requestTimeoutMs?: number;
   /** Connecting for longer than this fails. Default 5 s. */
   readonly connectionTimeoutMs?: number;
+  /**
+   * GETs through the lean path (s3-get.ts) rather than the SDK's `GetObjectCommand`. Default
+   * true; false is for the benchmark's before/after rows and the tests that compare the two.
+   */
+  readonly leanGet?: boolean;
 }
 
 /** The endpoint the environment names for S3, if any: the SDK's standard variables. */
@@ -66,11 +75,16 @@ export class S3Store implements ObjectStore {
   readonly description: string;
   readonly #client: S3Client;
   readonly #bucket: string;
+  readonly #lean: LeanGetter | undefined;
 
   constructor(options: S3StoreOptions) {
     const endpoint = options.endpoint ?? endpointFromEnvironment();
     const maxSockets = options.maxSockets ?? 64;
     const agentOptions = { keepAlive: true, maxSockets, keepAliveMsecs: 1000, scheduling: "lifo" };
+    const httpAgent = new http.Agent(agentOptions as http.AgentOptions);
+    const httpsAgent = new https.Agent(agentOptions as https.AgentOptions);
+    const requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    const connectionTimeoutMs = options.connectionTimeoutMs ?? 5_000;
     this.#bucket = options.bucket;
     this.description = `s3://${options.bucket}${endpoint === undefined ? "" : ` at ${endpoint}`}`;
     this.#client = new S3Client({
@@ -82,16 +96,29 @@ export class S3Store implements ObjectStore {
       requestChecksumCalculation: "WHEN_REQUIRED",
       responseChecksumValidation: "WHEN_REQUIRED",
       requestHandler: new NodeHttpHandler({
-        httpAgent: new http.Agent(agentOptions as http.AgentOptions),
-        httpsAgent: new https.Agent(agentOptions as https.AgentOptions),
+        httpAgent,
+        httpsAgent,
         // A whole request, sent to answered, must finish within the timeout (the lease's fence
         // counts on it), and this version of the handler only warns unless told to throw.
-        requestTimeout: options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+        requestTimeout: requestTimeoutMs,
         throwOnRequestTimeout: true,
-        socketTimeout: options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
-        connectionTimeout: options.connectionTimeoutMs ?? 5_000,
+        socketTimeout: requestTimeoutMs,
+        connectionTimeout: connectionTimeoutMs,
       }),
     });
+    const config = this.#client.config;
+    this.#lean =
+      options.leanGet === false
+        ? undefined
+        : new LeanGetter({
+            endpoint: () => bucketEndpoint(this.#client, options.bucket),
+            credentials: config.credentials,
+            sha256: config.sha256,
+            httpsAgent,
+            maxSockets,
+            requestTimeoutMs,
+            connectionTimeoutMs,
+          });
     // Sign requests without hashing their bodies (SigV4's UNSIGNED-PAYLOAD). Hashing costs
     // ~0.6 ms of CPU per MiB uploaded, and buys nothing here: every chunk carries its own CRCs,
     // verified on every read, and the transport has its own checksums.
@@ -113,6 +140,7 @@ export class S3Store implements ObjectStore {
       throw new StoreError("Permanent", `empty range requested of ${key}`);
     }
     try {
+      if (this.#lean !== undefined) return await this.#lean.get(key, range);
       const response = await this.#client.send(
         new GetObjectCommand({
           Bucket: this.#bucket,
@@ -127,7 +155,7 @@ export class S3Store implements ObjectStore {
         body,
         metadata: response.Metadata ?? {},
         etag: unquote(response.ETag),
-        objectSizeBytes: objectSize(response.ContentRange, body.byteLength),
+        objectSizeBytes: objectSize(response.ContentRange, body),
       };
     } catch (error) {
       if (isNotFound(error)) return undefined;
@@ -217,6 +245,7 @@ export class S3Store implements ObjectStore {
   }
 
   async close(): Promise<void> {
+    this.#lean?.close();
     this.#client.destroy();
   }
 }
@@ -244,13 +273,40 @@ async function readBody(stream: Readable, lengthBytes: number | undefined): Prom
   return body;
 }
 
-function objectSize(contentRange: string | undefined, bodyBytes: number): number {
-  const total = contentRange?.split("/")[1];
-  return total === undefined || total === "*" ? bodyBytes : Number(total);
-}
-
-function unquote(etag: string | undefined): string {
-  return (etag ?? "").replace(/^"|"$/g, "");
+/**
+ * Where `bucket`'s objects are, by the SDK's own endpoint rules (the configured endpoint and path
+ * style, or AWS's virtual-hosted names; FIPS and dual-stack settings), and how to sign for it.
+ * S3's rules give one endpoint per bucket, whatever the key.
+ */
+async function bucketEndpoint(client: S3Client, bucket: string): Promise<BucketEndpoint> {
+  const config = client.config;
+  const custom = await config.endpoint?.();
+  const resolved = config.endpointProvider({
+    Bucket: bucket,
+    Region: await config.region(),
+    UseFIPS: await config.useFipsEndpoint(),
+    UseDualStack: await config.useDualstackEndpoint(),
+    ForcePathStyle: config.forcePathStyle,
+    Accelerate: config.useAccelerateEndpoint,
+    ...(custom === undefined
+      ? {}
+      : {
+          Endpoint: `${custom.protocol}//${custom.hostname}${custom.port === undefined ? "" : `:${custom.port}`}${custom.path}`,
+        }),
+  });
+  const url = resolved.url;
+  const scheme = (
+    resolved.properties?.authSchemes as
+      { name?: string; signingRegion?: string; signingName?: string }[] | undefined
+  )?.find((s) => s.name === "sigv4");
+  return {
+    protocol: url.protocol,
+    hostname: url.hostname,
+    port: url.port === "" ? undefined : Number(url.port),
+    basePath: url.pathname.replace(/\/+$/, ""),
+    signingRegion: scheme?.signingRegion ?? (await config.region()),
+    signingName: scheme?.signingName ?? "s3",
+  };
 }
 
 function statusOf(error: unknown): number | undefined {

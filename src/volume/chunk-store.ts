@@ -52,9 +52,13 @@ import {
   type Superblock,
 } from "./format.js";
 
-/** Queue priorities: larger runs first. */
+/** Queue priorities: larger runs first. Read-ahead waits for the guest's reads and writes. */
 const PRIORITY_READ = 2;
 const PRIORITY_WRITE = 1;
+const PRIORITY_READAHEAD = 0;
+
+/** Who a read is for: the guest (first in the queue), or read-ahead (after everything else). */
+export type ReadPriority = "guest" | "readahead";
 
 export interface ChunkStoreOptions {
   readonly store: ObjectStore;
@@ -90,6 +94,10 @@ export interface WriterTerm {
    */
   readonly epoch?: number;
   readonly writerId: string;
+}
+
+function readaheadId(index: number): string {
+  return `readahead-${index}`;
 }
 
 /** GETs of one chunk that found their object superseded meanwhile, at most, before failing. */
@@ -228,10 +236,27 @@ export class ChunkStore {
    * Bytes `[offsetBytes, offsetBytes + lengthBytes)` of chunk `index`, verified; `undefined` if
    * the chunk reads as zeros. The range must be whole check blocks.
    */
-  read(index: number, offsetBytes: number, lengthBytes: number): Promise<Uint8Array | undefined> {
-    return this.#queue.add(() => this.#get(index, offsetBytes, lengthBytes), {
-      priority: PRIORITY_READ,
-    });
+  read(
+    index: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    priority: ReadPriority = "guest",
+  ): Promise<Uint8Array | undefined> {
+    return this.#queue.add(
+      () => this.#get(index, offsetBytes, lengthBytes),
+      priority === "guest"
+        ? { priority: PRIORITY_READ }
+        : { priority: PRIORITY_READAHEAD, id: readaheadId(index) },
+    );
+  }
+
+  /** A guest now waits for chunk `index`'s read-ahead: if it is still queued, it goes first. */
+  promote(index: number): void {
+    try {
+      this.#queue.setPriority(readaheadId(index), PRIORITY_READ);
+    } catch {
+      // Already sent (or done): nothing to move.
+    }
   }
 
   async #get(
