@@ -28,11 +28,14 @@ interface StoredObject {
 /** Keys per listing page, like S3's default. */
 const LIST_PAGE_KEYS = 1000;
 
+/** Numbers unnamed stores, so that two never share a description (a key space's name). */
+let unnamedStores = 0;
+
 export class MemoryStore implements ObjectStore {
   readonly description: string;
   readonly #objects = new Map<string, StoredObject>();
 
-  constructor(name = "anonymous") {
+  constructor(name = `anonymous-${++unnamedStores}`) {
     this.description = `memory://${name}`;
   }
 
