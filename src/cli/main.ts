@@ -396,7 +396,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .option(
       "--lease-duration <duration>",
-      "how long a volume's lease lasts unrenewed; a takeover of a dead holder waits this long (default 60s)",
+      "how long the process lease lasts unrenewed (renewed every half of it); a crashed holder on another host is taken over after about this long (default 120s)",
       durationOption,
     )
     .addOption(

@@ -26,7 +26,7 @@ import {
   VolumeVersionError,
   type OpenOptions,
 } from "../lifecycle/volume-lifecycle.js";
-import { LeaseHeldError } from "../volume/lease.js";
+import { LeaseHeldError, ProcessLeases } from "../volume/lease.js";
 import { FORMAT_VERSION } from "../volume/format.js";
 import { splitSnapshotUrl } from "../volume/snapshots.js";
 import { NbdExport } from "../nbd/exports.js";
@@ -62,7 +62,7 @@ export interface ServeOptions {
   /** How long garbage waits for readers that opened before, in ms (see garbage.ts). */
   readonly gcGrace?: number;
   readonly force?: boolean;
-  /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
+  /** How long the process lease lasts without renewal, in ms (see lease.ts). Default 120 s. */
   readonly leaseDuration?: number;
   readonly verbose?: boolean;
   /** nbdkit's `--tls`: off (default), on (offered), require. */
@@ -186,8 +186,11 @@ export async function serve(
     lease: {
       force: options.force ?? false,
       durationMs: options.leaseDuration,
+      // One process lease per bucket (or directory) for every volume served: one renewal a
+      // minute, however many volumes.
+      processLeases: new ProcessLeases(),
       log: (line) => env.err(`s3blk: lease: ${line}`),
-      onLost: (error) => env.err(`s3blk: ${error.message}; refusing further writes`),
+      onLost: (error) => env.err(`s3blk: ${error.message}`),
     },
     ...(options.cacheSize === undefined ? {} : { cacheBytes: options.cacheSize }),
     ...(options.dirtySize === undefined ? {} : { maxDirtyBytes: options.dirtySize }),
