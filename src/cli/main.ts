@@ -443,7 +443,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           // bind must still stop the server cleanly, not kill it with the default action.
           waitForStop: listenForStop({
             // Nothing has been served yet, so nothing can be lost: a second Ctrl-C during a
-            // slow start (a lease takeover waits up to a minute) need not wait for it.
+            // slow start (a lease takeover waits up to two minutes) need not wait for it.
             onSecondWhileStarting: (signal) => {
               console.error(`s3blk: second ${signal} while starting: exiting (nothing was served)`);
               process.exit(130);
