@@ -139,9 +139,12 @@ export {
   LeaseHeldError,
   LeaseLostError,
   LeaseTimingError,
+  ProcessLeases,
   type LeaseHolder,
   type LeaseOptions,
   type LeaseRecord,
+  type ProcessLeaseRecord,
+  type RevokedClaim,
 } from "./volume/lease.js";
 
 // The device.

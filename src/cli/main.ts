@@ -407,7 +407,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     )
     .option(
       "--lease-duration <duration>",
-      "how long a volume's lease lasts unrenewed; a takeover of a dead holder waits this long (default 60s)",
+      "how long the process lease lasts unrenewed (renewed every half of it); a crashed holder on another host is taken over after about this long (default 120s)",
       durationOption,
     )
     .addOption(
@@ -473,7 +473,7 @@ export function buildProgram(out: (line: string) => void = console.log): Command
           // bind must still stop the server cleanly, not kill it with the default action.
           waitForStop: listenForStop({
             // Nothing has been served yet, so nothing can be lost: a second Ctrl-C during a
-            // slow start (a lease takeover waits up to a minute) need not wait for it.
+            // slow start (a lease takeover waits up to two minutes) need not wait for it.
             onSecondWhileStarting: (signal) => {
               logger.warn(`second ${signal} while starting: exiting (nothing was served)`);
               process.exit(130);

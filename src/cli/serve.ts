@@ -26,7 +26,7 @@ import {
   VolumeVersionError,
   type OpenOptions,
 } from "../lifecycle/volume-lifecycle.js";
-import { LeaseHeldError } from "../volume/lease.js";
+import { LeaseHeldError, ProcessLeases } from "../volume/lease.js";
 import { FORMAT_VERSION } from "../volume/format.js";
 import { splitSnapshotUrl } from "../volume/snapshots.js";
 import { NbdExport } from "../nbd/exports.js";
@@ -79,7 +79,7 @@ export interface ServeOptions {
   /** How long garbage waits for readers that opened before, in ms (see garbage.ts). */
   readonly gcGrace?: number;
   readonly force?: boolean;
-  /** How long a lease lasts without renewal, in ms (see lease.ts). Default 60 s. */
+  /** How long the process lease lasts without renewal, in ms (see lease.ts). Default 120 s. */
   readonly leaseDuration?: number;
   /** nbdkit's `--tls`: off (default), on (offered), require. */
   readonly tls?: TlsMode;
@@ -208,11 +208,15 @@ export async function serve(
     options.metrics === undefined ? undefined : parseListen(options.metrics, "--metrics");
   const prices = priceTable(options.prices);
 
+  // One process lease per bucket (or directory) for every volume served: one renewal a minute,
+  // however many volumes.
+  const processLeases = new ProcessLeases();
   const deviceOptions = (logger: Logger): OpenOptions => ({
     readOnly: options.readOnly ?? false,
     lease: {
       force: options.force ?? false,
       durationMs: options.leaseDuration,
+      processLeases,
       log: (line) => {
         if (/fail|could not/.test(line)) logger.warn(`lease: ${line}`);
         else logger.info(`lease: ${line}`);

@@ -15,10 +15,18 @@ export class Fence {
   #check: (() => StoreError | undefined) | undefined;
   #exemptKeys = new Set<string>();
 
-  /** Refuse writes whenever `check` returns an error; `key` (the lease itself) stays writable. */
-  arm(check: () => StoreError | undefined, exemptKey: string): void {
+  /**
+   * Refuse writes whenever `check` returns an error. The `exemptKeys` (the lease's own records:
+   * the volume's claim and the process lease renewed through this store) stay writable.
+   */
+  arm(check: () => StoreError | undefined, ...exemptKeys: readonly string[]): void {
     this.#check = check;
-    this.#exemptKeys.add(exemptKey);
+    for (const key of exemptKeys) this.#exemptKeys.add(key);
+  }
+
+  /** Let writes of `keys` through whatever the check says (the lease's own records). */
+  exempt(...keys: readonly string[]): void {
+    for (const key of keys) this.#exemptKeys.add(key);
   }
 
   /** Throw if a write of `key` may not be sent now. */

@@ -28,6 +28,9 @@ interface StoredObject {
 /** Keys per listing page, like S3's default. */
 const LIST_PAGE_KEYS = 1000;
 
+/** Numbers unnamed stores, so that two never share a description (a key space's name). */
+let unnamedStores = 0;
+
 export class MemoryStore implements ObjectStore {
   readonly description: string;
   readonly #objects = new Map<string, StoredObject>();
@@ -35,7 +38,10 @@ export class MemoryStore implements ObjectStore {
   readonly #wallClockMs: () => number;
 
   /** `wallClockMs`: the store's clock, which dates objects (`lastModifiedMs`). Default Date.now. */
-  constructor(name = "anonymous", options: { readonly wallClockMs?: () => number } = {}) {
+  constructor(
+    name = `anonymous-${++unnamedStores}`,
+    options: { readonly wallClockMs?: () => number } = {},
+  ) {
     this.description = `memory://${name}`;
     this.#wallClockMs = options.wallClockMs ?? Date.now;
   }

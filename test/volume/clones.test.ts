@@ -292,8 +292,9 @@ describe.each(backends)("a version 2 base on $name", (backend) => {
     const before = await objectsOf(base);
     const upgrading = base.stack();
     expect(await upgradeVolume(upgrading)).toMatchObject({ upgraded: true, fromVersion: 2 });
-    // The lease (GET, two PUTs) and the superblock (PUT): no seal, no chunk.
-    expect(upgrading.counter.counts()).toMatchObject({ puts: 3, lists: 0 });
+    // The lease (a PUT and a DELETE of the process lease, a GET and two PUTs of the claim) and
+    // the superblock (PUT): no seal, no chunk.
+    expect(upgrading.counter.counts()).toMatchObject({ puts: 4, deletes: 1, lists: 0 });
     const after = await objectsOf(base);
     const changed = [...after].filter(([k, etag]) => before.get(k) !== etag).map(([k]) => k);
     expect(changed.sort()).toEqual([key, `${stack.prefix}/lease.json`].sort());

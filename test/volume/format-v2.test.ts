@@ -296,14 +296,14 @@ describe.each(backends)("upgrading a version 1 volume on $name", (backend) => {
   });
 
   it("survives a crash at any step of the upgrade: running it again finishes it", async () => {
-    // Fail each write the upgrade makes in turn (the lease, the seal, the superblock): the
-    // volume stays a readable version 1 volume, and a second run completes it.
-    for (const needle of ["lease.json", "seals/", "volume.json"]) {
+    // Fail each write the upgrade makes in turn (the process lease, the claim, the seal, the
+    // superblock): the volume stays a readable version 1 volume, and a second run completes it.
+    for (const needle of ["s3blk-processes/", "lease.json", "seals/", "volume.json"]) {
       let fault: FaultStore | undefined;
       const { stack } = await version1Volume(`crash-${needle.slice(0, 4)}`);
       const failing = stack((s) => (fault = new FaultStore(s)));
       fault?.inject({ operations: ["put"], keyIncludes: needle, code: "Permanent" });
-      await expect(upgradeVolume(failing, { lease: { durationMs: 30_000 } })).rejects.toThrow();
+      await expect(upgradeVolume(failing)).rejects.toThrow(/injected fault: put/);
       const readOnly = await openVolume(stack(), { readOnly: true });
       expect(readOnly.superblock.formatVersion).toBe(1);
       await expectData(readOnly);
