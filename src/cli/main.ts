@@ -363,7 +363,9 @@ export function buildProgram(out: (line: string) => void = console.log): Command
         const closed = await device.disconnect();
         if (!closed.ok) throw new UserError(ppWriteError(closed.error));
         out(`wrote and read back sector 2048: ${back.toString("utf8").replace(/\0+$/, "").trim()}`);
-        out(`stored chunks: ${(await describeVolume(stack)).storedChunks}`);
+        // The device closed the stack's store with itself: describe through a new one.
+        const stored = await withStack(url, program, (again) => describeVolume(again));
+        out(`stored chunks: ${stored.storedChunks}`);
         out(`next: s3blk info ${url}`);
       });
     });

@@ -292,8 +292,10 @@ describe.each(backends())("kill -9 during clone and gc on $name", (backend) => {
     // Its first write is its clock (the writer beside it writes too).
     const killer = new Killer(backend, "/gc/");
     for (let round = 1; round <= ROUNDS; round++) {
-      // This writer keeps its own garbage (an hour's grace): collecting it is gc's work.
-      const device = await open(baseUrl, { gcGraceMs: HOUR, cacheBytes: 4 * CHUNK });
+      // This writer keeps its own garbage (an hour's grace): collecting it is gc's work. It
+      // holds no lease, so that this process can delete a snapshot beside it (a deletion takes
+      // the lease, as a snapshot's creation does); gc, the process killed, takes none.
+      const device = await open(baseUrl, { gcGraceMs: HOUR, cacheBytes: 4 * CHUNK, lease: false });
       const rewrite = async (sector: number, sectors: number, seed: number) => {
         const bytes = pattern(seed, sector, sectors);
         await write(device, sector, bytes);

@@ -98,12 +98,13 @@ describe.each(backends)("request accounting on $name", (backend) => {
     Buffer.from(pattern(2, 8, 8)).copy(expected, 8 * 512);
     expect(Buffer.from(out).equals(expected)).toBe(true);
     await device.disconnect();
-    // The superseded object of chunk 0, in one batch (plus the lease's release).
+    // The superseded object of chunk 0, in one batch, plus the claim's release (a PUT) and
+    // the process lease's (a DELETE: this was the process's last volume in the bucket).
     expect(stack.counter.counts()).toMatchObject({
       gets: 1,
       puts: 2,
       deleteBatches: 1,
-      deletes: 0,
+      deletes: 1,
     });
   });
 
@@ -191,12 +192,13 @@ describe.each(backends)("request accounting on $name", (backend) => {
     expect((await device.write(0, [pattern(9, 0, (8 * CHUNK) / 512)])).ok).toBe(true);
     expect((await device.flush()).ok).toBe(true);
     expect((await device.disconnect()).ok).toBe(true);
-    // 8 chunk PUTs and the lease's release; no GET (whole chunks), one DeleteObjects.
+    // 8 chunk PUTs and the claim's release; no GET (whole chunks), one DeleteObjects, and
+    // the process lease's DELETE.
     expect(stack.counter.counts()).toMatchObject({
       puts: 9,
       gets: 0,
       deleteBatches: 1,
-      deletes: 0,
+      deletes: 1,
       lists: 0,
     });
   });
@@ -212,12 +214,13 @@ describe.each(backends)("request accounting on $name", (backend) => {
 
     const writing = volume.stack();
     const writer = await volume.open({}, writing);
-    // Plus the lease (a GET and a PUT), LISTs of snapshots/ and trash/ (none here: no GET),
-    // this term's seal (a PUT), and one DeleteObjects of the previous seal.
+    // Plus the claim (a GET and a PUT; it names no live holder) and this process's lease (a
+    // PUT), LISTs of snapshots/ and trash/ (none here: no GET), this term's seal (a PUT), and
+    // one DeleteObjects of the previous seal.
     expect(writing.counter.counts()).toMatchObject({
       gets: 3,
       lists: 4,
-      puts: 2,
+      puts: 3,
       deleteBatches: 1,
       deletes: 0,
     });
