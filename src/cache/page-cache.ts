@@ -160,6 +160,11 @@ export class PageCache {
   readonly #zeroChunk: Buffer;
 
   readonly #dirty = new Map<number, Page>();
+  /** Ranged GETs in flight, per page, each settled (never rejected) once it ends. */
+  readonly #rangedInFlight = new Map<
+    Page,
+    { startBytes: number; endBytes: number; done: Promise<void> }[]
+  >();
   /** Chunks whose read-ahead fill may still wait in the queue, at read-ahead priority. */
   readonly #readaheadQueued = new Set<number>();
   readonly #dirtiedAtMs = new Map<number, number>();
@@ -323,6 +328,15 @@ export class PageCache {
           this.#dirty.get(page.index) !== page ||
           this.#roomForCachedBytes(page.growthFor(0, this.chunkSizeBytes));
         if (!(wholeWanted && keepable)) {
+          // A ranged GET in flight that covers this miss serves it (a guest's parallel reads of
+          // neighbouring blocks would otherwise fetch one span twice); then look again.
+          const covering = this.#rangedInFlight
+            .get(page)
+            ?.find((r) => r.startBytes <= offsetBytes && offsetBytes + lengthBytes <= r.endBytes);
+          if (covering !== undefined) {
+            await covering.done;
+            continue;
+          }
           const fetched = await this.#fetchRange(page, offsetBytes, lengthBytes, requestBytes);
           if (fetched !== undefined) return fetched;
           continue;
@@ -349,8 +363,17 @@ export class PageCache {
       offsetBytes + lengthBytes,
       requestBytes,
     );
-    const bytes = await this.#chunks.read(page.index, start, end - start);
-    return this.#keep(page, start, bytes, end - start);
+    const inFlight = this.#rangedInFlight.get(page) ?? [];
+    this.#rangedInFlight.set(page, inFlight);
+    const read = this.#chunks.read(page.index, start, end - start);
+    const entry = { startBytes: start, endBytes: end, done: read.then(noop, noop) };
+    inFlight.push(entry);
+    try {
+      return this.#keep(page, start, await read, end - start);
+    } finally {
+      inFlight.splice(inFlight.indexOf(entry), 1);
+      if (inFlight.length === 0) this.#rangedInFlight.delete(page);
+    }
   }
 
   /**
@@ -810,6 +833,8 @@ function extentOf(pieces: readonly Piece[]): { start: number; end: number } {
   assert(first !== undefined && last !== undefined);
   return { start: first.chunkOffsetBytes, end: last.chunkOffsetBytes + last.bytes.byteLength };
 }
+
+function noop(): void {}
 
 function sumLengths(buffers: readonly Uint8Array[]): number {
   let n = 0;

@@ -61,7 +61,6 @@ export class Http1Client {
   readonly #idle: Connection[] = [];
   readonly #waiters: ((connection: Connection | undefined) => void)[] = [];
   #open = 0;
-  #closed = false;
 
   constructor(options: Http1ClientOptions) {
     this.#options = options;
@@ -96,15 +95,16 @@ export class Http1Client {
     }
   }
 
-  /** Close every connection; requests in flight fail. */
+  /**
+   * Close the idle connections. Requests in flight finish; a later request opens a new
+   * connection, as the SDK's clients do after `destroy()` (callers close a store and go on
+   * using it).
+   */
   close(): void {
-    this.#closed = true;
     for (const connection of this.#idle.splice(0)) connection.destroy();
-    for (const waiter of this.#waiters.splice(0)) waiter(undefined);
   }
 
   async #acquire(signal: AbortSignal): Promise<Connection> {
-    if (this.#closed) throw new Http1Error("ECONNABORTED", "the client is closed");
     const idle = this.#idle.pop();
     if (idle !== undefined) {
       idle.unidle();
@@ -138,7 +138,7 @@ export class Http1Client {
 
   /** A connection finished a request: keep it for the next, or close it. */
   #release(connection: Connection, keep: boolean): void {
-    if (keep && !this.#closed && connection.usable) {
+    if (keep && connection.usable) {
       const waiter = this.#waiters.shift();
       if (waiter !== undefined) waiter(connection);
       else {

@@ -188,6 +188,25 @@ describe("read-ahead in the device", () => {
     await device.disconnect();
   });
 
+  it("serves concurrent small misses in one span with one ranged GET", async () => {
+    const store = new RecordingStore(new MemoryStore());
+    const stack = await filledVolume(store);
+    const device = await openVolume(stack, { readOnly: true });
+    store.gets.length = 0;
+    const outs = [0, 8, 16, 120].map(() => new Uint8Array(4096));
+    const results = await Promise.all(
+      [0, 8, 16, 120].map((sector, i) => device.read(CHUNK / 512 + sector, [outs[i]!])),
+    );
+    expect(results.every((r) => r.ok)).toBe(true);
+    [0, 8, 16, 120].forEach((sector, i) =>
+      expect(Buffer.from(outs[i]!).equals(Buffer.from(pattern(7, CHUNK / 512 + sector, 8)))).toBe(
+        true,
+      ),
+    );
+    expect(store.gets).toEqual([{ chunk: 1, lengthBytes: 64 * 1024 }]);
+    await device.disconnect();
+  });
+
   it("fetches short scattered runs without read-ahead, under twice what was read", async () => {
     const store = new RecordingStore(new MemoryStore());
     const stack = await filledVolume(store);
