@@ -71,6 +71,9 @@ export type RequestOutcome = (typeof REQUEST_OUTCOMES)[number];
 /** Requests per operation and outcome. */
 export type OutcomeCounts = Record<StoreOperation, Record<RequestOutcome, number>>;
 
+/** Where process leases live, at the root of the key space (see lease.ts). */
+const PROCESS_LEASE_PREFIX = "s3blk-processes/";
+
 /** Writes of the lease object, by what they were. Attempts: a retried renewal counts twice. */
 export interface LeaseWriteCounts {
   acquisitions: number;
@@ -160,7 +163,25 @@ export class CountingStore extends StoreLayer {
     this.#counts.puts++;
     this.#counts.bytesOut += body.byteLength;
     const put = this.#count("PutObject", this.inner.put(key, body, options));
-    return key === this.#leaseKey ? this.#leaseWrite(put, body) : put;
+    if (key === this.#leaseKey) return this.#leaseWrite(put, body);
+    // The process lease (lease.ts), renewed through one of its volumes' stacks.
+    if (key.startsWith(PROCESS_LEASE_PREFIX)) {
+      return this.#processLeaseWrite(put, options?.ifMatch === undefined);
+    }
+    return put;
+  }
+
+  /** A write of the process lease: its creation is an acquisition, every rewrite a renewal. */
+  async #processLeaseWrite(put: Promise<PutResult>, creates: boolean): Promise<PutResult> {
+    try {
+      const result = await put;
+      if (creates) this.#lease.acquisitions++;
+      else this.#lease.renewals++;
+      return result;
+    } catch (error) {
+      if (!creates) this.#lease.renewalFailures++;
+      throw error;
+    }
   }
 
   override delete(key: string): Promise<void> {

@@ -90,12 +90,7 @@ import {
   type LeaseRecord,
   type ProcessLeaseRecord,
 } from "./lease-records.js";
-import {
-  ProcessLeases,
-  type ClaimMember,
-  type LossReason,
-  type ProcessLease,
-} from "./process-lease.js";
+import { ProcessLeases, type LossReason, type ProcessLease } from "./process-lease.js";
 
 export {
   LEASE_FORMAT,
@@ -220,7 +215,8 @@ type Decision =
   | { readonly take: true; readonly waitUntilWallMs?: number; readonly displaced?: LeaseHolder }
   | { readonly take: false }; // something changed under us: look again
 
-export class Lease implements ClaimMember {
+// A ClaimMember of its process lease (structurally: that interface is internal).
+export class Lease {
   readonly key: string;
   readonly store: ObjectStore;
   #claim: LeaseRecord;

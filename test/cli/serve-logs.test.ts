@@ -44,7 +44,7 @@ describe.skipIf(s3 === undefined || missing.length > 0)("the log of a serve sess
         url,
         ...["--listen", "127.0.0.1:0", "--log-level", "debug", "--metrics", "127.0.0.1:0"],
         ...["--tls=require", "--tls-psk", path.join(keys, "keys.psk")],
-        ...["--writeback-delay", "100", "--lease-duration", "10s"],
+        ...["--writeback-delay", "100", "--lease-duration", "15s"],
       ],
       { env: s3Env(target, proxy.endpoint), globalArgs: ["--request-timeout", "1s"] },
     );
@@ -52,7 +52,7 @@ describe.skipIf(s3 === undefined || missing.length > 0)("the log of a serve sess
     // Some uploads fail and are retried; one renewal fails every attempt, and that is logged
     // with the store's error.
     proxy.inject({ kind: "503", methods: ["PUT"], pathIncludes: "/chunks/", times: 4 });
-    proxy.inject({ kind: "reset", methods: ["PUT"], pathIncludes: "lease.json", times: 6 });
+    proxy.inject({ kind: "reset", methods: ["PUT"], pathIncludes: "s3blk-processes/", times: 6 });
 
     const tlsObject = `tls-creds-psk,id=tls0,dir=${keys},username=alice,endpoint=client`;
     const image = `driver=nbd,host=127.0.0.1,port=${port},export=${name},tls-creds=tls0`;
@@ -66,8 +66,8 @@ describe.skipIf(s3 === undefined || missing.length > 0)("the log of a serve sess
     expect(map.code).toBe(0);
     const plain = await run("nbdinfo", ["--size", `nbd://127.0.0.1:${port}/${name}`]);
     expect(plain.code).not.toBe(0);
-    // Past the renewal that fails (the first, 2.5 s in, retried for up to 3 s) and the next.
-    await new Promise((r) => setTimeout(r, 6_000));
+    // Past the process lease's renewal that fails (the first, 7.5 s in, retried for up to 3 s).
+    await new Promise((r) => setTimeout(r, 12_000));
     expect(await serve.stop()).toBe(0);
 
     const log = serve.stderr();
