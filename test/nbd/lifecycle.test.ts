@@ -101,7 +101,12 @@ describe.each(backends)("stopping s3blk serve on $name", (backend) => {
 
       const [read, copied] = await Promise.all([reader, copy]);
       expect(read.stdout + read.stderr).not.toMatch(/Pattern verification failed/);
-      expect(read.stdout).toMatch(/read 16777216\/16777216 bytes/); // some reads did succeed
+      // Some reads did succeed. (Once seen: every read failed, and the reason is not known; the
+      // message carries what the server and the reader said.)
+      expect(
+        read.stdout,
+        `reader saw ${readerOut.length} bytes live; server stderr:\n${server.stderr().slice(-4000)}`,
+      ).toMatch(/read 16777216\/16777216 bytes/);
       expect(read.stdout + read.stderr).toMatch(/failed|error/i);
       expect(copied.code).not.toBe(0);
       expect(copied.stderr.length).toBeGreaterThan(0);
