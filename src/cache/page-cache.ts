@@ -669,7 +669,6 @@ export class PageCache {
 
   #startUpload(page: Page): Promise<void> {
     assert(page.upload === undefined && page.isDirty);
-    let seq: number | undefined;
     let image: Buffer | undefined;
     const upload = this.#chunks
       .write(page.index, async (readWhole) => {
@@ -678,16 +677,15 @@ export class PageCache {
           const stored = await readWhole();
           if (stored !== undefined) base = asBuffer(stored);
         }
-        // From here to the return, synchronously: the image is the page as of `seq`.
-        seq = page.writeSeq;
-        page.state = "writing";
+        // From here to the return, synchronously: the image is the page as it is now.
+        page.beginUpload();
         image = page.image(base, this.#zeroChunk);
         return image;
       })
       .then(
         () => {
           this.#uploadEnded(page);
-          this.#uploaded(page, seq, image);
+          this.#uploaded(page, image);
         },
         (error: unknown) => {
           this.#uploadEnded(page);
@@ -710,18 +708,16 @@ export class PageCache {
   }
 
   /**
-   * The store holds `image` (undefined: no object) as of `seq`. A page written meanwhile stays
+   * The store holds `image` (undefined: no object) as of the page's image. A page written meanwhile stays
    * dirty; otherwise it is clean. Either way its unknown sectors may now be taken from the
    * image: a clean page adopts it (the LRU bounds it), a dirty one only while dirty memory
    * stays under the write-back threshold.
    */
-  #uploaded(page: Page, seq: number | undefined, image: Buffer | undefined): void {
-    assert(seq !== undefined);
+  #uploaded(page: Page, image: Buffer | undefined): void {
     this.#stats.uploads++;
     this.#retryDelayMs = 0;
-    page.durableSeq = seq;
-    if (page.state === "writing") {
-      page.state = "clean";
+    page.uploadSucceeded();
+    if (page.state === "clean") {
       this.#dirty.delete(page.index);
       this.#dirtiedAtMs.delete(page.index);
       this.#dirtyMemory -= page.memoryBytes;
@@ -731,7 +727,6 @@ export class PageCache {
       this.#roomWaiters = [];
       for (const waiter of waiters) waiter.resolve();
     } else {
-      page.state = "dirty";
       this.#dirtiedAtMs.set(page.index, this.#clock.nowMs());
       // Keep the image only while dirty memory stays under the write-back threshold, so that
       // pages kept whole never crowd out new writes.
@@ -744,7 +739,7 @@ export class PageCache {
 
   #uploadFailed(page: Page, error: unknown): never {
     this.#stats.uploadFailures++;
-    page.state = "dirty";
+    page.uploadFailed();
     this.#retryDelayMs = Math.min(MAX_RETRY_DELAY_MS, Math.max(1000, this.#retryDelayMs * 2));
     const failure = error instanceof Error ? error : new Error(String(error));
     this.#onWritebackError?.(failure);
