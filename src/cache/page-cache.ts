@@ -61,7 +61,8 @@
  * - chunk-pieces.ts: splitting a request into per-chunk pieces;
  * - read-policy.ts: what a miss fetches, and what is read ahead;
  * - dirty-set.ts: the dirty pages and their accounts, bounds and thresholds;
- * - writeback.ts: when uploads start, what their end does, writers waiting for room.
+ * - writeback.ts: when uploads start, what their end does, writers waiting for room;
+ * - invariants.ts: the cross-checks the model tests run after every step.
  */
 
 import { LRUCache } from "lru-cache";
@@ -69,6 +70,7 @@ import type { ChunkStore } from "../volume/chunk-store.js";
 import type { Clock } from "../util/clock.js";
 import { ChunkPieces } from "./chunk-pieces.js";
 import { DirtySet } from "./dirty-set.js";
+import { checkCacheInvariants } from "./invariants.js";
 import { Page, type Fetched } from "./page.js";
 import { defaultReadPolicySettings, ReadPolicy, type ReadPolicySettings } from "./read-policy.js";
 import { Writeback } from "./writeback.js";
@@ -212,6 +214,15 @@ export class PageCache {
       readHits: this.#readHits,
       readMisses: this.#readMisses,
     };
+  }
+
+  /**
+   * Throw, with a message naming the first account found wrong, if the cache's structures and
+   * totals disagree (invariants.ts). For tests: it walks every page.
+   * @internal
+   */
+  checkInvariants(): void {
+    checkCacheInvariants({ dirty: this.#dirty, clean: this.#clean, chargeOf: cleanChargeBytes });
   }
 
   /**
