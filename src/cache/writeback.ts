@@ -39,12 +39,6 @@ export class WritebackError extends Error {
 const MAX_RETRY_DELAY_MS = 30_000;
 
 export class Writeback {
-  /** Uploads that succeeded, and those that failed (after the store layer's retries). */
-  uploads = 0;
-  uploadFailures = 0;
-  /** Times a writer waited for room. */
-  backpressureWaits = 0;
-
   readonly #chunks: ChunkStore;
   readonly #dirty: DirtySet;
   readonly #clock: Clock;
@@ -56,6 +50,9 @@ export class Writeback {
   #cancelTimer: (() => void) | undefined;
   #retryDelayMs = 0;
   #closed = false;
+  #uploads = 0;
+  #uploadFailures = 0;
+  #backpressureWaits = 0;
 
   constructor(options: WritebackOptions) {
     this.#chunks = options.chunks;
@@ -67,9 +64,24 @@ export class Writeback {
     this.#zeroChunk = Buffer.alloc(options.chunks.superblock.chunkSizeBytes);
   }
 
+  /** Uploads that succeeded. */
+  get uploads(): number {
+    return this.#uploads;
+  }
+
+  /** Uploads that failed (after the store layer's retries). */
+  get uploadFailures(): number {
+    return this.#uploadFailures;
+  }
+
+  /** Times a writer waited for room. */
+  get backpressureWaits(): number {
+    return this.#backpressureWaits;
+  }
+
   /** Wait until an upload ends well (there may be room then); rejects if one fails first. */
   waitForRoom(): Promise<void> {
-    this.backpressureWaits++;
+    this.#backpressureWaits++;
     return new Promise<void>((resolve, reject) => {
       this.#roomWaiters.push({ resolve, reject });
       this.#kick();
@@ -199,7 +211,7 @@ export class Writeback {
    * dirty memory stays under the write-back threshold.
    */
   #uploaded(page: Page, image: Buffer | undefined): void {
-    this.uploads++;
+    this.#uploads++;
     this.#retryDelayMs = 0;
     page.uploadSucceeded();
     const chunkSizeBytes = page.chunkSizeBytes;
@@ -222,7 +234,7 @@ export class Writeback {
   }
 
   #uploadFailed(page: Page, error: unknown): never {
-    this.uploadFailures++;
+    this.#uploadFailures++;
     page.uploadFailed();
     this.#retryDelayMs = Math.min(MAX_RETRY_DELAY_MS, Math.max(1000, this.#retryDelayMs * 2));
     const failure = error instanceof Error ? error : new Error(String(error));
