@@ -51,14 +51,31 @@
  * when a writer is waiting for room, and every page on `flush`.
  * Rewriting a dirty page before then costs nothing more, so rewriting one sector a thousand times
  * costs one upload.
+ *
+ * ## Modules
+ *
+ * `PageCache` is the coordinator: it finds pages, fetches what reads miss, and moves pages
+ * between the clean LRU and the dirty set. Each other job has a module of its own:
+ *
+ * - page.ts: one page's bytes, known sectors and state transitions;
+ * - chunk-pieces.ts: splitting a request into per-chunk pieces;
+ * - read-policy.ts: what a miss fetches, and what is read ahead;
+ * - dirty-set.ts: the dirty pages and their accounts, bounds and thresholds;
+ * - writeback.ts: when uploads start, what their end does, writers waiting for room;
+ * - invariants.ts: the cross-checks the model tests run after every step.
  */
 
-import assert from "node:assert/strict";
 import { LRUCache } from "lru-cache";
 import type { ChunkStore } from "../volume/chunk-store.js";
 import type { Clock } from "../util/clock.js";
+import { ChunkPieces } from "./chunk-pieces.js";
+import { DirtySet } from "./dirty-set.js";
+import { checkCacheInvariants } from "./invariants.js";
 import { Page, type Fetched } from "./page.js";
 import { defaultReadPolicySettings, ReadPolicy, type ReadPolicySettings } from "./read-policy.js";
+import { Writeback } from "./writeback.js";
+
+export { WritebackError } from "./writeback.js";
 
 export interface PageCacheOptions {
   readonly chunks: ChunkStore;
@@ -101,11 +118,6 @@ export interface PageCacheOptions {
   readonly onWritebackError?: (error: Error) => void;
 }
 
-/** A write waited for room in the dirty bound, and write-back failed meanwhile. */
-export class WritebackError extends Error {
-  override readonly name = "WritebackError";
-}
-
 /** A run of bytes that either holds data or certainly reads as zeros. */
 export interface Extent {
   readonly offsetBytes: number;
@@ -136,30 +148,15 @@ export interface CacheStats {
   readMisses: number;
 }
 
-interface Piece {
-  /** Offset in the chunk. */
-  readonly chunkOffsetBytes: number;
-  /** A view of the caller's buffer. */
-  readonly bytes: Uint8Array;
-}
-
-const MAX_RETRY_DELAY_MS = 30_000;
-
 export class PageCache {
   readonly chunkSizeBytes: number;
   readonly #chunks: ChunkStore;
   readonly #sectorSize: number;
   readonly #clock: Clock;
-  readonly #maxDirtyBytes: number;
-  readonly #maxDirtyChunks: number;
-  readonly #writebackDelayMs: number;
-  readonly #writebackThresholdBytes: number;
-  readonly #writebackThresholdChunks: number;
   readonly #policy: ReadPolicy;
-  readonly #onWritebackError: ((error: Error) => void) | undefined;
-  readonly #zeroChunk: Buffer;
-
-  readonly #dirty = new Map<number, Page>();
+  readonly #dirty: DirtySet;
+  readonly #writeback: Writeback;
+  readonly #clean: LRUCache<number, Page>;
   /** Ranged GETs in flight, per page, each settled (never rejected) once it ends. */
   readonly #rangedInFlight = new Map<
     Page,
@@ -167,79 +164,79 @@ export class PageCache {
   >();
   /** Chunks whose read-ahead fill may still wait in the queue, at read-ahead priority. */
   readonly #readaheadQueued = new Set<number>();
-  readonly #dirtiedAtMs = new Map<number, number>();
-  readonly #clean: LRUCache<number, Page>;
-  #roomWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
-  #cancelTimer: (() => void) | undefined;
-  #retryDelayMs = 0;
-  /** Memory held by dirty pages. */
-  #dirtyMemory = 0;
-  /** Pages whose upload is queued or in flight, and the memory they hold. */
-  #uploadingPages = 0;
-  #uploadingMemory = 0;
-  #closed = false;
-  #stats: CacheStats = {
-    dirtyBytes: 0,
-    peakDirtyBytes: 0,
-    dirtyChunks: 0,
-    peakDirtyChunks: 0,
-    cleanBytes: 0,
-    uploads: 0,
-    uploadFailures: 0,
-    backpressureWaits: 0,
-    backlogChunks: 0,
-    backlogBytes: 0,
-    readHits: 0,
-    readMisses: 0,
-  };
+  #readHits = 0;
+  #readMisses = 0;
 
   constructor(options: PageCacheOptions) {
     this.#chunks = options.chunks;
     this.chunkSizeBytes = options.chunks.superblock.chunkSizeBytes;
     this.#sectorSize = options.sectorSize;
     this.#clock = options.clock;
-    this.#maxDirtyBytes = Math.max(
+    const maxDirtyBytes = Math.max(
       2 * this.chunkSizeBytes,
       options.maxDirtyBytes ?? 128 * 1024 * 1024,
     );
-    this.#maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
-    this.#writebackDelayMs = options.writebackDelayMs ?? 5000;
-    this.#writebackThresholdBytes = options.writebackThresholdBytes ?? this.#maxDirtyBytes / 2;
-    this.#writebackThresholdChunks = Math.floor(this.#maxDirtyChunks / 2);
+    const maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
+    this.#dirty = new DirtySet({
+      maxDirtyBytes,
+      maxDirtyChunks,
+      writebackThresholdBytes: options.writebackThresholdBytes ?? maxDirtyBytes / 2,
+      writebackThresholdChunks: Math.floor(maxDirtyChunks / 2),
+    });
     this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes));
-    this.#onWritebackError = options.onWritebackError;
-    this.#zeroChunk = Buffer.alloc(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
       maxSize: Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024),
-      sizeCalculation: (page) => Math.max(page.memoryBytes, page.overheadBytes),
+      sizeCalculation: cleanChargeBytes,
+    });
+    this.#writeback = new Writeback({
+      chunks: options.chunks,
+      dirty: this.#dirty,
+      clock: options.clock,
+      writebackDelayMs: options.writebackDelayMs ?? 5000,
+      onClean: (page) => this.#clean.set(page.index, page),
+      onWritebackError: options.onWritebackError,
     });
   }
 
   stats(): CacheStats {
+    const dirty = this.#dirty;
     return {
-      ...this.#stats,
-      dirtyBytes: this.#dirtyMemory,
-      dirtyChunks: this.#dirty.size,
-      backlogChunks: this.#dirty.size - this.#uploadingPages,
-      backlogBytes: this.#dirtyMemory - this.#uploadingMemory,
+      dirtyBytes: dirty.memoryBytes,
+      peakDirtyBytes: dirty.peakBytes,
+      dirtyChunks: dirty.size,
+      peakDirtyChunks: dirty.peakChunks,
+      backlogChunks: dirty.backlogChunks,
+      backlogBytes: dirty.backlogBytes,
       cleanBytes: this.#clean.calculatedSize,
+      uploads: this.#writeback.uploads,
+      uploadFailures: this.#writeback.uploadFailures,
+      backpressureWaits: this.#writeback.backpressureWaits,
+      readHits: this.#readHits,
+      readMisses: this.#readMisses,
     };
   }
 
   /**
-   * Change `page`'s contents through `change`, keeping the accounts of the memory it holds: the
-   * dirty and uploading totals, or its size in the clean LRU.
+   * Throw, with a message naming the first account found wrong, if the cache's structures and
+   * totals disagree (invariants.ts). For tests: it walks every page.
+   * @internal
    */
-  #resize(page: Page, change: () => void): void {
+  checkInvariants(): void {
+    checkCacheInvariants({ dirty: this.#dirty, clean: this.#clean, chargeOf: cleanChargeBytes });
+  }
+
+  /**
+   * Change `page`'s contents through `change(page)`, keeping the accounts of the memory it
+   * holds: the dirty set's totals, or its size in the clean LRU.
+   */
+  #resize(page: Page, change: (page: Page) => void): void {
+    if (this.#dirty.has(page)) {
+      this.#dirty.resize(page, change);
+      return;
+    }
     const before = page.memoryBytes;
-    change();
-    const delta = page.memoryBytes - before;
-    if (delta === 0) return;
-    if (page.upload !== undefined) this.#uploadingMemory += delta;
-    if (this.#dirty.get(page.index) === page) {
-      this.#dirtyMemory += delta;
-      this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyMemory);
-    } else if (this.#clean.peek(page.index) === page) {
+    change(page);
+    if (page.memoryBytes !== before && this.#clean.peek(page.index) === page) {
       // lru-cache sizes an entry when it is added, not when the same value is set again.
       this.#clean.delete(page.index);
       this.#clean.set(page.index, page);
@@ -250,55 +247,53 @@ export class PageCache {
 
   /** Fill `buffers`, laid end to end, from byte `offsetBytes` of the volume. */
   async read(offsetBytes: number, buffers: readonly Uint8Array[]): Promise<void> {
-    const byChunk = this.#split(offsetBytes, buffers);
-    const requestBytes = sumLengths(buffers);
+    const pieces = ChunkPieces.ofBuffers(this.chunkSizeBytes, offsetBytes, buffers);
+    const requestBytes = pieces.requestBytes;
     const plan = this.#policy.onRead(offsetBytes, requestBytes, this.#chunks.chunkCount);
     const { sequential } = plan;
-    const ready: {
-      page: Page | undefined;
-      pieces: Piece[];
-      load?: Promise<Fetched | undefined>;
-    }[] = [];
-    for (const [index, pieces] of byChunk) {
+    // Per piece: its page (undefined: a chunk with no object, zeros), and its fetch if any.
+    const pages: (Page | undefined)[] = [];
+    const loads: (Promise<Fetched | undefined> | undefined)[] = [];
+    while (pieces.next()) {
+      const { index, chunkOffsetBytes, lengthBytes } = pieces;
       const page = this.#lookup(index);
       if (page === undefined && !this.#chunks.isAllocated(index)) {
-        this.#stats.readHits++;
-        ready.push({ page: undefined, pieces });
+        this.#readHits++;
+        pages.push(undefined);
+        loads.push(undefined);
         continue;
       }
       const target = page ?? this.#newCleanPage(index);
-      const { start, end } = extentOf(pieces);
-      if (target.isValid(start, end - start)) {
-        this.#stats.readHits++;
-        ready.push({ page: target, pieces });
+      pages.push(target);
+      if (target.isValid(chunkOffsetBytes, lengthBytes)) {
+        this.#readHits++;
+        loads.push(undefined);
       } else {
-        this.#stats.readMisses++;
-        ready.push({
-          page: target,
-          pieces,
-          load: this.#load(target, start, end - start, sequential, requestBytes),
-        });
+        this.#readMisses++;
+        loads.push(this.#load(target, chunkOffsetBytes, lengthBytes, sequential, requestBytes));
       }
     }
     this.#readahead(plan.readahead);
-    const fetched = await Promise.all(ready.map((r) => r.load));
+    const fetched = await Promise.all(loads);
     // From here on synchronously, so every piece sees the page as it is now.
-    ready.forEach(({ page, pieces }, i) => {
+    pieces.rewind();
+    for (let i = 0; pieces.next(); i++) {
+      const page = pages[i];
       const scratch = fetched[i];
-      for (const piece of pieces) {
-        if (page === undefined) {
-          piece.bytes.fill(0);
-        } else if (scratch === undefined) {
-          page.copyOut(piece.chunkOffsetBytes, piece.bytes);
-        } else {
-          // The page could not keep what was fetched: fetched bytes, then what the page knows.
-          const from = piece.chunkOffsetBytes - scratch.offsetBytes;
-          if (scratch.bytes === undefined) piece.bytes.fill(0);
-          else piece.bytes.set(scratch.bytes.subarray(from, from + piece.bytes.byteLength));
-          page.copyKnownOut(piece.chunkOffsetBytes, piece.bytes);
-        }
+      if (page === undefined) {
+        pieces.forEachView((_at, bytes) => bytes.fill(0));
+      } else if (scratch === undefined) {
+        pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
+      } else {
+        // The page could not keep what was fetched: fetched bytes, then what the page knows.
+        pieces.forEachView((at, bytes) => {
+          const from = at - scratch.offsetBytes;
+          if (scratch.bytes === undefined) bytes.fill(0);
+          else bytes.set(scratch.bytes.subarray(from, from + bytes.byteLength));
+          page.copyKnownOut(at, bytes);
+        });
       }
-    });
+    }
   }
 
   /**
@@ -325,8 +320,8 @@ export class PageCache {
         );
         // A dirty page that could not keep the chunk would fetch it whole only to drop it.
         const keepable =
-          this.#dirty.get(page.index) !== page ||
-          this.#roomForCachedBytes(page.growthFor(0, this.chunkSizeBytes));
+          !this.#dirty.has(page) ||
+          this.#dirty.roomForCachedBytes(page.growthFor(0, this.chunkSizeBytes));
         if (!(wholeWanted && keepable)) {
           // A ranged GET in flight that covers this miss serves it (a guest's parallel reads of
           // neighbouring blocks would otherwise fetch one span twice); then look again.
@@ -401,10 +396,10 @@ export class PageCache {
     lengthBytes: number,
   ): Fetched | undefined {
     const growth = bytes === undefined ? 0 : page.growthFor(offsetBytes, lengthBytes);
-    if (this.#dirty.get(page.index) === page && !this.#roomForCachedBytes(growth)) {
+    if (this.#dirty.has(page) && !this.#dirty.roomForCachedBytes(growth)) {
       return { offsetBytes, bytes };
     }
-    this.#resize(page, () => page.fillFrom(offsetBytes, bytes, lengthBytes));
+    this.#resize(page, (p) => p.fillFrom(offsetBytes, bytes, lengthBytes));
     return undefined;
   }
 
@@ -429,10 +424,11 @@ export class PageCache {
    * copying them anywhere: NBD_CMD_CACHE.
    */
   async prefetch(offsetBytes: number, lengthBytes: number): Promise<void> {
-    const first = Math.floor(offsetBytes / this.chunkSizeBytes);
-    const last = Math.floor((offsetBytes + Math.max(lengthBytes, 1) - 1) / this.chunkSizeBytes);
+    // Even an empty range names the chunk it starts in.
+    const pieces = new ChunkPieces(this.chunkSizeBytes, offsetBytes, Math.max(lengthBytes, 1));
     const loads: Promise<unknown>[] = [];
-    for (let index = first; index <= last; index++) {
+    while (pieces.next()) {
+      const index = pieces.index;
       const page = this.#lookup(index);
       if (page === undefined && !this.#chunks.isAllocated(index)) continue;
       const target = page ?? this.#newCleanPage(index);
@@ -447,18 +443,22 @@ export class PageCache {
    */
   allocationMap(offsetBytes: number, lengthBytes: number): Extent[] {
     const extents: Extent[] = [];
-    const end = offsetBytes + lengthBytes;
-    let at = offsetBytes;
-    while (at < end) {
-      const index = Math.floor(at / this.chunkSizeBytes);
-      const next = Math.min(end, (index + 1) * this.chunkSizeBytes);
+    const pieces = new ChunkPieces(this.chunkSizeBytes, offsetBytes, lengthBytes);
+    while (pieces.next()) {
+      const index = pieces.index;
       const page = this.#dirty.get(index) ?? this.#clean.peek(index);
       const allocated =
         page !== undefined && page.isDirty ? !page.isAllZero : this.#chunks.isAllocated(index);
       const last = extents.at(-1);
-      if (last !== undefined && last.allocated === allocated) last.lengthBytes += next - at;
-      else extents.push({ offsetBytes: at, lengthBytes: next - at, allocated });
-      at = next;
+      if (last !== undefined && last.allocated === allocated)
+        last.lengthBytes += pieces.lengthBytes;
+      else {
+        extents.push({
+          offsetBytes: pieces.volumeOffsetBytes,
+          lengthBytes: pieces.lengthBytes,
+          allocated,
+        });
+      }
     }
     return extents;
   }
@@ -471,44 +471,30 @@ export class PageCache {
    */
   async write(offsetBytes: number, buffers: readonly Uint8Array[], durable = false): Promise<void> {
     const touched: Page[] = [];
-    for (const [index, pieces] of this.#split(offsetBytes, buffers)) {
-      const { start, end } = extentOf(pieces);
-      const page = await this.#pageForWrite(
-        index,
-        (p) => p.growthFor(start, end - start),
-        (p) => {
-          for (const piece of pieces) p.write(piece.chunkOffsetBytes, piece.bytes);
-        },
-      );
-      touched.push(page);
-    }
-    this.#afterModify();
-    if (durable) await this.#makeDurable(touched.map((page) => [page, page.writeSeq]));
+    const pieces = ChunkPieces.ofBuffers(this.chunkSizeBytes, offsetBytes, buffers);
+    // The cursor stays on its piece until #pageForWrite returns: these read the current one.
+    const growth = (page: Page) => page.growthFor(pieces.chunkOffsetBytes, pieces.lengthBytes);
+    const modify = (page: Page) => pieces.forEachView((at, bytes) => page.write(at, bytes));
+    while (pieces.next()) touched.push(await this.#pageForWrite(pieces.index, growth, modify));
+    this.#writeback.modified();
+    if (durable) await this.#writeback.makeDurable(touched.map((page) => [page, page.writeSeq]));
   }
 
   /** Set `lengthBytes` from `offsetBytes` to zeros; whole chunks lose their objects. */
   async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
-    let at = offsetBytes;
-    const end = offsetBytes + lengthBytes;
-    while (at < end) {
-      const index = Math.floor(at / this.chunkSizeBytes);
-      const chunkOffsetBytes = at - index * this.chunkSizeBytes;
-      const pieceBytes = Math.min(end - at, this.chunkSizeBytes - chunkOffsetBytes);
+    const pieces = new ChunkPieces(this.chunkSizeBytes, offsetBytes, lengthBytes);
+    const zero = (page: Page) => page.zero(pieces.chunkOffsetBytes, pieces.lengthBytes);
+    while (pieces.next()) {
       // A chunk with no object and no page is zeros already.
-      if (this.#lookup(index) !== undefined || this.#chunks.isAllocated(index)) {
-        await this.#pageForWrite(
-          index,
-          () => 0,
-          (p) => p.zero(chunkOffsetBytes, pieceBytes),
-        );
+      if (this.#lookup(pieces.index) !== undefined || this.#chunks.isAllocated(pieces.index)) {
+        await this.#pageForWrite(pieces.index, noGrowth, zero);
       }
-      at += pieceBytes;
     }
-    this.#afterModify();
+    this.#writeback.modified();
   }
 
   /**
-   * Modify the page for chunk `index` with `modify`, in the dirty map and out of the LRU; waits
+   * Modify the page for chunk `index` with `modify`, in the dirty set and out of the LRU; waits
    * for room while the memory `growth` says the change needs, or a new dirty page, would pass a
    * dirty bound.
    *
@@ -524,238 +510,40 @@ export class PageCache {
     for (;;) {
       const page = this.#tryPageForWrite(index, growth);
       if (page !== undefined) {
-        this.#resize(page, () => modify(page));
+        this.#dirty.resize(page, modify);
         return page;
       }
-      this.#stats.backpressureWaits++;
-      await new Promise<void>((resolve, reject) => {
-        this.#roomWaiters.push({ resolve, reject });
-        this.#kick();
-      });
+      await this.#writeback.waitForRoom();
     }
   }
 
   #tryPageForWrite(index: number, growth: (page: Page) => number): Page | undefined {
-    const dirty = this.#dirty.get(index);
-    if (dirty !== undefined) {
-      return this.#hasRoomFor(growth(dirty)) ? dirty : undefined;
+    const dirty = this.#dirty;
+    const dirtyPage = dirty.get(index);
+    if (dirtyPage !== undefined) {
+      return dirty.hasRoomFor(growth(dirtyPage)) ? dirtyPage : undefined;
     }
-    if (this.#dirty.size >= this.#maxDirtyChunks) return undefined;
+    if (dirty.isFull) return undefined;
     let page = this.#clean.peek(index);
-    if (page !== undefined && !this.#roomForCachedBytes(page.memoryBytes + growth(page))) {
+    if (page !== undefined && !dirty.roomForCachedBytes(page.memoryBytes + growth(page))) {
       // Its bytes are in the store: rather than crowd the dirty bound with them, start the
       // dirty page empty (its upload will fetch what it lacks). Readers already holding the
       // clean page were concurrent with this write and may see either.
       page = undefined;
     }
     page ??= new Page(index, this.chunkSizeBytes, this.#sectorSize);
-    if (!this.#hasRoomFor(page.memoryBytes + growth(page))) return undefined;
+    if (!dirty.hasRoomFor(page.memoryBytes + growth(page))) return undefined;
     this.#clean.delete(index);
-    this.#dirty.set(index, page);
-    this.#dirtiedAtMs.set(index, this.#clock.nowMs());
-    this.#dirtyMemory += page.memoryBytes;
-    this.#stats.peakDirtyBytes = Math.max(this.#stats.peakDirtyBytes, this.#dirtyMemory);
-    this.#stats.peakDirtyChunks = Math.max(this.#stats.peakDirtyChunks, this.#dirty.size);
+    dirty.add(page, this.#clock.nowMs());
     return page;
-  }
-
-  /**
-   * Whether dirty pages may hold `bytes` more of data the store already has (a cached chunk, a
-   * fetch, an uploaded image): only under the write-back threshold, so that such bytes never
-   * crowd out writes.
-   */
-  #roomForCachedBytes(bytes: number): boolean {
-    return bytes === 0 || this.#dirtyMemory + bytes <= this.#writebackThresholdBytes;
-  }
-
-  /** Whether dirty pages may hold `bytes` more; a cache with nothing dirty always may. */
-  #hasRoomFor(bytes: number): boolean {
-    return (
-      bytes === 0 || this.#dirtyMemory === 0 || this.#dirtyMemory + bytes <= this.#maxDirtyBytes
-    );
-  }
-
-  #afterModify(): void {
-    if (this.#pastThreshold()) this.#kick();
-    else this.#armTimer();
-  }
-
-  /** True when the dirty pages not yet uploading pass half of either dirty bound. */
-  #pastThreshold(): boolean {
-    const excess = this.#idleExcess();
-    return excess.bytes > 0 || excess.chunks > 0;
-  }
-
-  /** How far the dirty pages not yet uploading are past the write-back thresholds. */
-  #idleExcess(): { bytes: number; chunks: number } {
-    return {
-      bytes: this.#dirtyMemory - this.#uploadingMemory - this.#writebackThresholdBytes,
-      chunks: this.#dirty.size - this.#uploadingPages - this.#writebackThresholdChunks,
-    };
   }
 
   // ---- write-back --------------------------------------------------------------------------
 
   /** Make every write acknowledged so far durable. Throws the first upload failure. */
   async flush(): Promise<void> {
-    await this.#makeDurable([...this.#dirty.values()].map((page) => [page, page.writeSeq]));
-  }
-
-  async #makeDurable(targets: readonly (readonly [Page, number])[]): Promise<void> {
-    const results = await Promise.allSettled(
-      targets.map(async ([page, seq]) => {
-        // An upload this flush joins may have begun before the store or the lease recovered
-        // (its attempts ran out, or the fence refused one): its failure is forgiven once, and
-        // the flush fails only if the next upload fails too.
-        let forgiven = false;
-        while (page.durableSeq < seq) {
-          const joined = page.upload;
-          if (joined === undefined) {
-            await this.#startUpload(page);
-            continue;
-          }
-          await joined.catch((error: unknown) => {
-            if (forgiven) throw error;
-            forgiven = true;
-          });
-        }
-      }),
-    );
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
-    if (failed !== undefined) throw failed.reason;
-  }
-
-  /**
-   * Queue uploads, oldest dirty pages first: every page dirty for `writebackDelayMs`, plus as
-   * many more as the dirty pages not yet being uploaded exceed the background thresholds (in
-   * bytes, and in chunks), plus one for each writer waiting for room that no upload in flight
-   * will serve. Pages beyond that stay dirty, so rewrites of them cost nothing.
-   */
-  #kick(): void {
-    if (this.#closed) return;
-    this.#cancelTimer?.();
-    this.#cancelTimer = undefined;
-    const nowMs = this.#clock.nowMs();
-    let { bytes: excessBytes, chunks: excessChunks } = this.#idleExcess();
-    let unservedWaiters = this.#roomWaiters.length - this.#uploadingPages;
-    for (const [index, page] of this.#dirty) {
-      if (page.upload !== undefined || page.state !== "dirty") continue;
-      const due = (this.#dirtiedAtMs.get(index) ?? 0) + this.#writebackDelayMs <= nowMs;
-      // The map is in the order pages became dirty: once one is not due, few later ones are.
-      if (!due && excessBytes <= 0 && excessChunks <= 0 && unservedWaiters <= 0) break;
-      excessBytes -= page.memoryBytes;
-      excessChunks--;
-      unservedWaiters--;
-      this.#startUpload(page).catch(() => {});
-    }
-    this.#armTimer();
-  }
-
-  /** Arrange a kick when the oldest waiting dirty page falls due. */
-  #armTimer(): void {
-    if (this.#closed || this.#cancelTimer !== undefined) return;
-    let dueMs = Infinity;
-    for (const [index, page] of this.#dirty) {
-      if (page.upload !== undefined || page.state !== "dirty") continue;
-      dueMs = Math.min(dueMs, (this.#dirtiedAtMs.get(index) ?? 0) + this.#writebackDelayMs);
-    }
-    if (dueMs === Infinity) return;
-    const delayMs = Math.max(this.#retryDelayMs, dueMs - this.#clock.nowMs(), 0);
-    this.#cancelTimer = this.#clock.schedule(() => {
-      this.#cancelTimer = undefined;
-      this.#kick();
-    }, delayMs);
-  }
-
-  #startUpload(page: Page): Promise<void> {
-    assert(page.upload === undefined && page.isDirty);
-    let seq: number | undefined;
-    let image: Buffer | undefined;
-    const upload = this.#chunks
-      .write(page.index, async (readWhole) => {
-        let base: Buffer | undefined;
-        if (!page.fullyValid && this.#chunks.isAllocated(page.index)) {
-          const stored = await readWhole();
-          if (stored !== undefined) base = asBuffer(stored);
-        }
-        // From here to the return, synchronously: the image is the page as of `seq`.
-        seq = page.writeSeq;
-        page.state = "writing";
-        image = page.image(base, this.#zeroChunk);
-        return image;
-      })
-      .then(
-        () => {
-          this.#uploadEnded(page);
-          this.#uploaded(page, seq, image);
-        },
-        (error: unknown) => {
-          this.#uploadEnded(page);
-          this.#uploadFailed(page, error);
-        },
-      )
-      // A writer may be waiting for room that this upload did not free (its page was written
-      // again meanwhile): then start the uploads that can, rather than wait for the timer.
-      .finally(() => (this.#roomWaiters.length > 0 ? this.#kick() : this.#armTimer()));
-    page.upload = upload;
-    this.#uploadingPages++;
-    this.#uploadingMemory += page.memoryBytes;
-    return upload;
-  }
-
-  #uploadEnded(page: Page): void {
-    page.upload = undefined;
-    this.#uploadingPages--;
-    this.#uploadingMemory -= page.memoryBytes;
-  }
-
-  /**
-   * The store holds `image` (undefined: no object) as of `seq`. A page written meanwhile stays
-   * dirty; otherwise it is clean. Either way its unknown sectors may now be taken from the
-   * image: a clean page adopts it (the LRU bounds it), a dirty one only while dirty memory
-   * stays under the write-back threshold.
-   */
-  #uploaded(page: Page, seq: number | undefined, image: Buffer | undefined): void {
-    assert(seq !== undefined);
-    this.#stats.uploads++;
-    this.#retryDelayMs = 0;
-    page.durableSeq = seq;
-    if (page.state === "writing") {
-      page.state = "clean";
-      this.#dirty.delete(page.index);
-      this.#dirtiedAtMs.delete(page.index);
-      this.#dirtyMemory -= page.memoryBytes;
-      page.fillFrom(0, image, this.chunkSizeBytes);
-      this.#clean.set(page.index, page);
-      const waiters = this.#roomWaiters;
-      this.#roomWaiters = [];
-      for (const waiter of waiters) waiter.resolve();
-    } else {
-      page.state = "dirty";
-      this.#dirtiedAtMs.set(page.index, this.#clock.nowMs());
-      // Keep the image only while dirty memory stays under the write-back threshold, so that
-      // pages kept whole never crowd out new writes.
-      const growth = image === undefined ? 0 : page.growthFor(0, this.chunkSizeBytes);
-      if (this.#roomForCachedBytes(growth)) {
-        this.#resize(page, () => page.fillFrom(0, image, this.chunkSizeBytes));
-      }
-    }
-  }
-
-  #uploadFailed(page: Page, error: unknown): never {
-    this.#stats.uploadFailures++;
-    page.state = "dirty";
-    this.#retryDelayMs = Math.min(MAX_RETRY_DELAY_MS, Math.max(1000, this.#retryDelayMs * 2));
-    const failure = error instanceof Error ? error : new Error(String(error));
-    this.#onWritebackError?.(failure);
-    const waiters = this.#roomWaiters;
-    this.#roomWaiters = [];
-    for (const waiter of waiters) {
-      waiter.reject(
-        new WritebackError(`write-back failed: ${failure.message}`, { cause: failure }),
-      );
-    }
-    throw failure;
+    const targets = [...this.#dirty.pages()].map((page) => [page, page.writeSeq] as const);
+    await this.#writeback.makeDurable(targets);
   }
 
   // ---- helpers -----------------------------------------------------------------------------
@@ -770,32 +558,9 @@ export class PageCache {
     return page;
   }
 
-  /** Split a request into the pieces that fall in each chunk, in chunk order. */
-  #split(offsetBytes: number, buffers: readonly Uint8Array[]): Map<number, Piece[]> {
-    const byChunk = new Map<number, Piece[]>();
-    let at = offsetBytes;
-    for (const buffer of buffers) {
-      let done = 0;
-      while (done < buffer.byteLength) {
-        const index = Math.floor(at / this.chunkSizeBytes);
-        const chunkOffsetBytes = at - index * this.chunkSizeBytes;
-        const n = Math.min(buffer.byteLength - done, this.chunkSizeBytes - chunkOffsetBytes);
-        const piece = { chunkOffsetBytes, bytes: buffer.subarray(done, done + n) };
-        const list = byChunk.get(index);
-        if (list === undefined) byChunk.set(index, [piece]);
-        else list.push(piece);
-        done += n;
-        at += n;
-      }
-    }
-    return byChunk;
-  }
-
   /** Stop the write-back timer. Dirty pages stay as they are. */
   close(): void {
-    this.#closed = true;
-    this.#cancelTimer?.();
-    this.#cancelTimer = undefined;
+    this.#writeback.close();
   }
 }
 
@@ -826,25 +591,13 @@ function readPolicySettings(options: PageCacheOptions, chunkSizeBytes: number): 
   };
 }
 
-/** The bytes of a chunk that a run of consecutive pieces covers. */
-function extentOf(pieces: readonly Piece[]): { start: number; end: number } {
-  const first = pieces[0];
-  const last = pieces.at(-1);
-  assert(first !== undefined && last !== undefined);
-  return { start: first.chunkOffsetBytes, end: last.chunkOffsetBytes + last.bytes.byteLength };
+/** What the clean LRU charges a page: the memory it holds, at least its bookkeeping. */
+function cleanChargeBytes(page: Page): number {
+  return Math.max(page.memoryBytes, page.overheadBytes);
+}
+
+function noGrowth(): number {
+  return 0;
 }
 
 function noop(): void {}
-
-function sumLengths(buffers: readonly Uint8Array[]): number {
-  let n = 0;
-  for (const b of buffers) n += b.byteLength;
-  return n;
-}
-
-/** A `Buffer` over the same memory as `bytes`, without copying. */
-function asBuffer(bytes: Uint8Array): Buffer {
-  return Buffer.isBuffer(bytes)
-    ? bytes
-    : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-}

@@ -1,7 +1,17 @@
 /**
  * One cached chunk: the bytes it holds, which sectors of it are known, and where it stands in
- * write-back. The state machine is described and driven by page-cache.ts; this class only keeps
- * the facts consistent.
+ * write-back. The state machine is described in page-cache.ts and driven by the cache; this
+ * class keeps the facts consistent, and each transition asserts the state it starts from:
+ *
+ * | transition          | from                       | to                          |
+ * |---------------------|----------------------------|-----------------------------|
+ * | `write`, `zero`     | clean / dirty              | dirty                       |
+ * | `write`, `zero`     | writing / writing-redirtied| writing-redirtied           |
+ * | `beginUpload`       | dirty                      | writing (the image is taken)|
+ * | `uploadSucceeded`   | writing / writing-redirtied| clean / dirty               |
+ * | `uploadFailed`      | dirty / writing / writing-redirtied | dirty              |
+ *
+ * (An upload can fail before it takes its image, so `uploadFailed` may start from dirty.)
  *
  * ## Sparse storage
  *
@@ -41,12 +51,13 @@ export interface Fetched {
 export const SPAN_BYTES = 4096;
 
 export class Page {
-  state: PageState = "clean";
+  #state: PageState = "clean";
   /** Bumped by every modification. */
   writeSeq = 0;
-  /** The `writeSeq` of the newest image known to be in the store. */
-  durableSeq = 0;
-  /** The upload queued or in flight for this page, if any. */
+  #durableSeq = 0;
+  /** The `writeSeq` of the image the upload in flight took, once it took one. */
+  #imageSeq: number | undefined;
+  /** The upload queued or in flight for this page, if any (set by the dirty set). */
   upload: Promise<void> | undefined;
   /**
    * A whole-chunk fetch in flight, shared by every reader that needs one. It resolves with the
@@ -97,8 +108,48 @@ export class Page {
     return this.fullyValid && this.#spanCount === 0;
   }
 
+  get state(): PageState {
+    return this.#state;
+  }
+
+  /** The `writeSeq` of the newest image known to be in the store. */
+  get durableSeq(): number {
+    return this.#durableSeq;
+  }
+
   get isDirty(): boolean {
-    return this.state !== "clean";
+    return this.#state !== "clean";
+  }
+
+  // ---- write-back transitions --------------------------------------------------------------
+
+  /** dirty → writing: the upload takes its image of the page as it is now. */
+  beginUpload(): void {
+    assert(this.#state === "dirty", `page ${this.index}: beginUpload from ${this.#state}`);
+    this.#state = "writing";
+    this.#imageSeq = this.writeSeq;
+  }
+
+  /**
+   * The store holds the image: writing → clean, or writing-redirtied → dirty (written since the
+   * image was taken). Either way the image's `writeSeq` is now durable.
+   */
+  uploadSucceeded(): void {
+    assert(
+      this.#state === "writing" || this.#state === "writing-redirtied",
+      `page ${this.index}: uploadSucceeded from ${this.#state}`,
+    );
+    assert(this.#imageSeq !== undefined);
+    this.#durableSeq = this.#imageSeq;
+    this.#imageSeq = undefined;
+    this.#state = this.#state === "writing" ? "clean" : "dirty";
+  }
+
+  /** The upload failed, before or after it took its image: back to dirty, nothing dropped. */
+  uploadFailed(): void {
+    assert(this.#state !== "clean", `page ${this.index}: uploadFailed from clean`);
+    this.#imageSeq = undefined;
+    this.#state = "dirty";
   }
 
   /** True if every sector in `[offsetBytes, offsetBytes + lengthBytes)` is known. */
@@ -343,10 +394,87 @@ export class Page {
     }
   }
 
+  /** A write or zeroing: clean → dirty, writing → writing-redirtied; the others stay. */
   #modified(): void {
     this.writeSeq++;
-    if (this.state === "clean") this.state = "dirty";
-    else if (this.state === "writing") this.state = "writing-redirtied";
+    switch (this.#state) {
+      case "clean":
+        this.#state = "dirty";
+        break;
+      case "writing":
+        this.#state = "writing-redirtied";
+        break;
+      case "dirty":
+      case "writing-redirtied":
+        break;
+    }
+  }
+
+  /**
+   * Throw if the page's own accounts disagree with its contents: the span table and
+   * `memoryBytes`, the valid map and its count, the state and the sequence numbers. For tests
+   * (the model tests call it after every step); it walks every span and sector.
+   * @internal
+   */
+  checkInvariants(): void {
+    const where = `page ${this.index}`;
+    let present = 0;
+    const buffers = new Map<Buffer, number>();
+    this.#spans.forEach((span, i) => {
+      if (span === undefined) return;
+      present++;
+      buffers.set(span, (buffers.get(span) ?? 0) + 1);
+      const offset = this.#spanOffsets[i] ?? -1;
+      assert(
+        offset % SPAN_BYTES === 0 && offset + SPAN_BYTES <= span.byteLength,
+        `${where}: span ${i} at ${offset} lies outside its ${span.byteLength}-byte buffer`,
+      );
+    });
+    assert.equal(this.#spanCount, present, `${where}: span count disagrees with the span table`);
+    // Each buffer holds exactly the spans that use it, so memoryBytes is the memory kept alive.
+    for (const [buffer, spans] of buffers) {
+      assert.equal(
+        buffer.byteLength,
+        spans * SPAN_BYTES,
+        `${where}: a ${buffer.byteLength}-byte buffer backs ${spans} spans`,
+      );
+    }
+    if (this.#whole !== undefined) {
+      assert(
+        this.#spans.every(
+          (span, i) => span === this.#whole && this.#spanOffsets[i] === i * SPAN_BYTES,
+        ),
+        `${where}: the whole-chunk buffer is not every span in order`,
+      );
+    }
+    let valid = 0;
+    for (const v of this.#valid) valid += v;
+    assert.equal(this.#validCount, valid, `${where}: valid count disagrees with the valid map`);
+    assert(
+      this.#durableSeq <= this.writeSeq,
+      `${where}: durableSeq ${this.#durableSeq} is past writeSeq ${this.writeSeq}`,
+    );
+    const imageSeq = this.#imageSeq;
+    switch (this.#state) {
+      case "clean":
+        assert.equal(this.#durableSeq, this.writeSeq, `${where}: clean but not durable`);
+        assert(this.upload === undefined, `${where}: clean with an upload in flight`);
+        break;
+      case "dirty":
+        assert(imageSeq === undefined, `${where}: dirty with an image taken`);
+        break;
+      case "writing":
+        assert.equal(imageSeq, this.writeSeq, `${where}: writing, but written since its image`);
+        assert(this.upload !== undefined, `${where}: writing with no upload`);
+        break;
+      case "writing-redirtied":
+        assert(
+          imageSeq !== undefined && imageSeq < this.writeSeq,
+          `${where}: writing-redirtied, but not written since its image`,
+        );
+        assert(this.upload !== undefined, `${where}: writing-redirtied with no upload`);
+        break;
+    }
   }
 
   #assertAligned(offsetBytes: number, lengthBytes: number): void {

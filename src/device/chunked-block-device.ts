@@ -338,6 +338,15 @@ export class ChunkedBlockDevice implements BlockDevice {
     return this.#cache.stats();
   }
 
+  /**
+   * Throw if the page cache's accounts disagree with its pages (src/cache/invariants.ts). For
+   * tests: it walks every cached page.
+   * @internal
+   */
+  checkInvariants(): void {
+    this.#cache.checkInvariants();
+  }
+
   /** Bytes of the chunk objects the chunk map names: what the volume's chunks store. */
   storedBytes(): number {
     return this.#chunks.allocatedCount() * this.superblock.chunkSizeBytes;

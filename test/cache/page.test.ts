@@ -1,7 +1,8 @@
 /**
  * One page against a plain model: a chunk's bytes and which sectors are known. Random sequences
- * of writes, zeroing, fills from the store (ranged and whole) and upload images must agree with
- * the model, and the page must hold only the spans it was given data for.
+ * of writes, zeroing, fills from the store (ranged and whole), upload images and upload
+ * transitions must agree with the model, the page must hold only the spans it was given data
+ * for, and its own accounts must hold after every step (`checkInvariants`).
  */
 
 import fc from "fast-check";
@@ -66,6 +67,8 @@ const operation = fc.oneof(
   fc.record({ op: fc.constant("fillRange" as const), span: fc.integer({ min: 0, max: 3 }) }),
   fc.record({ op: fc.constant("fillWhole" as const), stored: fc.boolean() }),
   fc.record({ op: fc.constant("image" as const), stored: fc.boolean() }),
+  // Begin an upload (a dirty page takes its image), or end the one in flight, either way.
+  fc.record({ op: fc.constant("upload" as const), succeeds: fc.boolean() }),
 );
 
 describe("a page", () => {
@@ -74,6 +77,8 @@ describe("a page", () => {
       fc.property(fc.array(operation, { maxLength: 40 }), (operations) => {
         const page = new Page(0, CHUNK, SECTOR);
         const model = new Model();
+        /** The writeSeq of the image the upload in flight took. */
+        let imageSeq: number | undefined;
         for (const o of operations) {
           switch (o.op) {
             case "write": {
@@ -111,6 +116,28 @@ describe("a page", () => {
               expect((image ?? ZERO_CHUNK).equals(expected)).toBe(true);
               break;
             }
+            case "upload": {
+              if (page.state === "clean") {
+                expect(() => page.beginUpload()).toThrow(/beginUpload from clean/);
+              } else if (imageSeq === undefined) {
+                // The dirty set sets `upload` when it queues one; the cache clears it first.
+                page.upload = Promise.resolve();
+                page.beginUpload();
+                imageSeq = page.writeSeq;
+                expect(page.state).toBe("writing");
+              } else {
+                const writtenSince = page.writeSeq > imageSeq;
+                const durableBefore = page.durableSeq;
+                expect(page.state).toBe(writtenSince ? "writing-redirtied" : "writing");
+                page.upload = undefined;
+                if (o.succeeds) page.uploadSucceeded();
+                else page.uploadFailed();
+                expect(page.state).toBe(o.succeeds && !writtenSince ? "clean" : "dirty");
+                expect(page.durableSeq).toBe(o.succeeds ? imageSeq : durableBefore);
+                imageSeq = undefined;
+              }
+              break;
+            }
           }
           // Every known sector reads as the model says, and only known sectors are claimed.
           for (let s = 0; s < SECTORS; s++) {
@@ -124,6 +151,7 @@ describe("a page", () => {
           }
           expect(page.memoryBytes % SPAN_BYTES).toBe(0);
           expect(page.memoryBytes).toBeLessThanOrEqual(CHUNK);
+          page.checkInvariants();
         }
       }),
       { numRuns: 300 },
@@ -167,5 +195,26 @@ describe("a page", () => {
     const expected = Buffer.from(STORED);
     Buffer.from(pattern(9, 5, 2)).copy(expected, 5 * SECTOR);
     expect(out.equals(expected)).toBe(true);
+  });
+
+  it("refuses each write-back transition from a state it does not start from", () => {
+    const page = new Page(0, CHUNK, SECTOR);
+    expect(() => page.beginUpload()).toThrow(/beginUpload from clean/);
+    expect(() => page.uploadSucceeded()).toThrow(/uploadSucceeded from clean/);
+    expect(() => page.uploadFailed()).toThrow(/uploadFailed from clean/);
+    page.write(0, pattern(1, 0, 1));
+    expect(page.state).toBe("dirty");
+    expect(() => page.uploadSucceeded()).toThrow(/uploadSucceeded from dirty/);
+    page.upload = Promise.resolve();
+    page.beginUpload();
+    expect(() => page.beginUpload()).toThrow(/beginUpload from writing/);
+    page.write(0, pattern(2, 0, 1));
+    expect(page.state).toBe("writing-redirtied");
+    expect(() => page.beginUpload()).toThrow(/beginUpload from writing-redirtied/);
+    page.upload = undefined;
+    page.uploadSucceeded();
+    expect(page.state).toBe("dirty");
+    expect(page.durableSeq).toBe(1);
+    page.checkInvariants();
   });
 });

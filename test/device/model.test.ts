@@ -9,7 +9,8 @@
  * The model tracks, per sector, what the device must return now, what the store holds for
  * certain (as of the last flush), and which values written since might have reached the store
  * through background write-back. After a close the device must hold everything; after a crash
- * each sector must hold its flushed value or one written since, never anything else.
+ * each sector must hold its flushed value or one written since, never anything else. After
+ * every step the page cache checks its own accounts (`checkInvariants`).
  */
 
 import fc from "fast-check";
@@ -316,6 +317,8 @@ async function run(ops: Op[], faults: boolean): Promise<void> {
         break;
       }
     }
+    // The cache's accounts agree with its pages after every step (src/cache/invariants.ts).
+    device.checkInvariants();
   }
   // Whatever the sequence, a final close, a collection of every volume, and reopens return the
   // model exactly: every volume, every snapshot.
