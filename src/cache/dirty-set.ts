@@ -133,7 +133,8 @@ export class DirtySet {
 
   /** `page` becomes dirty (the caller modifies it next, through `resize`). */
   add(page: Page, nowMs: number): void {
-    assert(!this.#pages.has(page.index), `chunk ${page.index} is dirty already`);
+    // A message built only on failure: this runs for every newly dirtied chunk.
+    if (this.#pages.has(page.index)) assert.fail(`chunk ${page.index} is dirty already`);
     this.#pages.set(page.index, page);
     this.#dirtiedAtMs.set(page.index, nowMs);
     this.#memoryBytes += page.memoryBytes;

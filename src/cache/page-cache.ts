@@ -450,9 +450,9 @@ export class PageCache {
       const allocated =
         page !== undefined && page.isDirty ? !page.isAllZero : this.#chunks.isAllocated(index);
       const last = extents.at(-1);
-      if (last !== undefined && last.allocated === allocated)
+      if (last !== undefined && last.allocated === allocated) {
         last.lengthBytes += pieces.lengthBytes;
-      else {
+      } else {
         extents.push({
           offsetBytes: pieces.volumeOffsetBytes,
           lengthBytes: pieces.lengthBytes,
