@@ -40,11 +40,19 @@ export async function startProcess(
   env: NodeJS.ProcessEnv = process.env,
 ): Promise<RunningTarget> {
   const child: ChildProcess = spawn(command, args, { stdio: ["ignore", "ignore", "pipe"], env });
+  // A benchmark that dies (a failed turn throws) must not leave its servers running.
+  const killOnExit = () => child.kill("SIGKILL");
+  process.once("exit", killOnExit);
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => {
     stderr = (stderr + d.toString()).slice(-4000);
   });
-  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const exited = new Promise<void>((resolve) =>
+    child.once("exit", () => {
+      process.off("exit", killOnExit);
+      resolve();
+    }),
+  );
   const deadline = Date.now() + 60_000;
   while (!existsSync(socket)) {
     if (child.exitCode !== null) {
@@ -161,6 +169,11 @@ export async function startS3blk(options: S3blkServeOptions): Promise<RunningTar
       String(options.cacheBytes),
       "--dirty-size",
       String(options.dirtyBytes),
+      // Superseded chunk objects wait out the GC grace before the writer deletes them (at a
+      // flush). At the default 15 min, a random-write row makes them faster than RGW's 4 GiB
+      // memstore holds (about 50 MB/s: every hot chunk re-uploaded each write-back delay).
+      "--gc-grace",
+      "10s",
       ...(options.metrics ? ["--metrics", "127.0.0.1:0"] : []),
       ...(options.readOnly === true ? ["--read-only"] : []),
     ],
