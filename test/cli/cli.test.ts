@@ -222,7 +222,7 @@ describe("s3blk on a local directory", () => {
       await s3blk(["snapshot", "delete", "snapvol", "s1"]),
       /no snapshot named "s1"/,
     );
-  });
+  }, 180_000); // a dozen CLI processes, each a Node start: 35 s here on a loaded machine
 
   it("clones a snapshot, shows the clone's parent and what it owns, and collects garbage", async () => {
     const MiB = 1024 * 1024;
@@ -309,7 +309,7 @@ describe("s3blk on a local directory", () => {
     expect(readFileSync(gold).equals(data)).toBe(true);
     expect((await s3blk(["export", "cclone", exported])).code).toBe(0);
     expect(readFileSync(exported).equals(clonedBytes)).toBe(true);
-  });
+  }, 180_000);
 
   it("refuses what cannot be cloned or deleted because of clones, in one line", async () => {
     expect((await s3blk(["create", "rbase", "--size", "16M"])).code).toBe(0);
