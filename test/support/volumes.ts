@@ -115,6 +115,17 @@ export async function newFilledVolume(
   return volume;
 }
 
+/** The first `bytes` bytes of `device`, read in one request; throws if the read fails. */
+export async function readBytes(
+  device: Awaited<ReturnType<typeof openVolume>>,
+  bytes: number,
+): Promise<Buffer> {
+  const out = new Uint8Array(bytes);
+  const result = await device.read(0, [out]);
+  if (!result.ok) throw new Error(`read failed: ${JSON.stringify(result.error)}`);
+  return Buffer.from(out);
+}
+
 /** Deterministic bytes: each sector's content depends on `seed` and its absolute sector. */
 export function pattern(
   seed: number,

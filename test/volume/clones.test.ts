@@ -23,6 +23,7 @@ import {
   memoryBackend,
   newTestVolume,
   pattern,
+  readBytes,
   s3Backend,
   siblingUrl,
   type Backend,
@@ -40,12 +41,7 @@ const backends: Backend[] = [memoryBackend, ...(s3 ? [s3Backend(s3)] : [])];
 
 type Device = Awaited<ReturnType<TestVolume["open"]>>;
 
-async function readAll(device: Device, chunks = CHUNKS): Promise<Buffer> {
-  const out = new Uint8Array(chunks * CHUNK);
-  const result = await device.read(0, [out]);
-  if (!result.ok) throw new Error(`read failed: ${JSON.stringify(result.error)}`);
-  return Buffer.from(out);
-}
+const readAll = (device: Device, chunks = CHUNKS) => readBytes(device, chunks * CHUNK);
 
 /** Every key under the volume's prefix and its entity tag. */
 async function objectsOf(volume: TestVolume): Promise<Map<string, string>> {

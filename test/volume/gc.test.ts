@@ -23,6 +23,7 @@ import {
   memoryBackend,
   newTestVolume,
   pattern,
+  readBytes,
   s3Backend,
   siblingUrl,
   stackOver,
@@ -42,12 +43,7 @@ const backends: Backend[] = [memoryBackend, ...(s3 ? [s3Backend(s3)] : [])];
 
 type Device = Awaited<ReturnType<TestVolume["open"]>>;
 
-async function readAll(device: Device): Promise<Buffer> {
-  const out = new Uint8Array(CHUNKS * CHUNK);
-  const result = await device.read(0, [out]);
-  if (!result.ok) throw new Error(`read failed: ${JSON.stringify(result.error)}`);
-  return Buffer.from(out);
-}
+const readAll = (device: Device) => readBytes(device, CHUNKS * CHUNK);
 
 /** Every key under the volume's prefix, but the gc clock. */
 async function keysOf(volume: TestVolume): Promise<string[]> {

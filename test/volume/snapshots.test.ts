@@ -20,6 +20,7 @@ import {
   memoryBackend,
   newTestVolume,
   pattern,
+  readBytes,
   s3Backend,
   type Backend,
   type TestVolume,
@@ -35,12 +36,7 @@ const backends: Backend[] = [memoryBackend, ...(s3 ? [s3Backend(s3)] : [])];
 
 type Device = Awaited<ReturnType<TestVolume["open"]>>;
 
-async function readAll(device: Device): Promise<Buffer> {
-  const out = new Uint8Array(CHUNKS * CHUNK);
-  const result = await device.read(0, [out]);
-  if (!result.ok) throw new Error(`read failed: ${JSON.stringify(result.error)}`);
-  return Buffer.from(out);
-}
+const readAll = (device: Device) => readBytes(device, CHUNKS * CHUNK);
 
 async function countObjects(volume: TestVolume): Promise<number> {
   const stack = volume.stack();
