@@ -44,7 +44,8 @@ export function checkRequest(
   buffers: readonly Uint8Array[],
 ): ByteRange | InvalidArgumentError {
   let lengthBytes = 0;
-  for (const [i, buffer] of buffers.entries()) {
+  for (let i = 0; i < buffers.length; i++) {
+    const buffer = buffers[i];
     if (!(buffer instanceof Uint8Array)) {
       return new InvalidArgumentError(`buffer ${i} is not a Uint8Array`);
     }
@@ -55,8 +56,10 @@ export function checkRequest(
     }
     lengthBytes += buffer.byteLength;
   }
-  return checkRange(geometry, sectorStart, BigInt(lengthBytes / geometry.sectorSize));
+  return checkRange(geometry, sectorStart, lengthBytes / geometry.sectorSize);
 }
+
+const MAX_SAFE_SECTORS = BigInt(Number.MAX_SAFE_INTEGER);
 
 /** Check a `discard`-style request given as a sector count. */
 export function checkRange(
@@ -64,6 +67,23 @@ export function checkRange(
   sectorStart: Sector,
   sectors: Sector,
 ): ByteRange | InvalidArgumentError {
+  // Every request passes here: in plain numbers when that is exact, in bigints otherwise (and
+  // for the error messages).
+  if (
+    typeof sectorStart === "number" &&
+    typeof sectors === "number" &&
+    Number.isSafeInteger(sectorStart) &&
+    Number.isSafeInteger(sectors) &&
+    sectorStart >= 0 &&
+    sectors >= 0 &&
+    geometry.sizeSectors <= MAX_SAFE_SECTORS &&
+    sectorStart + sectors <= Number(geometry.sizeSectors)
+  ) {
+    const size = geometry.sectorSize;
+    const offsetBytes = sectorStart * size;
+    const lengthBytes = sectors * size;
+    if (Number.isSafeInteger(offsetBytes + lengthBytes)) return { offsetBytes, lengthBytes };
+  }
   const start = toSector(sectorStart, "sector");
   if (start instanceof InvalidArgumentError) return start;
   const count = toSector(sectors, "sector count");

@@ -245,6 +245,33 @@ export class PageCache {
 
   // ---- reads -------------------------------------------------------------------------------
 
+  /**
+   * The read of {@link read}, done at once when every byte of it is in memory (a page that knows
+   * it, or a chunk with no object); false, having done nothing, when something must be fetched.
+   * A hit then costs no promise.
+   */
+  readFromMemory(offsetBytes: number, buffers: readonly Uint8Array[]): boolean {
+    const pieces = ChunkPieces.ofBuffers(this.chunkSizeBytes, offsetBytes, buffers);
+    while (pieces.next()) {
+      const page = this.#dirty.get(pieces.index) ?? this.#clean.peek(pieces.index);
+      const inMemory =
+        page === undefined
+          ? !this.#chunks.isAllocated(pieces.index)
+          : page.isValid(pieces.chunkOffsetBytes, pieces.lengthBytes);
+      if (!inMemory) return false;
+    }
+    const plan = this.#policy.onRead(offsetBytes, pieces.requestBytes, this.#chunks.chunkCount);
+    pieces.rewind();
+    while (pieces.next()) {
+      this.#readHits++;
+      const page = this.#lookup(pieces.index);
+      if (page === undefined) pieces.forEachView((_at, bytes) => bytes.fill(0));
+      else pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
+    }
+    this.#readahead(plan.readahead);
+    return true;
+  }
+
   /** Fill `buffers`, laid end to end, from byte `offsetBytes` of the volume. */
   async read(offsetBytes: number, buffers: readonly Uint8Array[]): Promise<void> {
     const pieces = ChunkPieces.ofBuffers(this.chunkSizeBytes, offsetBytes, buffers);
@@ -478,6 +505,25 @@ export class PageCache {
     while (pieces.next()) touched.push(await this.#pageForWrite(pieces.index, growth, modify));
     this.#writeback.modified();
     if (durable) await this.#writeback.makeDurable(touched.map((page) => [page, page.writeSeq]));
+  }
+
+  /**
+   * The write of {@link write} (not durable), done at once when it falls in one chunk whose page
+   * has room in the dirty bounds now; false, having done nothing, otherwise. A write that must
+   * wait, or spans chunks, takes {@link write}.
+   */
+  writeToMemory(offsetBytes: number, buffers: readonly Uint8Array[]): boolean {
+    const pieces = ChunkPieces.ofBuffers(this.chunkSizeBytes, offsetBytes, buffers);
+    if (!pieces.next() || pieces.lengthBytes !== pieces.requestBytes) return false;
+    const { chunkOffsetBytes, lengthBytes } = pieces;
+    const page = this.#tryPageForWrite(pieces.index, (p) =>
+      p.growthFor(chunkOffsetBytes, lengthBytes),
+    );
+    if (page === undefined) return false;
+    // Modified synchronously with its return from #tryPageForWrite, as #pageForWrite does.
+    this.#dirty.resize(page, (p) => pieces.forEachView((at, bytes) => p.write(at, bytes)));
+    this.#writeback.modified();
+    return true;
   }
 
   /** Set `lengthBytes` from `offsetBytes` to zeros; whole chunks lose their objects. */

@@ -53,6 +53,7 @@ import {
   type SnapshotRecord,
 } from "../volume/snapshots.js";
 import type { Lease } from "../volume/lease.js";
+import { InFlight } from "../util/in-flight.js";
 
 /** See {@link ChunkedBlockDevice.leaseStatus}. */
 export type LeaseState = "none" | "held" | "lost" | "released";
@@ -101,10 +102,12 @@ export class ChunkedBlockDevice implements BlockDevice {
   readonly #chunks: ChunkStore;
   readonly #cache: PageCache;
   readonly #info: Info;
-  readonly #inFlight = new Set<Promise<unknown>>();
+  /** Operations running: a disconnect waits for them. */
+  readonly #inFlight = new InFlight();
   readonly #lease: Lease | undefined;
   readonly #prefix: string;
-  readonly #writesInFlight = new Set<Promise<unknown>>();
+  /** Modifying operations running: a snapshot waits for them. */
+  readonly #writesInFlight = new InFlight();
   /** Closed while a snapshot is taken: modifying operations wait for it. */
   #gate: Promise<void> | undefined;
   #connected = true;
@@ -180,12 +183,13 @@ export class ChunkedBlockDevice implements BlockDevice {
   }
 
   read(sectorStart: Sector, buffers: readonly Uint8Array[]): Promise<Result<void, BlockError>> {
-    return this.#run<BlockError>(false, async () => {
-      const range = checkRequest(this.#info, sectorStart, buffers);
-      if (range instanceof InvalidArgumentError) return err(ioError(range));
-      await this.#cache.read(range.offsetBytes, buffers);
-      return ok;
-    });
+    const refused = this.#refusal<BlockError>(false);
+    if (refused !== undefined) return Promise.resolve(refused);
+    const range = checkRequest(this.#info, sectorStart, buffers);
+    if (range instanceof InvalidArgumentError) return Promise.resolve(err(ioError(range)));
+    // Answered from memory: nothing stays in flight, so there is nothing to track.
+    if (this.#cache.readFromMemory(range.offsetBytes, buffers)) return DONE;
+    return this.#track(false, () => this.#cache.read(range.offsetBytes, buffers));
   }
 
   write(
@@ -193,36 +197,38 @@ export class ChunkedBlockDevice implements BlockDevice {
     buffers: readonly Uint8Array[],
     options?: WriteOptions,
   ): Promise<Result<void, WriteError>> {
-    return this.#run(true, async () => {
-      const range = checkRequest(this.#info, sectorStart, buffers);
-      if (range instanceof InvalidArgumentError) return err(ioError(range));
-      await this.#cache.write(range.offsetBytes, buffers, options?.fua ?? false);
-      return ok;
-    });
+    const refused = this.#refusal<WriteError>(true);
+    if (refused !== undefined) return Promise.resolve(refused);
+    const range = checkRequest(this.#info, sectorStart, buffers);
+    if (range instanceof InvalidArgumentError) return Promise.resolve(err(ioError(range)));
+    const fua = options?.fua ?? false;
+    // Done in memory at once, unless it must be durable or wait (for a snapshot, or for room).
+    if (!fua && this.#gate === undefined && this.#cache.writeToMemory(range.offsetBytes, buffers)) {
+      return DONE;
+    }
+    return this.#track(true, () => this.#cache.write(range.offsetBytes, buffers, fua));
   }
 
   flush(): Promise<Result<void, WriteError>> {
-    return this.#run(true, async () => {
+    return this.#track(true, async () => {
       await this.#cache.flush();
       // Superseded objects are garbage now; deleting them need not delay the flush.
       void this.#chunks.deleteSuperseded();
-      return ok;
     });
   }
 
   discard(sectorStart: Sector, sectors: Sector): Promise<Result<void, WriteError>> {
-    return this.#run(true, async () => {
-      const range = checkRange(this.#info, sectorStart, sectors);
-      if (range instanceof InvalidArgumentError) return err(ioError(range));
-      await this.#cache.discard(range.offsetBytes, range.lengthBytes);
-      return ok;
-    });
+    const refused = this.#refusal<WriteError>(true);
+    if (refused !== undefined) return Promise.resolve(refused);
+    const range = checkRange(this.#info, sectorStart, sectors);
+    if (range instanceof InvalidArgumentError) return Promise.resolve(err(ioError(range)));
+    return this.#track(true, () => this.#cache.discard(range.offsetBytes, range.lengthBytes));
   }
 
   async disconnect(): Promise<Result<void, WriteError>> {
     if (!this.#connected) return err(disconnected);
     this.#connected = false;
-    await Promise.allSettled([...this.#inFlight]);
+    await this.#inFlight.idle();
     let result: Result<void, WriteError> = ok;
     if (this.#info.readWrite) {
       try {
@@ -250,7 +256,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     this.#cache.close();
     this.#chunks.fence(new Error("device aborted"));
     this.#lease?.abandon();
-    await Promise.allSettled([...this.#inFlight]);
+    await this.#inFlight.idle();
     await this.#chunks.drain();
     await this.#store.close();
     return { lostDirtyChunks };
@@ -267,12 +273,11 @@ export class ChunkedBlockDevice implements BlockDevice {
     const invalid = checkSnapshotName(name);
     if (invalid !== undefined) return err(ioError(invalid));
     // A disconnect waits for it like any operation in flight.
-    const taking = this.#takeSnapshot(name);
-    this.#inFlight.add(taking);
+    this.#inFlight.enter();
     try {
-      return await taking;
+      return await this.#takeSnapshot(name);
     } finally {
-      this.#inFlight.delete(taking);
+      this.#inFlight.leave();
     }
   }
 
@@ -281,7 +286,7 @@ export class ChunkedBlockDevice implements BlockDevice {
     let open: () => void = () => {};
     this.#gate = new Promise((resolve) => (open = resolve));
     try {
-      await Promise.allSettled([...this.#writesInFlight]);
+      await this.#writesInFlight.idle();
       await this.#cache.flush();
       const refs = this.#chunks.snapshotRefs();
       const record = await createSnapshotRecord(
@@ -302,12 +307,11 @@ export class ChunkedBlockDevice implements BlockDevice {
 
   /** Warm the cache with the chunks under `sectors` sectors from `sectorStart`. */
   prefetch(sectorStart: Sector, sectors: Sector): Promise<Result<void, BlockError>> {
-    return this.#run<BlockError>(false, async () => {
-      const range = checkRange(this.#info, sectorStart, sectors);
-      if (range instanceof InvalidArgumentError) return err(ioError(range));
-      await this.#cache.prefetch(range.offsetBytes, range.lengthBytes);
-      return ok;
-    });
+    const refused = this.#refusal<BlockError>(false);
+    if (refused !== undefined) return Promise.resolve(refused);
+    const range = checkRange(this.#info, sectorStart, sectors);
+    if (range instanceof InvalidArgumentError) return Promise.resolve(err(ioError(range)));
+    return this.#track(false, () => this.#cache.prefetch(range.offsetBytes, range.lengthBytes));
   }
 
   /**
@@ -364,25 +368,40 @@ export class ChunkedBlockDevice implements BlockDevice {
     return { state, epoch: lease.epoch };
   }
 
-  /** Run one operation: refuse it if disconnected (or a write on a read-only device). */
-  async #run<E extends WriteError>(
-    modifies: boolean,
-    operation: () => Promise<Result<void, E>>,
-  ): Promise<Result<void, E>> {
+  /** Why an operation may not start now, if it may not: disconnected, read-only, lease lost. */
+  #refusal<E extends WriteError>(modifies: boolean): Result<void, E> | undefined {
     if (!this.#connected) return err(disconnected as E);
     if (modifies && !this.#info.readWrite) return err(isReadOnly as E);
-    while (modifies && this.#gate !== undefined) await this.#gate;
-    if (!this.#connected) return err(disconnected as E);
     const lost = this.#lease?.lost;
     if (lost !== undefined) return err(ioError(lost) as E);
-    const running = operation().catch((error: unknown) => err(ioError(error) as E));
-    this.#inFlight.add(running);
-    if (modifies) this.#writesInFlight.add(running);
+    return undefined;
+  }
+
+  /**
+   * Run one operation that may wait, counted in flight until it settles; a modifying one first
+   * waits for a snapshot being taken. A throw becomes an I/O error.
+   */
+  async #track<E extends WriteError>(
+    modifies: boolean,
+    operation: () => Promise<void>,
+  ): Promise<Result<void, E>> {
+    while (modifies && this.#gate !== undefined) await this.#gate;
+    // Checked again after the wait, and with no await before the count goes up.
+    const refused = this.#refusal<E>(modifies);
+    if (refused !== undefined) return refused;
+    this.#inFlight.enter();
+    if (modifies) this.#writesInFlight.enter();
     try {
-      return await running;
+      await operation();
+      return ok;
+    } catch (error) {
+      return err(ioError(error) as E);
     } finally {
-      this.#inFlight.delete(running);
-      this.#writesInFlight.delete(running);
+      this.#inFlight.leave();
+      if (modifies) this.#writesInFlight.leave();
     }
   }
 }
+
+/** The result of an operation done at once, shared: it is immutable. */
+const DONE: Promise<Result<void, never>> = Promise.resolve(ok);

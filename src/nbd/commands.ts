@@ -205,10 +205,11 @@ export function writePayloadOffset(checked: CheckedRequest): number {
 }
 
 /**
- * Run a checked request. `writeBuffer` is the filled buffer of a WRITE. Never throws for an
- * expected failure: those come back as `failed` outcomes.
+ * Run a checked request. `writeBuffer` is the filled buffer of a WRITE. Never rejects for an
+ * expected failure: those come back as `failed` outcomes. (Not an async function: each request
+ * takes the promise of its command as it is, with no extra turn of the microtask queue.)
  */
-export async function runRequest(
+export function runRequest(
   session: Session,
   checked: CheckedRequest,
   pool: BufferPool,
@@ -221,11 +222,11 @@ export async function runRequest(
     case NBD_CMD_READ:
       return read(e, checked, pool);
     case NBD_CMD_WRITE:
-      if (writeBuffer === undefined) throw new Error("WRITE without its payload");
+      if (writeBuffer === undefined) return Promise.reject(new Error("WRITE without its payload"));
       return write(e, checked, writeBuffer, fua);
     case NBD_CMD_FLUSH:
       // Nothing can be dirty on a read-only export; the device would answer Is_read_only.
-      return e.readOnly ? DONE : outcomeOf(await e.device.flush());
+      return e.readOnly ? Promise.resolve(DONE) : e.device.flush().then(outcomeOf);
     case NBD_CMD_TRIM:
       return trim(e, request.offset, request.length, fua);
     case NBD_CMD_WRITE_ZEROES:
@@ -233,9 +234,9 @@ export async function runRequest(
     case NBD_CMD_CACHE:
       return prefetch(e, request.offset, request.length);
     case NBD_CMD_BLOCK_STATUS:
-      return blockStatus(e, request);
+      return Promise.resolve(blockStatus(e, request));
     default:
-      throw new Error(`runRequest: unchecked command ${request.type}`);
+      return Promise.reject(new Error(`runRequest: unchecked command ${request.type}`));
   }
 }
 
@@ -260,24 +261,56 @@ async function read(e: NbdExport, checked: CheckedRequest, pool: BufferPool): Pr
   return { kind: "data", data, backing: span };
 }
 
-async function write(
+const WITH_FUA = Object.freeze({ fua: true });
+const WITHOUT_FUA = Object.freeze({ fua: false });
+
+function write(
   e: NbdExport,
   checked: CheckedRequest,
   buffer: Uint8Array,
   fua: boolean,
 ): Promise<Outcome> {
   const { offset, length } = checked.request;
-  if (length === 0) return DONE;
+  if (length === 0) return Promise.resolve(DONE);
   const start = checked.spanStartBytes;
   const end = start + checked.spanBytes;
   const aligned = start === offset && end === offset + length;
-  const hold = await lock(e, start, end, !aligned);
+  const hold = e.locks.tryAcquire(start, end, !aligned);
+  if (!aligned || hold === undefined) return writeWhenHeld(e, checked, buffer, fua, hold);
+  // The usual case, an aligned write whose span is free: no wait before the device's write.
+  return e.device.write(start / e.sectorSize, [buffer], fua ? WITH_FUA : WITHOUT_FUA).then(
+    (result) => {
+      e.locks.release(hold);
+      return outcomeOf(result);
+    },
+    (error: unknown) => {
+      e.locks.release(hold);
+      throw error;
+    },
+  );
+}
+
+/** `write`, once the span is held (`hold`, or waited for): with its edges merged if unaligned. */
+async function writeWhenHeld(
+  e: NbdExport,
+  checked: CheckedRequest,
+  buffer: Uint8Array,
+  fua: boolean,
+  held: RangeHold | undefined,
+): Promise<Outcome> {
+  const { offset, length } = checked.request;
+  const start = checked.spanStartBytes;
+  const end = start + checked.spanBytes;
+  const aligned = start === offset && end === offset + length;
+  const hold = held ?? (await e.locks.acquire(start, end, !aligned));
   try {
     if (!aligned) {
       const merged = await mergeEdges(e, buffer, start, offset, length);
       if (!merged.ok) return failed(nbdFailureOf(merged.error));
     }
-    return outcomeOf(await e.device.write(start / e.sectorSize, [buffer], { fua }));
+    return outcomeOf(
+      await e.device.write(start / e.sectorSize, [buffer], fua ? WITH_FUA : WITHOUT_FUA),
+    );
   } finally {
     e.locks.release(hold);
   }
