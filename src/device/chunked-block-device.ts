@@ -45,7 +45,7 @@ import {
 } from "../cache/page-cache.js";
 import type { ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
-import { ChunkStore } from "../volume/chunk-store.js";
+import { ChunkStore, type GarbageStats } from "../volume/chunk-store.js";
 import type { ChunkRef, Superblock } from "../volume/format.js";
 import {
   checkSnapshotName,
@@ -340,6 +340,11 @@ export class ChunkedBlockDevice implements BlockDevice {
 
   cacheStats(): CacheStats {
     return this.#cache.stats();
+  }
+
+  /** The garbage this writer made: deleted, waiting, failed batches. */
+  garbageStats(): GarbageStats {
+    return this.#chunks.garbageStats();
   }
 
   /**

@@ -244,6 +244,24 @@ const VOLUME_FIGURES: readonly VolumeFigure[] = [
   ),
   figure(
     "gauge",
+    "s3blk_gc_pending_objects",
+    "Objects this writer superseded, waiting out the GC grace or for a delete batch",
+    (v) => v.device.garbageStats().pendingObjects,
+  ),
+  figure(
+    "counter",
+    "s3blk_gc_deleted_objects_total",
+    "Superseded objects deleted",
+    (v) => v.device.garbageStats().deletedObjects,
+  ),
+  figure(
+    "counter",
+    "s3blk_gc_delete_failures_total",
+    "Delete batches that failed (their objects wait for the next batch or s3blk gc)",
+    (v) => v.device.garbageStats().deleteFailures,
+  ),
+  figure(
+    "gauge",
     "s3blk_stored_bytes",
     "Bytes of the chunk objects the volume's chunk map names",
     (v) => v.device.storedBytes(),

@@ -100,6 +100,16 @@ function readaheadId(index: number): string {
   return `readahead-${index}`;
 }
 
+/** See {@link ChunkStore.garbageStats}. */
+export interface GarbageStats {
+  /** Objects this writer made garbage and has not deleted yet (a batch in flight included). */
+  readonly pendingObjects: number;
+  /** Superseded objects deleted since the open. */
+  readonly deletedObjects: number;
+  /** Delete batches that failed (their objects wait for the next one, or `s3blk gc`). */
+  readonly deleteFailures: number;
+}
+
 /** GETs of one chunk that found their object superseded meanwhile, at most, before failing. */
 const MAX_SUPERSEDED_RETRIES = 3;
 
@@ -126,6 +136,10 @@ export class ChunkStore {
   readonly #maybeLanded = new Map<number, string[]>();
   #deleting: Promise<void> | undefined;
   #fenced: Error | undefined;
+  /** Objects in the delete batch in flight. */
+  #deletingObjects = 0;
+  #deletedObjects = 0;
+  #deleteFailures = 0;
 
   private constructor(
     options: ChunkStoreOptions,
@@ -406,18 +420,32 @@ export class ChunkStore {
     if (due === 0 || this.#fenced !== undefined) return;
     const batch = this.#superseded.splice(0, due);
     let deleted = false;
+    this.#deletingObjects = batch.length;
     this.#deleting = this.#store.deleteMany(batch.map((b) => b.key)).then(
       () => {
         deleted = true;
+        this.#deletedObjects += batch.length;
+        this.#deletingObjects = 0;
         this.#deleting = undefined;
       },
       () => {
         this.#superseded.unshift(...batch);
+        this.#deleteFailures++;
+        this.#deletingObjects = 0;
         this.#deleting = undefined;
       },
     );
     await this.#deleting;
     if (deleted && this.#dueCount() === MAX_DELETE_BATCH) await this.deleteSuperseded();
+  }
+
+  /** What this store's garbage collection has done, and what waits (for the metrics). */
+  garbageStats(): GarbageStats {
+    return {
+      pendingObjects: this.#superseded.length + this.#deletingObjects,
+      deletedObjects: this.#deletedObjects,
+      deleteFailures: this.#deleteFailures,
+    };
   }
 
   /**

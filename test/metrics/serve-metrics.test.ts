@@ -119,7 +119,7 @@ describe.skipIf(s3 === undefined || missing.length > 0)("s3blk serve --metrics o
       [
         url,
         ...["--socket", socket, "--metrics", "127.0.0.1:0", "--prices", prices],
-        ...["--lease-duration", "15s"],
+        ...["--lease-duration", "15s", "--gc-grace", "2s"],
       ],
       // The process lease of 15 s renews every 7.5 s: renewals show up within the test.
       { env: s3Env(target, proxy.endpoint), globalArgs: ["--request-timeout", "1s"] },
@@ -202,6 +202,40 @@ describe.skipIf(s3 === undefined || missing.length > 0)("s3blk serve --metrics o
     expect(value(after, "s3blk_stored_bytes", { export: name })).toBe(WRITES * MiB);
     expect(value(after, "s3blk_cache_dirty_bytes", { export: name })).toBe(0);
     expect(value(after, "s3blk_writeback_backlog_chunks", { export: name })).toBe(0);
+  }, 60_000);
+
+  it("counts the garbage a rewrite makes, and its deletion once the grace has passed", async () => {
+    const uri = `nbd+unix:///${name}?socket=${socket}`;
+    const gauge = (samples: Sample[], metric: string) => value(samples, metric, { export: name });
+    const before = (await scrape(metricsUrl(serve))).samples;
+    const seen = proxy.requests.length;
+    // Rewrite two chunks the test above wrote: their old objects become garbage, kept for the
+    // 2 s grace (qemu-io's flush at exit makes the rewrites durable).
+    const io = await run("qemu-io", [
+      ...["-f", "raw", "-c", "write -P 0x41 0 64k", "-c", "write -P 0x42 1M 64k", uri],
+    ]);
+    expect(io.code).toBe(0);
+    const made = (await scrape(metricsUrl(serve))).samples;
+    expect(gauge(made, "s3blk_gc_pending_objects")).toBe(2);
+    expect(gauge(made, "s3blk_gc_deleted_objects_total")).toBe(
+      gauge(before, "s3blk_gc_deleted_objects_total"),
+    );
+    // Past the grace, the next flush deletes them, in one batch, after it answers.
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    expect((await run("qemu-io", ["-f", "raw", "-c", "flush", uri])).code).toBe(0);
+    let after = (await scrape(metricsUrl(serve))).samples;
+    for (let i = 0; i < 50 && gauge(after, "s3blk_gc_pending_objects") > 0; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      after = (await scrape(metricsUrl(serve))).samples;
+    }
+    expect(gauge(after, "s3blk_gc_pending_objects")).toBe(0);
+    expect(
+      gauge(after, "s3blk_gc_deleted_objects_total") -
+        gauge(before, "s3blk_gc_deleted_objects_total"),
+    ).toBe(2);
+    expect(gauge(after, "s3blk_gc_delete_failures_total")).toBe(0);
+    const batches = proxy.requests.slice(seen).filter((r) => operationOf(r) === "DeleteObjects");
+    expect(batches.length).toBe(1);
   }, 60_000);
 
   it("counts refused requests by command and error value", async () => {
