@@ -77,6 +77,8 @@ export class Page {
   /** One byte per sector: 1 where the sector's contents are known. */
   readonly #valid: Uint8Array;
   #validCount = 0;
+  /** A view of `#whole` was lent (see `lend`): the next modification copies the buffer first. */
+  #lent = false;
 
   constructor(
     readonly index: number,
@@ -194,9 +196,22 @@ export class Page {
     );
   }
 
+  /**
+   * A view of bytes `[offsetBytes, +lengthBytes)` that nothing will ever write: the page's own
+   * memory, lent. Before its next modification the page copies that memory and carries on in
+   * the copy (copy-on-write), so the view keeps these bytes for as long as anyone holds it. Only
+   * a fully valid page held in one buffer lends; `undefined` otherwise.
+   */
+  lend(offsetBytes: number, lengthBytes: number): Uint8Array | undefined {
+    if (this.#whole === undefined || !this.fullyValid) return undefined;
+    this.#lent = true;
+    return this.#whole.subarray(offsetBytes, offsetBytes + lengthBytes);
+  }
+
   /** Apply a write of `source` at `offsetBytes` (sector-aligned). */
   write(offsetBytes: number, source: Uint8Array): void {
     this.#assertAligned(offsetBytes, source.byteLength);
+    this.#unshare();
     if (this.#whole !== undefined) {
       this.#whole.set(source, offsetBytes);
     } else {
@@ -217,10 +232,12 @@ export class Page {
       this.#spans.fill(undefined);
       this.#spanCount = 0;
       this.#whole = undefined;
+      this.#lent = false; // the lent buffer is dropped, not written
       this.#valid.fill(1);
       this.#validCount = this.#valid.length;
     } else {
       // Absent spans already read as zeros; present ones are zeroed in place.
+      this.#unshare();
       this.#forEachRun(offsetBytes, lengthBytes, (_at, view) => view?.fill(0));
       this.#markValid(offsetBytes, lengthBytes);
     }
@@ -283,6 +300,20 @@ export class Page {
   }
 
   // ---- storage -----------------------------------------------------------------------------
+
+  /**
+   * Before bytes are modified in place: if `#whole` was lent, move to a copy of it. Only a page
+   * held in `#whole` lends, and then every span is in it, at its own offset.
+   */
+  #unshare(): void {
+    if (!this.#lent) return;
+    this.#lent = false;
+    const lent = this.#whole!;
+    const copy = Buffer.allocUnsafe(lent.byteLength);
+    copy.set(lent);
+    this.#spans.fill(copy);
+    this.#whole = copy;
+  }
 
   /** Make the page fully valid with `chunk` as its storage, keeping the sectors it knows. */
   #adopt(chunk: Buffer): void {

@@ -192,6 +192,18 @@ export class ChunkedBlockDevice implements BlockDevice {
     return this.#track(false, () => this.#cache.read(range.offsetBytes, buffers));
   }
 
+  /**
+   * Sectors `[sectorStart, +sectors)` as a view of the cache's memory that nothing will ever
+   * write, when they are in memory in one chunk and make a quarter of it or more; `undefined`
+   * otherwise (then `read`). The NBD server's large reads send it as it is: no copy.
+   */
+  lend(sectorStart: number, sectors: number): Uint8Array | undefined {
+    if (this.#refusal(false) !== undefined) return undefined;
+    const range = checkRange(this.#info, sectorStart, sectors);
+    if (range instanceof InvalidArgumentError) return undefined;
+    return this.#cache.lend(range.offsetBytes, range.lengthBytes);
+  }
+
   write(
     sectorStart: Sector,
     buffers: readonly Uint8Array[],

@@ -97,8 +97,9 @@ export interface CheckedRequest {
 export type Outcome =
   | { readonly kind: "done" }
   /**
-   * READ: the data to send, a view of `backing`, a buffer nobody else writes until the caller
-   * gives it back to the pool (once the socket no longer needs it).
+   * READ: the data to send: a view of `backing`, a buffer nobody else writes until the caller
+   * gives it back to the pool (once the socket no longer needs it); or, with no `backing`,
+   * memory the device lent, which nothing ever writes.
    */
   | { readonly kind: "data"; readonly data: Uint8Array; readonly backing?: Uint8Array }
   | { readonly kind: "extents"; readonly extents: readonly BlockStatusExtent[] }
@@ -247,7 +248,19 @@ function outcomeOf(result: Result<void, WriteError | BlockError>): Outcome {
 async function read(e: NbdExport, checked: CheckedRequest, pool: BufferPool): Promise<Outcome> {
   const { offset, length } = checked.request;
   if (length === 0) return { kind: "data", data: new Uint8Array(0) };
-  // A buffer of this request's own: nothing else writes it until the reply has been handed to
+  const at = offset - checked.spanStartBytes;
+  // Memory the device lent never changes, however long the reply waits in the socket.
+  const lent = e.device.lend?.(
+    checked.spanStartBytes / e.sectorSize,
+    checked.spanBytes / e.sectorSize,
+  );
+  if (lent !== undefined) {
+    return {
+      kind: "data",
+      data: at === 0 && length === lent.length ? lent : lent.subarray(at, at + length),
+    };
+  }
+  // Else a buffer of this request's own: nothing else writes it until the reply has been handed to
   // the kernel and the connection gives it back, however long it waits in a backed-up socket
   // (no zero-copy trap).
   const span = pool.take(checked.spanBytes);
@@ -256,7 +269,6 @@ async function read(e: NbdExport, checked: CheckedRequest, pool: BufferPool): Pr
     pool.give(span);
     return failed(nbdFailureOf(result.error));
   }
-  const at = offset - checked.spanStartBytes;
   const data = at === 0 && length === span.length ? span : span.subarray(at, at + length);
   return { kind: "data", data, backing: span };
 }

@@ -23,7 +23,8 @@
  *
  * Requests run concurrently and are answered as they finish, out of order. Replies go through a
  * {@link ReplyWriter}: corked, header and data as separate writes, one `writev` per burst. READ
- * data is a fresh buffer per request, so it cannot change while queued.
+ * data is a buffer of the request's own, or memory the device lent (a large read of one cached
+ * chunk, which the cache copies before changing), so it cannot change while queued.
  *
  * ## TLS
  *

@@ -34,6 +34,12 @@ export interface NbdDevice extends BlockDevice {
    * bytes certainly read as zeros. The range must lie inside the device.
    */
   allocationMap(offsetBytes: number, lengthBytes: number): readonly AllocationExtent[];
+  /**
+   * Optional zero-copy read: sectors `[sectorStart, +sectors)` as memory the device will never
+   * write (it copies before changing memory it lent), or `undefined` when it cannot lend them
+   * (then `read`). The range must lie inside the device.
+   */
+  lend?(sectorStart: number, sectors: number): Uint8Array | undefined;
 }
 
 /** The largest payload of one request (NBD_CMD_READ or NBD_CMD_WRITE): 32 MiB. */

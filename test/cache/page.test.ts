@@ -69,6 +69,8 @@ const operation = fc.oneof(
   fc.record({ op: fc.constant("image" as const), stored: fc.boolean() }),
   // Begin an upload (a dirty page takes its image), or end the one in flight, either way.
   fc.record({ op: fc.constant("upload" as const), succeeds: fc.boolean() }),
+  // Lend a view (zero-copy read): its bytes must never change afterwards.
+  fc.record({ op: fc.constant("lend" as const), r: range }),
 );
 
 describe("a page", () => {
@@ -79,6 +81,8 @@ describe("a page", () => {
         const model = new Model();
         /** The writeSeq of the image the upload in flight took. */
         let imageSeq: number | undefined;
+        /** Views the page lent, with the bytes each held when lent. */
+        const lent: { view: Uint8Array; bytes: Buffer }[] = [];
         for (const o of operations) {
           switch (o.op) {
             case "write": {
@@ -138,7 +142,18 @@ describe("a page", () => {
               }
               break;
             }
+            case "lend": {
+              const view = page.lend(o.r.offset, o.r.length);
+              // Only a fully known page in one buffer lends.
+              if (view === undefined) break;
+              expect(page.fullyValid).toBe(true);
+              const expected = model.bytes.subarray(o.r.offset, o.r.offset + o.r.length);
+              expect(Buffer.from(view).equals(expected)).toBe(true);
+              lent.push({ view, bytes: Buffer.from(expected) });
+              break;
+            }
           }
+          for (const { view, bytes } of lent) expect(Buffer.from(view).equals(bytes)).toBe(true);
           // Every known sector reads as the model says, and only known sectors are claimed.
           for (let s = 0; s < SECTORS; s++) {
             expect(page.isValid(s * SECTOR, SECTOR)).toBe(model.valid[s] === 1);
@@ -156,6 +171,23 @@ describe("a page", () => {
       }),
       { numRuns: 300 },
     );
+  });
+
+  it("lends a whole page's memory, and moves to a copy before the next change", () => {
+    const page = new Page(0, CHUNK, SECTOR);
+    expect(page.lend(0, CHUNK)).toBeUndefined(); // nothing known
+    page.write(0, pattern(4, 0, 8));
+    expect(page.lend(0, 8 * SECTOR)).toBeUndefined(); // sparse: not in one buffer
+    page.fillFrom(0, Buffer.from(STORED), CHUNK);
+    const view = page.lend(0, CHUNK)!;
+    const before = Buffer.from(view);
+    page.write(0, pattern(5, 0, 8));
+    page.zero(SPAN_BYTES, SPAN_BYTES);
+    expect(Buffer.from(view).equals(before)).toBe(true);
+    expect(page.memoryBytes).toBe(CHUNK); // the copy replaced the lent buffer
+    const out = Buffer.alloc(8 * SECTOR);
+    page.copyOut(0, out);
+    expect(out.equals(Buffer.from(pattern(5, 0, 8)))).toBe(true);
   });
 
   it("holds one span for a small write, and only the spans written", () => {

@@ -473,7 +473,9 @@ describe("pipelining and flow control", () => {
 
     c.socket.pause(); // stop reading replies: the server's socket backs up
     const fillers: bigint[] = [];
-    for (let i = 0; i < 24; i++) fillers.push(c.read(0, MiB));
+    for (let i = 0; i < 48; i++) fillers.push(c.read(0, MiB));
+    // Their replies fill the socket first, whether they were fetched or answered from memory.
+    await new Promise((r) => setTimeout(r, 300));
     const reads: bigint[] = [];
     for (let i = 0; i < ranges; i++) reads.push(c.read(base + i * 8192, 4096));
     await new Promise((r) => setTimeout(r, 300)); // the reads have run; their replies are queued
@@ -488,6 +490,43 @@ describe("pipelining and flow control", () => {
     for (let i = 0; i < ranges; i++) {
       expect((await c.ok(c.read(base + i * 8192, 4096))).data).toEqual(fresh(i));
     }
+    c.close();
+  });
+
+  it("sends each large READ the data it read: the cache memory it lends is copied before any change", async () => {
+    // Reads of whole chunks are sent from the page's own memory (no copy); a write, a partial
+    // zero or a discard of the page while a reply waits must not reach the reply.
+    const c = await RawClient.open(target(), { exportName: "disk" });
+    const chunk = 256 * 1024; // the harness's chunk size
+    const base = 14 * MiB;
+    const old = (i: number) => bytesAt(300 + i, 0, chunk);
+    for (let i = 0; i < 4; i++) await c.ok(c.write(base + i * chunk, old(i)));
+
+    c.socket.pause();
+    const fillers: bigint[] = [];
+    for (let i = 0; i < 48; i++) fillers.push(c.read(0, MiB));
+    // Their replies fill the socket first, whether they were fetched or not.
+    await new Promise((r) => setTimeout(r, 300));
+    const reads: bigint[] = [];
+    for (let i = 0; i < 4; i++) reads.push(c.read(base + i * chunk, chunk));
+    await new Promise((r) => setTimeout(r, 300)); // the reads have run; their replies are queued
+    const changes = [
+      c.write(base + 4096, bytesAt(700, 0, 4096)),
+      c.write(base + chunk, bytesAt(701, 0, chunk)),
+      c.zero(base + 2 * chunk + 8192, 4096),
+      c.trim(base + 3 * chunk, chunk),
+    ];
+    await new Promise((r) => setTimeout(r, 300)); // the changes have run too
+    c.socket.resume();
+
+    for (const f of fillers) await c.ok(f);
+    for (let i = 0; i < 4; i++) expect((await c.ok(reads[i]!)).data).toEqual(old(i));
+    for (const change of changes) await c.ok(change);
+    const now = (await c.ok(c.read(base, 4 * chunk))).data!;
+    expect(now.subarray(4096, 8192)).toEqual(bytesAt(700, 0, 4096));
+    expect(now.subarray(chunk, 2 * chunk)).toEqual(bytesAt(701, 0, chunk));
+    expect(now.subarray(2 * chunk + 8192, 2 * chunk + 12288)).toEqual(Buffer.alloc(4096));
+    expect(now.subarray(3 * chunk)).toEqual(Buffer.alloc(chunk));
     c.close();
   });
 
