@@ -98,23 +98,54 @@ export interface Row {
   ratio?: { median: number; min: number; max: number };
 }
 
-const { values, positionals } = parseArgs({
-  options: {
-    quick: { type: "boolean", default: false },
-    runtime: { type: "string" },
-    rounds: { type: "string" },
-    size: { type: "string" },
-    only: { type: "string" },
-    jobs: { type: "string" },
-    compare: { type: "boolean", default: false },
-    clones: { type: "string" },
-    metrics: { type: "boolean", default: false },
-    out: { type: "string", default: "bench/results" },
-    cli: { type: "string" },
-    latencies: { type: "string", default: "0,20" },
-  },
-  allowPositionals: true,
-});
+const USAGE = `usage: npm run bench -- [options]
+       npm run bench -- --compare BEFORE.json AFTER.json
+
+  --only LIST       sections: raw,cold-read,boot,device,warm,cold,clone (default: all)
+  --jobs TEXT,...   only the fio jobs whose name contains one of these
+  --rounds N        interleaved rounds per row (default 3)
+  --runtime SECONDS each timed turn (default 10; --quick: 5)
+  --size SIZE       the volumes' size (default 256M)
+  --latencies MS,.. delays per S3 request for the cold-read rows (default 0,20)
+  --clones N        clones in the clone section (default 100)
+  --cli PATH        another build's CLI, for a before/after run
+  --metrics         serve s3blk with its Prometheus metrics on
+  --out DIR         where the JSON goes (default bench/results)
+
+Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3, python3-libnbd, and S3_ENDPOINT etc.
+(eval "$(bash infra/rgw-start.sh)").`;
+
+function parseOptions() {
+  try {
+    return parseArgs({
+      options: {
+        help: { type: "boolean", short: "h", default: false },
+        quick: { type: "boolean", default: false },
+        runtime: { type: "string" },
+        rounds: { type: "string" },
+        size: { type: "string" },
+        only: { type: "string" },
+        jobs: { type: "string" },
+        compare: { type: "boolean", default: false },
+        clones: { type: "string" },
+        metrics: { type: "boolean", default: false },
+        out: { type: "string", default: "bench/results" },
+        cli: { type: "string" },
+        latencies: { type: "string", default: "0,20" },
+      },
+      allowPositionals: true,
+    });
+  } catch (error) {
+    // A mistyped option: say which, and how to ask for the list, without a stack trace.
+    console.error(`bench: ${(error as Error).message.split(". ")[0]}\n\n${USAGE}`);
+    process.exit(2);
+  }
+}
+const { values, positionals } = parseOptions();
+if (values.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
 
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
 const rounds = Number(values.rounds ?? 3);
