@@ -62,7 +62,7 @@ import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } fr
 import { putObjects, runRawGet } from "./raw-get.js";
 import { S3Store } from "../store/s3-store.js";
 import { cpuTicks, interleave, spread, waitUntilIdle, type Contender } from "./interleave.js";
-import { rgwCounters } from "./rgw-counters.js";
+import { rgwCounters, rgwPids } from "./rgw-counters.js";
 import {
   startNbdkitMemory,
   startNbdkitS3,
@@ -84,6 +84,11 @@ interface Turn {
   peakRssBytes?: number;
   /** CPU time per MiB moved: the s3blk process's (for a whole-volume job), or the GET client's. */
   cpuMsPerMiB?: number;
+  /**
+   * CPU time the local S3 server (RGW and its OSD) spent during the turn: taken from the same
+   * cores as fio and the NBD server, so a turn that uploads is slowed by its own S3 server.
+   */
+  s3ServerCpuMs?: number;
 }
 
 /** One job, s3blk against its reference, interleaved (see interleave.ts). */
@@ -194,6 +199,13 @@ function metric(job: string, turn: Turn): number | undefined {
   return isThroughput(job) ? r.bytesPerSecond / 1e6 : r.iops;
 }
 
+/** CPU ticks of the local S3 server's processes so far, if it runs here. */
+function s3ServerTicks(): number | undefined {
+  const ticks = rgwPids().map(cpuTicks);
+  if (ticks.length === 0 || ticks.some((t) => t === undefined)) return undefined;
+  return ticks.reduce((a, b) => a! + b!, 0);
+}
+
 /** One fio run of `job` on `running`, with the S3 requests it caused and the server's peak RSS. */
 async function fioTurn(
   job: FioJob,
@@ -207,6 +219,7 @@ async function fioTurn(
 ): Promise<Turn> {
   const before = rgwCounters();
   const ticksBefore = cpuTicks(running.pid);
+  const serverTicksBefore = s3ServerTicks();
   const turn: Turn = {};
   try {
     turn.result = await runFio(job, {
@@ -219,6 +232,10 @@ async function fioTurn(
     turn.error = (error as Error).message.split("\n")[0];
   }
   const ticksAfter = cpuTicks(running.pid);
+  const serverTicksAfter = s3ServerTicks();
+  if (serverTicksBefore !== undefined && serverTicksAfter !== undefined) {
+    turn.s3ServerCpuMs = ((serverTicksAfter - serverTicksBefore) * 1000) / CLOCK_TICKS_PER_SECOND;
+  }
   if (job.once === true && ticksBefore !== undefined && ticksAfter !== undefined) {
     turn.cpuMsPerMiB =
       ((ticksAfter - ticksBefore) * 1000) / CLOCK_TICKS_PER_SECOND / (sizeBytes / 2 ** 20);
@@ -676,6 +693,7 @@ function printTable(rows: readonly Row[]): void {
       "S3 out MB",
       "peak RSS MB",
       "CPU ms/MiB",
+      "S3 server CPU s",
     ],
   ];
   for (const row of rows) {
@@ -705,12 +723,16 @@ function printTable(rows: readonly Row[]): void {
       ).trim(),
       (Math.max(0, ...row.turns.map((t) => t.peakRssBytes ?? 0)) / 2 ** 20).toFixed(0),
       perTurn((t) => t.cpuMsPerMiB)?.toFixed(2) ?? "-",
+      perTurn((t) => (t.s3ServerCpuMs === undefined ? undefined : t.s3ServerCpuMs / 1000))?.toFixed(
+        1,
+      ) ?? "-",
     ]);
   }
   printLines(lines);
   console.log(
     "\nS3 requests and bytes: mean per s3blk turn. ratios: smallest-largest of the rounds. " +
-      "CPU ms/MiB: s3blk's process for a whole-volume job, the client for raw GETs.",
+      "CPU ms/MiB: s3blk's process for a whole-volume job, the client for raw GETs. " +
+      "S3 server CPU: a local RGW's (gateway and OSD) during each s3blk turn, on the same cores.",
   );
 }
 

@@ -5,7 +5,7 @@
  */
 
 import { execFileSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 
 export interface RgwCounters {
@@ -16,10 +16,31 @@ export interface RgwCounters {
   readonly putBytes: number;
 }
 
-/** Where infra/rgw-start.sh keeps the admin socket. */
-function adminSocket(): string {
+/** Where infra/rgw-start.sh keeps its admin sockets and pid files. */
+function runDir(): string {
   const dir = process.env.S3BLK_RGW_DIR ?? path.join(process.env.TMPDIR ?? "/tmp", "s3blk-rgw");
-  return path.join(dir, "run", "ceph-client.rgw.a.asok");
+  return path.join(dir, "run");
+}
+
+function adminSocket(): string {
+  return path.join(runDir(), "ceph-client.rgw.a.asok");
+}
+
+/**
+ * The pids of the local S3 server's processes (the gateway and the OSD that stores its data),
+ * whose CPU a turn on this machine shares: empty when there is no local RGW.
+ */
+export function rgwPids(): number[] {
+  const pids: number[] = [];
+  for (const file of ["rgw.pid", "osd.pid"]) {
+    try {
+      const pid = Number(readFileSync(path.join(runDir(), file), "utf8").trim());
+      if (Number.isSafeInteger(pid) && pid > 0) pids.push(pid);
+    } catch {
+      // not running here
+    }
+  }
+  return pids;
 }
 
 export function rgwCounters(): RgwCounters | undefined {
