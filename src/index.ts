@@ -154,6 +154,7 @@ export {
   type LeaseState,
 } from "./device/chunked-block-device.js";
 export type { CacheStats, Extent } from "./cache/page-cache.js";
+export type { GarbageStats } from "./volume/chunk-store.js";
 export { systemClock, type Clock } from "./util/clock.js";
 
 // The NBD server.

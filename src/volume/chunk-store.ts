@@ -100,7 +100,7 @@ function readaheadId(index: number): string {
   return `readahead-${index}`;
 }
 
-/** See {@link ChunkStore.garbageStats}. */
+/** What a writer did with the garbage it made: see `ChunkedBlockDevice.garbageStats`. */
 export interface GarbageStats {
   /** Objects this writer made garbage and has not deleted yet (a batch in flight included). */
   readonly pendingObjects: number;
