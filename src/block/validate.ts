@@ -80,8 +80,9 @@ export function checkRange(
     sectorStart + sectors <= Number(geometry.sizeSectors)
   ) {
     const size = geometry.sectorSize;
-    const offsetBytes = sectorStart * size;
-    const lengthBytes = sectors * size;
+    // `+ 0` turns a -0 argument into 0, as the bigint path does.
+    const offsetBytes = sectorStart * size + 0;
+    const lengthBytes = sectors * size + 0;
     if (Number.isSafeInteger(offsetBytes + lengthBytes)) return { offsetBytes, lengthBytes };
   }
   const start = toSector(sectorStart, "sector");

@@ -188,7 +188,11 @@ export class ChunkedBlockDevice implements BlockDevice {
     const range = checkRequest(this.#info, sectorStart, buffers);
     if (range instanceof InvalidArgumentError) return Promise.resolve(err(ioError(range)));
     // Answered from memory: nothing stays in flight, so there is nothing to track.
-    if (this.#cache.readFromMemory(range.offsetBytes, buffers)) return DONE;
+    try {
+      if (this.#cache.readFromMemory(range.offsetBytes, buffers)) return DONE;
+    } catch (error) {
+      return Promise.resolve(err(ioError(error)));
+    }
     return this.#track(false, () => this.#cache.read(range.offsetBytes, buffers));
   }
 
@@ -201,7 +205,11 @@ export class ChunkedBlockDevice implements BlockDevice {
     if (this.#refusal(false) !== undefined) return undefined;
     const range = checkRange(this.#info, sectorStart, sectors);
     if (range instanceof InvalidArgumentError) return undefined;
-    return this.#cache.lend(range.offsetBytes, range.lengthBytes);
+    try {
+      return this.#cache.lend(range.offsetBytes, range.lengthBytes);
+    } catch {
+      return undefined; // the caller's read then meets the failure, as an error value
+    }
   }
 
   write(
@@ -215,13 +223,23 @@ export class ChunkedBlockDevice implements BlockDevice {
     if (range instanceof InvalidArgumentError) return Promise.resolve(err(ioError(range)));
     const fua = options?.fua ?? false;
     // Done in memory at once, unless it must be durable or wait (for a snapshot, or for room).
-    if (!fua && this.#gate === undefined && this.#cache.writeToMemory(range.offsetBytes, buffers)) {
-      return DONE;
+    try {
+      if (
+        !fua &&
+        this.#gate === undefined &&
+        this.#cache.writeToMemory(range.offsetBytes, buffers)
+      ) {
+        return DONE;
+      }
+    } catch (error) {
+      return Promise.resolve(err(ioError(error)));
     }
     return this.#track(true, () => this.#cache.write(range.offsetBytes, buffers, fua));
   }
 
   flush(): Promise<Result<void, WriteError>> {
+    const refused = this.#refusal<WriteError>(true);
+    if (refused !== undefined) return Promise.resolve(refused);
     return this.#track(true, async () => {
       await this.#cache.flush();
       // Superseded objects are garbage now; deleting them need not delay the flush.

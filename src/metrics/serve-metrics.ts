@@ -246,19 +246,19 @@ const VOLUME_FIGURES: readonly VolumeFigure[] = [
     "gauge",
     "s3blk_gc_pending_objects",
     "Objects this writer superseded, waiting out the GC grace or for a delete batch",
-    (v) => v.device.garbageStats().pendingObjects,
+    (v) => v.device.garbageStats().pendingObjectCount,
   ),
   figure(
     "counter",
     "s3blk_gc_deleted_objects_total",
     "Superseded objects deleted",
-    (v) => v.device.garbageStats().deletedObjects,
+    (v) => v.device.garbageStats().deletedObjectCount,
   ),
   figure(
     "counter",
     "s3blk_gc_delete_failures_total",
     "Delete batches that failed (their objects wait for the next batch or s3blk gc)",
-    (v) => v.device.garbageStats().deleteFailures,
+    (v) => v.device.garbageStats().failedDeleteBatchCount,
   ),
   figure(
     "gauge",

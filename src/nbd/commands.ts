@@ -216,7 +216,20 @@ export function runRequest(
   pool: BufferPool,
   writeBuffer?: Uint8Array,
 ): Promise<Outcome> {
-  const e = session.export;
+  try {
+    return run(session.export, checked, pool, writeBuffer);
+  } catch (error) {
+    // A bug below (an assertion): the connection answers it as an internal error.
+    return Promise.reject(error);
+  }
+}
+
+function run(
+  e: NbdExport,
+  checked: CheckedRequest,
+  pool: BufferPool,
+  writeBuffer: Uint8Array | undefined,
+): Promise<Outcome> {
   const { request } = checked;
   const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
   switch (request.type) {
@@ -290,7 +303,14 @@ function write(
   const hold = e.locks.tryAcquire(start, end, !aligned);
   if (!aligned || hold === undefined) return writeWhenHeld(e, checked, buffer, fua, hold);
   // The usual case, an aligned write whose span is free: no wait before the device's write.
-  return e.device.write(start / e.sectorSize, [buffer], fua ? WITH_FUA : WITHOUT_FUA).then(
+  let writing: Promise<Result<void, WriteError>>;
+  try {
+    writing = e.device.write(start / e.sectorSize, [buffer], fua ? WITH_FUA : WITHOUT_FUA);
+  } catch (error) {
+    e.locks.release(hold);
+    throw error;
+  }
+  return writing.then(
     (result) => {
       e.locks.release(hold);
       return outcomeOf(result);

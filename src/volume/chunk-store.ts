@@ -103,11 +103,11 @@ function readaheadId(index: number): string {
 /** What a writer did with the garbage it made: see `ChunkedBlockDevice.garbageStats`. */
 export interface GarbageStats {
   /** Objects this writer made garbage and has not deleted yet (a batch in flight included). */
-  readonly pendingObjects: number;
+  readonly pendingObjectCount: number;
   /** Superseded objects deleted since the open. */
-  readonly deletedObjects: number;
+  readonly deletedObjectCount: number;
   /** Delete batches that failed (their objects wait for the next one, or `s3blk gc`). */
-  readonly deleteFailures: number;
+  readonly failedDeleteBatchCount: number;
 }
 
 /** GETs of one chunk that found their object superseded meanwhile, at most, before failing. */
@@ -137,9 +137,9 @@ export class ChunkStore {
   #deleting: Promise<void> | undefined;
   #fenced: Error | undefined;
   /** Objects in the delete batch in flight. */
-  #deletingObjects = 0;
-  #deletedObjects = 0;
-  #deleteFailures = 0;
+  #deletingObjectCount = 0;
+  #deletedObjectCount = 0;
+  #failedDeleteBatchCount = 0;
 
   private constructor(
     options: ChunkStoreOptions,
@@ -420,18 +420,18 @@ export class ChunkStore {
     if (due === 0 || this.#fenced !== undefined) return;
     const batch = this.#superseded.splice(0, due);
     let deleted = false;
-    this.#deletingObjects = batch.length;
+    this.#deletingObjectCount = batch.length;
     this.#deleting = this.#store.deleteMany(batch.map((b) => b.key)).then(
       () => {
         deleted = true;
-        this.#deletedObjects += batch.length;
-        this.#deletingObjects = 0;
+        this.#deletedObjectCount += batch.length;
+        this.#deletingObjectCount = 0;
         this.#deleting = undefined;
       },
       () => {
         this.#superseded.unshift(...batch);
-        this.#deleteFailures++;
-        this.#deletingObjects = 0;
+        this.#failedDeleteBatchCount++;
+        this.#deletingObjectCount = 0;
         this.#deleting = undefined;
       },
     );
@@ -442,9 +442,9 @@ export class ChunkStore {
   /** What this store's garbage collection has done, and what waits (for the metrics). */
   garbageStats(): GarbageStats {
     return {
-      pendingObjects: this.#superseded.length + this.#deletingObjects,
-      deletedObjects: this.#deletedObjects,
-      deleteFailures: this.#deleteFailures,
+      pendingObjectCount: this.#superseded.length + this.#deletingObjectCount,
+      deletedObjectCount: this.#deletedObjectCount,
+      failedDeleteBatchCount: this.#failedDeleteBatchCount,
     };
   }
 

@@ -177,12 +177,17 @@ describe("a page", () => {
     const page = new Page(0, CHUNK, SECTOR);
     expect(page.lend(0, CHUNK)).toBeUndefined(); // nothing known
     page.write(0, pattern(4, 0, 8));
-    expect(page.lend(0, 8 * SECTOR)).toBeUndefined(); // sparse: not in one buffer
+    expect(page.lend(0, 8 * SECTOR)).toBeUndefined(); // not fully known
     page.fillFrom(0, Buffer.from(STORED), CHUNK);
     const view = page.lend(0, CHUNK)!;
     const before = Buffer.from(view);
     page.write(0, pattern(5, 0, 8));
+    expect(Buffer.from(view).equals(before)).toBe(true);
+    // A partial zero copies too (a whole-chunk zero just drops the buffer).
+    const again = page.lend(0, CHUNK)!;
+    const beforeZero = Buffer.from(again);
     page.zero(SPAN_BYTES, SPAN_BYTES);
+    expect(Buffer.from(again).equals(beforeZero)).toBe(true);
     expect(Buffer.from(view).equals(before)).toBe(true);
     expect(page.memoryBytes).toBe(CHUNK); // the copy replaced the lent buffer
     const out = Buffer.alloc(8 * SECTOR);

@@ -37,7 +37,29 @@ describe("the warm path", () => {
     void device.read(3 * SECTORS_PER_CHUNK, [zeros]);
     expect(zeros.every((b) => b === 0)).toBe(true);
     expect(stack.counter.counts()).toMatchObject({ gets: 0, puts: 0 });
+    // Each counted as a hit, as the general path counts them.
+    expect(device.cacheStats()).toMatchObject({ readHits: 2, readMisses: 0 });
     await device.disconnect();
+  });
+
+  it("lends a large cached read as memory that a later write does not change", async () => {
+    const volume = await newTestVolume(memoryBackend, "warm-lend", PARAMS);
+    const device = await volume.open({ writebackDelayMs: 60_000 });
+    expect((await device.write(0, [pattern(9, 0, SECTORS_PER_CHUNK)])).ok).toBe(true);
+    // Less than a quarter of a chunk, or across two chunks: not lent (the caller reads).
+    expect(device.lend(0, SECTORS_PER_CHUNK / 4 - 1)).toBeUndefined();
+    expect(device.lend(SECTORS_PER_CHUNK - 8, 16)).toBeUndefined();
+    const hits = device.cacheStats().readHits;
+    const view = device.lend(0, SECTORS_PER_CHUNK)!;
+    expect(Buffer.from(view).equals(Buffer.from(pattern(9, 0, SECTORS_PER_CHUNK)))).toBe(true);
+    expect(device.cacheStats().readHits).toBe(hits + 1);
+    expect((await device.write(8, [pattern(10, 8, 8)])).ok).toBe(true);
+    expect(Buffer.from(view).equals(Buffer.from(pattern(9, 0, SECTORS_PER_CHUNK)))).toBe(true);
+    const out = new Uint8Array(8 * 512);
+    void device.read(8, [out]);
+    expect(Buffer.from(out).equals(Buffer.from(pattern(10, 8, 8)))).toBe(true);
+    await device.disconnect();
+    expect(device.lend(0, SECTORS_PER_CHUNK)).toBeUndefined(); // disconnected
   });
 
   it("still fetches a read that misses, and only then fills the buffer", async () => {
@@ -68,6 +90,7 @@ describe("the warm path", () => {
     expect(Buffer.from(out).equals(Buffer.from(pattern(3, 40, 8)))).toBe(true);
     // One that spans two chunks takes the general path, and lands the same.
     const across = device.write(SECTORS_PER_CHUNK - 4, [pattern(4, SECTORS_PER_CHUNK - 4, 8)]);
+    expect(await ready(across)).toBe("pending");
     expect((await across).ok).toBe(true);
     void device.read(SECTORS_PER_CHUNK - 4, [out]);
     expect(Buffer.from(out).equals(Buffer.from(pattern(4, SECTORS_PER_CHUNK - 4, 8)))).toBe(true);
