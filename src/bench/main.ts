@@ -201,9 +201,14 @@ function metric(job: string, turn: Turn): number | undefined {
 
 /** CPU ticks of the local S3 server's processes so far, if it runs here. */
 function s3ServerTicks(): number | undefined {
-  const ticks = rgwPids().map(cpuTicks);
-  if (ticks.length === 0 || ticks.some((t) => t === undefined)) return undefined;
-  return ticks.reduce((a, b) => a! + b!, 0);
+  const pids = rgwPids();
+  let total = 0;
+  for (const pid of pids) {
+    const ticks = cpuTicks(pid);
+    if (ticks === undefined) return undefined;
+    total += ticks;
+  }
+  return pids.length === 0 ? undefined : total;
 }
 
 /** One fio run of `job` on `running`, with the S3 requests it caused and the server's peak RSS. */

@@ -148,6 +148,12 @@ export interface CacheStats {
   readMisses: number;
 }
 
+/** Fill the caller's buffers for the current piece from `page`, or with zeros (no page: no object). */
+function copyPiece(pieces: ChunkPieces, page: Page | undefined): void {
+  if (page === undefined) pieces.forEachView((_at, bytes) => bytes.fill(0));
+  else pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
+}
+
 export class PageCache {
   readonly chunkSizeBytes: number;
   readonly #chunks: ChunkStore;
@@ -260,15 +266,12 @@ export class PageCache {
           : page.isValid(pieces.chunkOffsetBytes, pieces.lengthBytes);
       if (!inMemory) return false;
     }
-    const plan = this.#policy.onRead(offsetBytes, pieces.requestBytes, this.#chunks.chunkCount);
     pieces.rewind();
     while (pieces.next()) {
       this.#readHits++;
-      const page = this.#lookup(pieces.index);
-      if (page === undefined) pieces.forEachView((_at, bytes) => bytes.fill(0));
-      else pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
+      copyPiece(pieces, this.#lookup(pieces.index));
     }
-    this.#readahead(plan.readahead);
+    this.#hitPlan(offsetBytes, pieces.requestBytes);
     return true;
   }
 
@@ -287,9 +290,15 @@ export class PageCache {
     const view = page?.lend(pieces.chunkOffsetBytes, lengthBytes);
     if (view === undefined) return undefined;
     this.#readHits++;
-    const plan = this.#policy.onRead(offsetBytes, lengthBytes, this.#chunks.chunkCount);
-    this.#readahead(plan.readahead);
+    this.#hitPlan(offsetBytes, lengthBytes);
     return view;
+  }
+
+  /** What a read answered from memory tells the read policy, and the read-ahead it starts. */
+  #hitPlan(offsetBytes: number, lengthBytes: number): void {
+    this.#readahead(
+      this.#policy.onRead(offsetBytes, lengthBytes, this.#chunks.chunkCount).readahead,
+    );
   }
 
   /** Fill `buffers`, laid end to end, from byte `offsetBytes` of the volume. */
@@ -327,10 +336,8 @@ export class PageCache {
     for (let i = 0; pieces.next(); i++) {
       const page = pages[i];
       const scratch = fetched[i];
-      if (page === undefined) {
-        pieces.forEachView((_at, bytes) => bytes.fill(0));
-      } else if (scratch === undefined) {
-        pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
+      if (page === undefined || scratch === undefined) {
+        copyPiece(pieces, page);
       } else {
         // The page could not keep what was fetched: fetched bytes, then what the page knows.
         pieces.forEachView((at, bytes) => {

@@ -57,7 +57,12 @@ import {
   type BlockStatusExtent,
   type NbdRequest,
 } from "./protocol.js";
-import { type BlockError, type Result, type WriteError } from "../block/block-device.js";
+import {
+  type BlockError,
+  type Result,
+  type WriteError,
+  type WriteOptions,
+} from "../block/block-device.js";
 import { nbdFailureOf, refused, type NbdFailure } from "./errors.js";
 import { MAX_PAYLOAD_BYTES, type NbdExport } from "./exports.js";
 import type { BufferPool } from "./buffer-pool.js";
@@ -300,12 +305,15 @@ function write(
   const start = checked.spanStartBytes;
   const end = start + checked.spanBytes;
   const aligned = start === offset && end === offset + length;
+  const options = fua ? WITH_FUA : WITHOUT_FUA;
   const hold = e.locks.tryAcquire(start, end, !aligned);
-  if (!aligned || hold === undefined) return writeWhenHeld(e, checked, buffer, fua, hold);
+  if (!aligned || hold === undefined) {
+    return writeWhenHeld(e, buffer, { start, end, offset, length }, options, hold);
+  }
   // The usual case, an aligned write whose span is free: no wait before the device's write.
   let writing: Promise<Result<void, WriteError>>;
   try {
-    writing = e.device.write(start / e.sectorSize, [buffer], fua ? WITH_FUA : WITHOUT_FUA);
+    writing = e.device.write(start / e.sectorSize, [buffer], options);
   } catch (error) {
     e.locks.release(hold);
     throw error;
@@ -322,17 +330,17 @@ function write(
   );
 }
 
-/** `write`, once the span is held (`hold`, or waited for): with its edges merged if unaligned. */
+/**
+ * `write` of the payload `[offset, +length)` in the aligned span `[start, end)`, once the span
+ * is held (`held`, or waited for here): with its edges merged if it is unaligned.
+ */
 async function writeWhenHeld(
   e: NbdExport,
-  checked: CheckedRequest,
   buffer: Uint8Array,
-  fua: boolean,
+  { start, end, offset, length }: { start: number; end: number; offset: number; length: number },
+  options: WriteOptions,
   held: RangeHold | undefined,
 ): Promise<Outcome> {
-  const { offset, length } = checked.request;
-  const start = checked.spanStartBytes;
-  const end = start + checked.spanBytes;
   const aligned = start === offset && end === offset + length;
   const hold = held ?? (await e.locks.acquire(start, end, !aligned));
   try {
@@ -340,9 +348,7 @@ async function writeWhenHeld(
       const merged = await mergeEdges(e, buffer, start, offset, length);
       if (!merged.ok) return failed(nbdFailureOf(merged.error));
     }
-    return outcomeOf(
-      await e.device.write(start / e.sectorSize, [buffer], fua ? WITH_FUA : WITHOUT_FUA),
-    );
+    return outcomeOf(await e.device.write(start / e.sectorSize, [buffer], options));
   } finally {
     e.locks.release(hold);
   }
