@@ -13,7 +13,7 @@
  *   the peaks);
  * - a chunk has at most one page: none is both dirty and in the clean LRU;
  * - every page is filed under its own chunk; dirty ones are dirty, LRU ones clean, with no
- *   upload and everything durable;
+ *   upload and everything durable; none of them has retired (given its memory back);
  * - the LRU charges each page what it holds now (a page that grew or shrank was re-sized), the
  *   charges add up to the LRU's size, and that size is within its bound.
  *
@@ -38,6 +38,7 @@ export function checkCacheInvariants({ dirty, clean, chargeOf }: CacheState): vo
   dirty.checkInvariants();
   for (const page of dirty.pages()) {
     page.checkInvariants();
+    assert(!page.retired, `dirty page ${page.index} has retired`);
     assert(
       clean.peek(page.index) === undefined,
       `chunk ${page.index} has a dirty page and a page in the clean LRU`,
@@ -48,6 +49,7 @@ export function checkCacheInvariants({ dirty, clean, chargeOf }: CacheState): vo
     const page = entry.value;
     assert.equal(page.index, index, `clean page ${page.index} is filed under chunk ${index}`);
     assert.equal(page.state, "clean", `page ${index} is in the clean LRU but ${page.state}`);
+    assert(!page.retired, `clean page ${index} has retired but is still in the LRU`);
     page.checkInvariants();
     const charge = chargeOf(page);
     assert.equal(

@@ -68,6 +68,7 @@
 import { LRUCache } from "lru-cache";
 import type { ChunkStore } from "../volume/chunk-store.js";
 import type { Clock } from "../util/clock.js";
+import { ChunkBuffers } from "./chunk-buffers.js";
 import { ChunkPieces } from "./chunk-pieces.js";
 import { DirtySet } from "./dirty-set.js";
 import { checkCacheInvariants } from "./invariants.js";
@@ -146,6 +147,9 @@ export interface CacheStats {
   readHits: number;
   /** ...and those that had to be fetched, whole or in part (read-ahead not counted). */
   readMisses: number;
+  /** Chunk buffers allocated, and reused from evicted pages instead (chunk-buffers.ts). */
+  chunkBuffersAllocated: number;
+  chunkBuffersReused: number;
 }
 
 /** Fill the caller's buffers for the current piece from `page`, or with zeros (no page: no object). */
@@ -163,6 +167,10 @@ export class PageCache {
   readonly #dirty: DirtySet;
   readonly #writeback: Writeback;
   readonly #clean: LRUCache<number, Page>;
+  readonly #buffers: ChunkBuffers;
+  /** A whole chunk's GET body goes into a reused chunk buffer, which the page then adopts. */
+  readonly #allocate = (lengthBytes: number): Buffer | undefined =>
+    lengthBytes === this.chunkSizeBytes ? this.#buffers.take() : undefined;
   /** Ranged GETs in flight, per page, each settled (never rejected) once it ends. */
   readonly #rangedInFlight = new Map<
     Page,
@@ -190,9 +198,15 @@ export class PageCache {
       writebackThresholdChunks: Math.floor(maxDirtyChunks / 2),
     });
     this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes));
+    this.#buffers = new ChunkBuffers(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
       maxSize: Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024),
       sizeCalculation: cleanChargeBytes,
+      // An evicted page gives its buffer back for the next fetch. (Pages deleted from the LRU
+      // to become dirty, or to be resized, are not leaving the cache.)
+      dispose: (page, _index, reason) => {
+        if (reason === "evict") page.retire();
+      },
     });
     this.#writeback = new Writeback({
       chunks: options.chunks,
@@ -219,6 +233,8 @@ export class PageCache {
       backpressureWaits: this.#writeback.backpressureWaits,
       readHits: this.#readHits,
       readMisses: this.#readMisses,
+      chunkBuffersAllocated: this.#buffers.stats().allocated,
+      chunkBuffersReused: this.#buffers.stats().reused,
     };
   }
 
@@ -294,6 +310,11 @@ export class PageCache {
     return view;
   }
 
+  /** The reader of a view from {@link lend} is done with it: its memory may be reused. */
+  returnLoan(view: Uint8Array): void {
+    this.#buffers.returnLoan(view);
+  }
+
   /** What a read answered from memory tells the read policy, and the read-ahead it starts. */
   #hitPlan(offsetBytes: number, lengthBytes: number): void {
     this.#readahead(
@@ -331,6 +352,20 @@ export class PageCache {
     }
     this.#readahead(plan.readahead);
     const fetched = await Promise.all(loads);
+    // A page evicted meanwhile (by a read larger than the cache, or other reads' fetches) gave
+    // its memory back: fetch those pieces' chunks again, past the cache. A page retires once,
+    // so this ends.
+    for (;;) {
+      pieces.rewind();
+      const refetches: Promise<void>[] = [];
+      for (let i = 0; pieces.next(); i++) {
+        if (pages[i]?.retired !== true || fetched[i] !== undefined) continue;
+        const read = this.#chunks.read(pieces.index, 0, this.chunkSizeBytes);
+        refetches.push(read.then((bytes) => void (fetched[i] = { offsetBytes: 0, bytes })));
+      }
+      if (refetches.length === 0) break;
+      await Promise.all(refetches);
+    }
     // From here on synchronously, so every piece sees the page as it is now.
     pieces.rewind();
     for (let i = 0; pieces.next(); i++) {
@@ -339,7 +374,8 @@ export class PageCache {
       if (page === undefined || scratch === undefined) {
         copyPiece(pieces, page);
       } else {
-        // The page could not keep what was fetched: fetched bytes, then what the page knows.
+        // The page could not keep what was fetched (or left the cache): fetched bytes, then
+        // what the page knows.
         pieces.forEachView((at, bytes) => {
           const from = at - scratch.offsetBytes;
           if (scratch.bytes === undefined) bytes.fill(0);
@@ -365,7 +401,8 @@ export class PageCache {
     sequential: boolean,
     requestBytes = lengthBytes,
   ): Promise<Fetched | undefined> {
-    while (!page.isValid(offsetBytes, lengthBytes)) {
+    // A page evicted while this waited is no longer filled: the reader fetches past it.
+    while (!page.retired && !page.isValid(offsetBytes, lengthBytes)) {
       if (page.fill === undefined) {
         const wholeWanted = this.#policy.wantsWhole(
           sequential,
@@ -430,8 +467,9 @@ export class PageCache {
    * read-ahead, below the guest's reads in the queue.
    */
   #fillWhole(page: Page, readahead = false): Promise<Fetched | undefined> {
+    const priority = readahead ? "readahead" : "guest";
     page.fill ??= this.#chunks
-      .read(page.index, 0, this.chunkSizeBytes, readahead ? "readahead" : "guest")
+      .read(page.index, 0, this.chunkSizeBytes, { priority, allocate: this.#allocate })
       .then((bytes) => this.#keep(page, 0, bytes, this.chunkSizeBytes))
       .finally(() => {
         page.fill = undefined;
@@ -441,7 +479,8 @@ export class PageCache {
 
   /**
    * Put fetched bytes into `page`, unless it is dirty and they would take dirty memory past the
-   * write-back threshold: then hand them back, for the reader to use once.
+   * write-back threshold, or it left the cache meanwhile: then hand them back, for the readers
+   * to use once. Bytes neither adopted nor handed back go back to the chunk buffers.
    */
   #keep(
     page: Page,
@@ -450,10 +489,12 @@ export class PageCache {
     lengthBytes: number,
   ): Fetched | undefined {
     const growth = bytes === undefined ? 0 : page.growthFor(offsetBytes, lengthBytes);
-    if (this.#dirty.has(page) && !this.#dirty.roomForCachedBytes(growth)) {
+    if (page.retired || (this.#dirty.has(page) && !this.#dirty.roomForCachedBytes(growth))) {
       return { offsetBytes, bytes };
     }
-    this.#resize(page, (p) => p.fillFrom(offsetBytes, bytes, lengthBytes));
+    let adopted = false;
+    this.#resize(page, (p) => (adopted = p.fillFrom(offsetBytes, bytes, lengthBytes)));
+    if (!adopted && Buffer.isBuffer(bytes)) this.#buffers.retire(bytes);
     return undefined;
   }
 
@@ -604,7 +645,7 @@ export class PageCache {
       // clean page were concurrent with this write and may see either.
       page = undefined;
     }
-    page ??= new Page(index, this.chunkSizeBytes, this.#sectorSize);
+    page ??= new Page(index, this.chunkSizeBytes, this.#sectorSize, this.#buffers);
     if (!dirty.hasRoomFor(page.memoryBytes + growth(page))) return undefined;
     this.#clean.delete(index);
     dirty.add(page, this.#clock.nowMs());
@@ -626,7 +667,7 @@ export class PageCache {
   }
 
   #newCleanPage(index: number): Page {
-    const page = new Page(index, this.chunkSizeBytes, this.#sectorSize);
+    const page = new Page(index, this.chunkSizeBytes, this.#sectorSize, this.#buffers);
     this.#clean.set(index, page);
     return page;
   }

@@ -30,6 +30,7 @@
  */
 
 import assert from "node:assert/strict";
+import type { ChunkBuffers } from "./chunk-buffers.js";
 
 export type PageState =
   /** Matches the store (in its valid sectors). May be evicted. */
@@ -77,15 +78,20 @@ export class Page {
   /** One byte per sector: 1 where the sector's contents are known. */
   readonly #valid: Uint8Array;
   #validCount = 0;
-  /** A view of `#whole` was lent (see `lend`): the next modification copies the buffer first. */
-  #lent = false;
+  /** Where whole-chunk buffers come from and go back to, and who counts their loans. */
+  readonly #buffers: ChunkBuffers;
+  /** Left the cache (see `retire`): it holds nothing and is never filled again. */
+  #retired = false;
 
   constructor(
     readonly index: number,
     readonly chunkSizeBytes: number,
     readonly sectorSize: number,
+    buffers: ChunkBuffers,
   ) {
     assert(sectorSize <= SPAN_BYTES && chunkSizeBytes % SPAN_BYTES === 0);
+    assert.equal(buffers.chunkSizeBytes, chunkSizeBytes);
+    this.#buffers = buffers;
     this.#spans = new Array<Buffer | undefined>(chunkSizeBytes / SPAN_BYTES).fill(undefined);
     this.#spanOffsets = new Uint32Array(chunkSizeBytes / SPAN_BYTES);
     this.#valid = new Uint8Array(chunkSizeBytes / sectorSize);
@@ -121,6 +127,28 @@ export class Page {
 
   get isDirty(): boolean {
     return this.#state !== "clean";
+  }
+
+  /** True once the page has left the cache (`retire`): whoever still holds it looks again. */
+  get retired(): boolean {
+    return this.#retired;
+  }
+
+  /**
+   * The page leaves the cache (evicted): its whole-chunk buffer goes back to the pool, to be
+   * reused once its loans are returned, and it forgets every sector. A reader still holding the
+   * page across an `await` must check `retired` and look the chunk up again; a fetch that ends
+   * for it fills nothing.
+   */
+  retire(): void {
+    assert(this.#state === "clean", `page ${this.index}: retired while ${this.#state}`);
+    if (this.#whole !== undefined) this.#buffers.retire(this.#whole);
+    this.#whole = undefined;
+    this.#spans.fill(undefined);
+    this.#spanCount = 0;
+    this.#valid.fill(0);
+    this.#validCount = 0;
+    this.#retired = true;
   }
 
   // ---- write-back transitions --------------------------------------------------------------
@@ -197,14 +225,15 @@ export class Page {
   }
 
   /**
-   * A view of bytes `[offsetBytes, +lengthBytes)` that nothing will ever write: the page's own
-   * memory, lent. Before its next modification the page copies that memory and carries on in
-   * the copy (copy-on-write), so the view keeps these bytes for as long as anyone holds it. Only
-   * a fully valid page held in one buffer lends; `undefined` otherwise.
+   * A view of bytes `[offsetBytes, +lengthBytes)` that nothing writes until the borrower gives
+   * it back (`ChunkBuffers.returnLoan`): the page's own memory, lent. A modification while a
+   * loan is out first moves the page to a copy of that memory (copy-on-write); the lent buffer
+   * is reused only after its last loan is returned. Only a fully valid page held in one buffer
+   * lends; `undefined` otherwise.
    */
   lend(offsetBytes: number, lengthBytes: number): Uint8Array | undefined {
     if (this.#whole === undefined || !this.fullyValid) return undefined;
-    this.#lent = true;
+    this.#buffers.lend(this.#whole);
     return this.#whole.subarray(offsetBytes, offsetBytes + lengthBytes);
   }
 
@@ -229,10 +258,11 @@ export class Page {
   zero(offsetBytes: number, lengthBytes: number): void {
     this.#assertAligned(offsetBytes, lengthBytes);
     if (offsetBytes === 0 && lengthBytes === this.chunkSizeBytes) {
+      // The buffer is dropped, not written: a loan of it keeps its bytes.
+      if (this.#whole !== undefined) this.#buffers.retire(this.#whole);
       this.#spans.fill(undefined);
       this.#spanCount = 0;
       this.#whole = undefined;
-      this.#lent = false; // the lent buffer is dropped, not written
       this.#valid.fill(1);
       this.#validCount = this.#valid.length;
     } else {
@@ -250,10 +280,11 @@ export class Page {
    * known already keep their (newer) data.
    *
    * A whole chunk in a `Buffer` is adopted: the page's known sectors are copied into it and it
-   * becomes the page's storage, so the caller must not use it afterwards.
+   * becomes the page's storage, so the caller must not use it afterwards. Returns true then;
+   * false when `source` stays the caller's. A retired page fills nothing.
    */
-  fillFrom(offsetBytes: number, source: Uint8Array | undefined, lengthBytes: number): void {
-    if (this.fullyValid) return;
+  fillFrom(offsetBytes: number, source: Uint8Array | undefined, lengthBytes: number): boolean {
+    if (this.fullyValid || this.#retired) return false;
     if (
       offsetBytes === 0 &&
       lengthBytes === this.chunkSizeBytes &&
@@ -262,7 +293,7 @@ export class Page {
       source.byteLength === this.chunkSizeBytes
     ) {
       this.#adopt(source);
-      return;
+      return true;
     }
     this.#forEachUnknownRun(offsetBytes, lengthBytes, (at, bytes) => {
       if (source === undefined) {
@@ -277,6 +308,7 @@ export class Page {
       }
       this.#markValid(at, bytes);
     });
+    return false;
   }
 
   /**
@@ -302,22 +334,25 @@ export class Page {
   // ---- storage -----------------------------------------------------------------------------
 
   /**
-   * Before bytes are modified in place: if `#whole` was lent, move to a copy of it. Only a page
-   * held in `#whole` lends, and then every span is in it, at its own offset.
+   * Before bytes are modified in place: if `#whole` is lent, move to a copy of it, and retire
+   * the lent one (reused once its loans are back). Only a page held in `#whole` lends, and then
+   * every span is in it, at its own offset.
    */
   #unshare(): void {
-    if (!this.#lent) return;
-    this.#lent = false;
-    const lent = this.#whole!;
-    const copy = Buffer.allocUnsafe(lent.byteLength);
+    const lent = this.#whole;
+    if (lent === undefined || !this.#buffers.isLent(lent)) return;
+    const copy = this.#buffers.take();
     copy.set(lent);
     this.#spans.fill(copy);
     this.#whole = copy;
+    this.#buffers.retire(lent);
   }
 
   /** Make the page fully valid with `chunk` as its storage, keeping the sectors it knows. */
   #adopt(chunk: Buffer): void {
     if (this.#validCount > 0) this.copyKnownOut(0, chunk);
+    // Not lent: a page lends only when fully valid, and one that is never fills again.
+    if (this.#whole !== undefined) this.#buffers.retire(this.#whole);
     this.#spans.fill(chunk);
     for (let i = 0; i < this.#spans.length; i++) this.#spanOffsets[i] = i * SPAN_BYTES;
     this.#whole = chunk;
@@ -341,7 +376,8 @@ export class Page {
       lastSpan,
       (k) => this.#spans[k] === undefined,
       (i, j) => {
-        const buffer = Buffer.allocUnsafe((j - i) * SPAN_BYTES);
+        const whole = j - i === this.#spans.length;
+        const buffer = whole ? this.#buffers.take() : Buffer.allocUnsafe((j - i) * SPAN_BYTES);
         const runStart = i * SPAN_BYTES;
         const runEnd = j * SPAN_BYTES;
         if (offsetBytes > runStart) buffer.fill(0, 0, offsetBytes - runStart);
@@ -349,7 +385,7 @@ export class Page {
         this.#spans.fill(buffer, i, j);
         for (let k = i; k < j; k++) this.#spanOffsets[k] = (k - i) * SPAN_BYTES;
         this.#spanCount += j - i;
-        if (j - i === this.#spans.length) this.#whole = buffer;
+        if (whole) this.#whole = buffer;
       },
     );
   }
@@ -449,6 +485,9 @@ export class Page {
    */
   checkInvariants(): void {
     const where = `page ${this.index}`;
+    if (this.#retired) {
+      assert(this.#spanCount === 0 && this.#validCount === 0, `${where}: retired, holding data`);
+    }
     let present = 0;
     const buffers = new Map<Buffer, number>();
     this.#spans.forEach((span, i) => {

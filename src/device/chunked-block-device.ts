@@ -197,9 +197,10 @@ export class ChunkedBlockDevice implements BlockDevice {
   }
 
   /**
-   * Sectors `[sectorStart, +sectors)` as a view of the cache's memory that nothing will ever
-   * write, when they are in memory in one chunk and make a quarter of it or more; `undefined`
-   * otherwise (then `read`). The NBD server's large reads send it as it is: no copy.
+   * Sectors `[sectorStart, +sectors)` as a view of the cache's memory that nothing writes or
+   * reuses until it is given back with {@link returnLoan}, when they are in memory in one chunk
+   * and make a quarter of it or more; `undefined` otherwise (then `read`). The NBD server's
+   * large reads send it as it is: no copy.
    */
   lend(sectorStart: number, sectors: number): Uint8Array | undefined {
     if (this.#refusal(false) !== undefined) return undefined;
@@ -210,6 +211,11 @@ export class ChunkedBlockDevice implements BlockDevice {
     } catch {
       return undefined; // the caller's read then meets the failure, as an error value
     }
+  }
+
+  /** The reader of a view from {@link lend} is done with it: the cache may reuse its memory. */
+  returnLoan(view: Uint8Array): void {
+    this.#cache.returnLoan(view);
   }
 
   write(

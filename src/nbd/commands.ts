@@ -103,10 +103,16 @@ export type Outcome =
   | { readonly kind: "done" }
   /**
    * READ: the data to send: a view of `backing`, a buffer nobody else writes until the caller
-   * gives it back to the pool (once the socket no longer needs it); or, with no `backing`,
-   * memory the device lent, which nothing ever writes.
+   * gives it back to the pool (once the socket no longer needs it); or a view of `loan`, memory
+   * the device lent, which it does not write until the caller returns it (`returnLoan`, once
+   * the socket no longer needs it).
    */
-  | { readonly kind: "data"; readonly data: Uint8Array; readonly backing?: Uint8Array }
+  | {
+      readonly kind: "data";
+      readonly data: Uint8Array;
+      readonly backing?: Uint8Array;
+      readonly loan?: Uint8Array;
+    }
   | { readonly kind: "extents"; readonly extents: readonly BlockStatusExtent[] }
   | { readonly kind: "failed"; readonly failure: NbdFailure };
 
@@ -267,7 +273,8 @@ async function read(e: NbdExport, checked: CheckedRequest, pool: BufferPool): Pr
   const { offset, length } = checked.request;
   if (length === 0) return { kind: "data", data: new Uint8Array(0) };
   const at = offset - checked.spanStartBytes;
-  // Memory the device lent never changes, however long the reply waits in the socket.
+  // Memory the device lent does not change until it is returned, however long the reply waits
+  // in the socket.
   const lent = e.device.lend?.(
     checked.spanStartBytes / e.sectorSize,
     checked.spanBytes / e.sectorSize,
@@ -276,6 +283,7 @@ async function read(e: NbdExport, checked: CheckedRequest, pool: BufferPool): Pr
     return {
       kind: "data",
       data: at === 0 && length === lent.length ? lent : lent.subarray(at, at + length),
+      loan: lent,
     };
   }
   // Else a buffer of this request's own: nothing else writes it until the reply has been handed to

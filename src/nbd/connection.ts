@@ -471,9 +471,12 @@ export class Connection {
       metrics.record(type, length, seconds, outcome.kind === "failed" ? outcome.failure.errno : 0);
     }
     const backing = outcome.kind === "data" ? outcome.backing : undefined;
+    const loan = outcome.kind === "data" ? outcome.loan : undefined;
     this.#writer.send(this.#encode(admission.request, outcome), () => {
-      // The kernel has the bytes now: the READ buffer may be reused.
+      // The kernel has the bytes now: the READ buffer, or the memory the device lent, may be
+      // reused.
       if (backing !== undefined) this.#context.pool.give(backing);
+      if (loan !== undefined) this.#session!.export.device.returnLoan?.(loan);
       this.#release(admission);
     });
     if (this.#phase === "draining" && this.#unanswered === 0) this.#closeAfterReplies();

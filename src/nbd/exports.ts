@@ -35,11 +35,17 @@ export interface NbdDevice extends BlockDevice {
    */
   allocationMap(offsetBytes: number, lengthBytes: number): readonly AllocationExtent[];
   /**
-   * Optional zero-copy read: sectors `[sectorStart, +sectors)` as memory the device will never
-   * write (it copies before changing memory it lent), or `undefined` when it cannot lend them
-   * (then `read`). The range must lie inside the device.
+   * Optional zero-copy read: sectors `[sectorStart, +sectors)` as memory the device does not
+   * write until the view is given back with {@link returnLoan} (it copies before changing memory
+   * it lent), or `undefined` when it cannot lend them (then `read`). The range must lie inside
+   * the device.
    */
   lend?(sectorStart: number, sectors: number): Uint8Array | undefined;
+  /**
+   * The reader of a view from {@link lend} is done with it (the reply is in the kernel's
+   * hands): the device may reuse that memory. Each lent view is given back once.
+   */
+  returnLoan?(view: Uint8Array): void;
 }
 
 /** The largest payload of one request (NBD_CMD_READ or NBD_CMD_WRITE): 32 MiB. */

@@ -13,6 +13,7 @@
  * fails if the target exists; `ifMatch` takes a lock file (`O_EXCL`) around compare-and-rename.
  */
 
+import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
 import { mkdir, open, readdir, rename, rm, link, stat, unlink } from "node:fs/promises";
@@ -82,7 +83,8 @@ export class FileStore implements ObjectStore {
         options?.range === undefined ? objectSizeBytes : offset + options.range.lengthBytes,
         objectSizeBytes,
       );
-      const body = Buffer.allocUnsafe(end - offset);
+      const body = options?.allocate?.(end - offset) ?? Buffer.allocUnsafe(end - offset);
+      assert.equal(body.byteLength, end - offset, "an allocated body's length");
       await readFully(handle, body, dataStart + offset, truncated);
       return { body, metadata: header.metadata, etag: header.etag, objectSizeBytes };
     } catch (error) {

@@ -5,9 +5,12 @@
  * buffer allocations, 16 parser callbacks and stream events, and then a copy into the body; the
  * allocations drove most of the garbage collections (each MiB allocated twice over).
  *
- * Here each connection reads its socket into one reused buffer (`onread`, as the NBD server
- * does) and copies body bytes from it straight into the response's own buffer, of the announced
- * length, which the caller then owns: one copy, one allocation per response.
+ * Here each connection reads heads into one small reused buffer (`onread`, as the NBD server
+ * does), and once a head has announced its body's length, the socket reads the rest of the body
+ * straight into the response's own buffer (`onread` with a function: it names the buffer for
+ * each next read), which the caller then owns: no copy in user space beyond the body bytes
+ * that arrived with the head, and one allocation per response (none when the caller passes its
+ * own buffer).
  *
  * It speaks just enough HTTP/1.1 for S3 GETs: a request with no body; a response framed by
  * `content-length`, `transfer-encoding: chunked`, or the connection's end; 1xx answers skipped;
@@ -38,6 +41,12 @@ export interface Http1Response {
   readonly body: Buffer;
 }
 
+/**
+ * The buffer for a body of `lengthBytes` announced by `content-length`: the caller's (exactly
+ * that long), or `undefined` for a fresh one.
+ */
+export type BodyAllocator = (lengthBytes: number) => Buffer | undefined;
+
 /** A failure of the connection, with a Node-style `code` (ECONNRESET, ...) for the error table. */
 export class Http1Error extends Error {
   override readonly name = "Http1Error";
@@ -49,8 +58,11 @@ export class Http1Error extends Error {
   }
 }
 
-/** The bytes each connection reads into at once. 256 KiB: a loopback read rarely brings more. */
-const READ_BUFFER_BYTES = 256 * 1024;
+/**
+ * The buffer heads (and bodies of unknown length) are read into. Small: the body bytes that
+ * share a read with the head are the only ones copied.
+ */
+const HEAD_BUFFER_BYTES = 16 * 1024;
 /** The most header bytes a response may have. */
 const MAX_HEAD_BYTES = 64 * 1024;
 const CRLF = Buffer.from("\r\n");
@@ -74,6 +86,7 @@ export class Http1Client {
     path: string,
     headers: Readonly<Record<string, string>>,
     signal: AbortSignal,
+    allocate?: BodyAllocator,
   ): Promise<Http1Response> {
     let head = `GET ${path} HTTP/1.1\r\n`;
     for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`;
@@ -82,7 +95,7 @@ export class Http1Client {
       const connection = await this.#acquire(signal);
       const reused = connection.served > 0;
       try {
-        const response = await connection.exchange(head, signal);
+        const response = await connection.exchange(head, signal, allocate);
         this.#release(connection, response.keepAlive);
         return response.response;
       } catch (error) {
@@ -182,6 +195,7 @@ interface Reading {
   keepAlive: boolean;
   /** The body, when its length is known; else its parts. */
   body: Buffer | undefined;
+  readonly allocate: BodyAllocator | undefined;
   filled: number;
   parts: Buffer[];
   /** Bytes of a chunk-size or trailer line split across reads. */
@@ -198,8 +212,11 @@ class Connection {
   #idleTimer: NodeJS.Timeout | undefined;
   #onIdleClose: (() => void) | undefined;
 
-  private constructor(socket: net.Socket) {
+  readonly #scratch: Buffer;
+
+  private constructor(socket: net.Socket, scratch: Buffer) {
     this.#socket = socket;
+    this.#scratch = scratch;
   }
 
   static open(
@@ -208,20 +225,24 @@ class Connection {
     onClosed: () => void,
   ): Promise<Connection> {
     return new Promise((resolve, reject) => {
-      const buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+      const scratch = Buffer.allocUnsafeSlow(HEAD_BUFFER_BYTES);
+      // Set just below; `net.connect` already asks for the first buffer.
+      // eslint-disable-next-line prefer-const -- a const would be read before it is set
+      let connection: Connection | undefined;
       const socket = net.connect({
         host: options.hostname,
         port: options.port,
         noDelay: true,
         onread: {
-          buffer,
+          buffer: () => (connection === undefined ? scratch : connection.#nextReadBuffer()),
           callback: (nread: number, bytes: Uint8Array) => {
-            connection.#received(bytes.subarray(0, nread));
+            connection!.#read(nread, bytes);
             return true;
           },
         },
       });
-      const connection = new Connection(socket);
+      const opened = new Connection(socket, scratch);
+      connection = opened;
       let connected = false;
       const timer = setTimeout(
         () =>
@@ -242,17 +263,17 @@ class Connection {
         connected = true;
         clearTimeout(timer);
         signal.removeEventListener("abort", onAbort);
-        resolve(connection);
+        resolve(opened);
       });
       socket.on("error", (error: NodeJS.ErrnoException) => {
         const failure = new Http1Error(error.code ?? "ECONNRESET", error.message);
-        if (connected) connection.#fail(failure);
+        if (connected) opened.#fail(failure);
         else fail(failure);
       });
-      socket.on("end", () => connection.#ended());
+      socket.on("end", () => opened.#ended());
       socket.once("close", () => {
-        connection.#fail(new Http1Error("ECONNRESET", "the connection closed"));
-        connection.#onIdleClose?.();
+        opened.#fail(new Http1Error("ECONNRESET", "the connection closed"));
+        opened.#onIdleClose?.();
         // A connection that never connected was never counted open by the pool's caller.
         if (connected) onClosed();
       });
@@ -286,6 +307,7 @@ class Connection {
   exchange(
     head: string,
     signal: AbortSignal,
+    allocate: BodyAllocator | undefined,
   ): Promise<{ response: Http1Response; keepAlive: boolean }> {
     assert(this.#reading === undefined);
     if (this.#failure !== undefined) return Promise.reject(this.#failure);
@@ -316,6 +338,7 @@ class Connection {
         framing: undefined,
         keepAlive: true,
         body: undefined,
+        allocate,
         filled: 0,
         parts: [],
         line: "",
@@ -338,6 +361,38 @@ class Connection {
     }
     this.#fail(new Http1Error("ECONNRESET", "the server closed the connection"));
     this.#socket.destroy();
+  }
+
+  /**
+   * Where the socket's next read goes: straight into the body being read, when its length is
+   * known (no copy), else the connection's small buffer for heads.
+   */
+  #nextReadBuffer(): Uint8Array {
+    const reading = this.#reading;
+    const framing = reading?.framing;
+    if (framing?.kind !== "length" || framing.remaining === 0) return this.#scratch;
+    const filled = reading!.filled;
+    return reading!.body!.subarray(filled, filled + framing.remaining);
+  }
+
+  /** `nread` bytes arrived in `bytes`, the buffer {@link #nextReadBuffer} named. */
+  #read(nread: number, bytes: Uint8Array): void {
+    if (bytes === this.#scratch) {
+      this.#received(bytes.subarray(0, nread));
+      return;
+    }
+    // Body bytes, already in place.
+    const reading = this.#reading;
+    const framing = reading?.framing;
+    if (framing?.kind !== "length" || reading!.body?.buffer !== bytes.buffer) {
+      this.#protocolError("body bytes arrived for no body being read");
+      return;
+    }
+    this.receivedNothing = false;
+    assert(nread <= framing.remaining);
+    reading!.filled += nread;
+    framing.remaining -= nread;
+    if (framing.remaining === 0) this.#finish(reading!);
   }
 
   /** Bytes read into the shared buffer: take what is needed before returning. */
@@ -402,7 +457,9 @@ class Connection {
       if (!Number.isSafeInteger(n) || n < 0)
         return this.#protocolError(`bad content-length ${length}`);
       reading.framing = { kind: "length", remaining: n };
-      reading.body = Buffer.allocUnsafe(n);
+      const body = reading.allocate?.(n) ?? Buffer.allocUnsafe(n);
+      assert.equal(body.byteLength, n, "an allocated body of the wrong length");
+      reading.body = body;
     } else {
       reading.framing = { kind: "close" };
       reading.keepAlive = false;

@@ -4,6 +4,7 @@
  * one process finds the same objects.
  */
 
+import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import {
   MAX_DELETE_BATCH,
@@ -49,9 +50,13 @@ export class MemoryStore implements ObjectStore {
   async get(key: string, options?: GetOptions): Promise<GetResult | undefined> {
     const object = this.#objects.get(key);
     if (object === undefined) return undefined;
+    const stored = sliceRange(object.body, options?.range);
+    // A copy, never a view of the stored bytes (a Buffer's slice() would be one).
+    const body = options?.allocate?.(stored.byteLength) ?? Buffer.allocUnsafe(stored.byteLength);
+    assert.equal(body.byteLength, stored.byteLength, "an allocated body's length");
+    body.set(stored);
     return {
-      // Buffer.from copies (a Buffer's slice() would be a view of the stored bytes).
-      body: Buffer.from(sliceRange(object.body, options?.range)),
+      body,
       metadata: { ...object.metadata },
       etag: object.etag,
       objectSizeBytes: object.body.byteLength,

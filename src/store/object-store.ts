@@ -34,6 +34,13 @@ export interface GetResult {
 export interface GetOptions {
   /** Only these bytes. Default: the whole object. */
   readonly range?: ByteRangeRequest;
+  /**
+   * Where the body goes: called with its length once that is known, it returns a buffer of
+   * exactly that length that the caller owns (from its pool), or `undefined` for a fresh one.
+   * The result's `body` is then that buffer. A store may ignore it, and may call it more than
+   * once (an attempt that fails abandons its buffer to the collector).
+   */
+  readonly allocate?: (lengthBytes: number) => Buffer | undefined;
 }
 
 export interface PutOptions {

@@ -1,7 +1,8 @@
 /**
  * The lean GET path of {@link S3Store}: a chunk GET as one HTTP request signed with
- * `@smithy/signature-v4`, its body read straight into one buffer of the announced length, which
- * the page cache then adopts as the page's memory (no further copy). Plain `http:` endpoints go
+ * `@smithy/signature-v4`, its body read straight into one buffer of the announced length (the
+ * caller's, when it passes `allocate`: the page cache's chunk buffers), which the page cache then
+ * adopts as the page's memory (no further copy). Plain `http:` endpoints go
  * through a small keep-alive client of our own (http1-client.ts), which reads each socket into
  * one reused buffer; `https:` ones through `node:https`.
  *
@@ -22,6 +23,7 @@
  * - no retries here: the retry layer above owns them.
  */
 
+import assert from "node:assert/strict";
 import { S3ServiceException } from "@aws-sdk/client-s3";
 import { SignatureV4 } from "@smithy/signature-v4";
 import type {
@@ -31,7 +33,7 @@ import type {
 } from "@smithy/types";
 import type http from "node:http";
 import https from "node:https";
-import { Http1Client } from "./http1-client.js";
+import { Http1Client, type BodyAllocator } from "./http1-client.js";
 import { StoreError, type ByteRangeRequest, type GetResult } from "./object-store.js";
 
 /** Where a bucket's objects are, and how requests to it are signed. */
@@ -79,7 +81,11 @@ export class LeanGetter {
     this.#options = options;
   }
 
-  async get(key: string, range: ByteRangeRequest | undefined): Promise<GetResult | undefined> {
+  async get(
+    key: string,
+    range: ByteRangeRequest | undefined,
+    allocate?: BodyAllocator,
+  ): Promise<GetResult | undefined> {
     this.#endpoint ??= this.#options.endpoint().catch((error: unknown) => {
       this.#endpoint = undefined;
       throw error;
@@ -103,7 +109,7 @@ export class LeanGetter {
       query: {},
       headers,
     });
-    return this.#send(endpoint, path, signed.headers);
+    return this.#send(endpoint, path, signed.headers, allocate);
   }
 
   #signerFor(endpoint: BucketEndpoint): SignatureV4 {
@@ -131,6 +137,7 @@ export class LeanGetter {
     endpoint: BucketEndpoint,
     path: string,
     headers: Record<string, string>,
+    allocate: BodyAllocator | undefined,
   ): Promise<GetResult | undefined> {
     const { requestTimeoutMs } = this.#options;
     const abort = new AbortController();
@@ -139,8 +146,8 @@ export class LeanGetter {
     try {
       answer =
         endpoint.protocol === "https:"
-          ? await this.#sendTls(endpoint, path, headers, abort.signal)
-          : await this.#plainClient(endpoint).get(path, headers, abort.signal);
+          ? await this.#sendTls(endpoint, path, headers, abort.signal, allocate)
+          : await this.#plainClient(endpoint).get(path, headers, abort.signal, allocate);
     } catch (error) {
       if (abort.signal.aborted) {
         throw timeoutError(`no whole answer within ${requestTimeoutMs} ms`);
@@ -178,6 +185,7 @@ export class LeanGetter {
     path: string,
     headers: Record<string, string>,
     signal: AbortSignal,
+    allocate: BodyAllocator | undefined,
   ): Promise<Answer> {
     const options = this.#options;
     return new Promise((resolve, reject) => {
@@ -192,7 +200,7 @@ export class LeanGetter {
           signal,
         },
         (response) => {
-          readBody(response).then(
+          readBody(response, allocate).then(
             (body) =>
               resolve({
                 status: response.statusCode ?? 0,
@@ -253,12 +261,19 @@ export function encodeKey(key: string): string {
  * A `node:https` answer's body, into one buffer of its `content-length` (adopted by the page
  * cache as the page's memory), or concatenated if the server announced none.
  */
-function readBody(response: http.IncomingMessage): Promise<Buffer> {
+function readBody(
+  response: http.IncomingMessage,
+  allocate: BodyAllocator | undefined,
+): Promise<Buffer> {
   const announced = Number(response.headers["content-length"] ?? Number.NaN);
-  const lengthBytes = Number.isSafeInteger(announced) ? announced : undefined;
+  const lengthBytes = Number.isSafeInteger(announced) && announced >= 0 ? announced : undefined;
   return new Promise((resolve, reject) => {
     const parts: Buffer[] = [];
-    const body = lengthBytes === undefined ? undefined : Buffer.allocUnsafe(lengthBytes);
+    const body =
+      lengthBytes === undefined
+        ? undefined
+        : (allocate?.(lengthBytes) ?? Buffer.allocUnsafe(lengthBytes));
+    assert(body === undefined || body.byteLength === lengthBytes, "an allocated body's length");
     let filled = 0;
     let ended = false;
     response.on("data", (chunk: Buffer) => {

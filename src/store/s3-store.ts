@@ -140,7 +140,7 @@ export class S3Store implements ObjectStore {
       throw new StoreError("Permanent", `empty range requested of ${key}`);
     }
     try {
-      if (this.#lean !== undefined) return await this.#lean.get(key, range);
+      if (this.#lean !== undefined) return await this.#lean.get(key, range, options?.allocate);
       const response = await this.#client.send(
         new GetObjectCommand({
           Bucket: this.#bucket,

@@ -35,7 +35,7 @@
  */
 
 import PQueue from "p-queue";
-import { MAX_DELETE_BATCH, type ObjectStore } from "../store/object-store.js";
+import { MAX_DELETE_BATCH, type GetOptions, type ObjectStore } from "../store/object-store.js";
 import { systemClock, type Clock } from "../util/clock.js";
 import { resolveChunkMap, sealChunkMap, sealTime } from "./chunk-map.js";
 import { DEFAULT_GC_GRACE_MS, horizonOf, selectGarbage } from "./garbage.js";
@@ -59,6 +59,14 @@ const PRIORITY_READAHEAD = 0;
 
 /** Who a read is for: the guest (first in the queue), or read-ahead (after everything else). */
 export type ReadPriority = "guest" | "readahead";
+
+/** How {@link ChunkStore.read} fetches. */
+export interface ChunkReadOptions {
+  /** Default "guest": before read-ahead in the request queue. */
+  readonly priority?: ReadPriority;
+  /** Where the fetched bytes go (`GetOptions.allocate`): the cache's chunk buffers. */
+  readonly allocate?: GetOptions["allocate"];
+}
 
 export interface ChunkStoreOptions {
   readonly store: ObjectStore;
@@ -254,11 +262,11 @@ export class ChunkStore {
     index: number,
     offsetBytes: number,
     lengthBytes: number,
-    priority: ReadPriority = "guest",
+    options: ChunkReadOptions = {},
   ): Promise<Uint8Array | undefined> {
     return this.#queue.add(
-      () => this.#get(index, offsetBytes, lengthBytes),
-      priority === "guest"
+      () => this.#get(index, offsetBytes, lengthBytes, options.allocate),
+      options.priority !== "readahead"
         ? { priority: PRIORITY_READ }
         : { priority: PRIORITY_READAHEAD, id: readaheadId(index) },
     );
@@ -277,15 +285,16 @@ export class ChunkStore {
     index: number,
     offsetBytes: number,
     lengthBytes: number,
+    allocate: GetOptions["allocate"],
   ): Promise<Uint8Array | undefined> {
     const whole = offsetBytes === 0 && lengthBytes === this.superblock.chunkSizeBytes;
+    const options: GetOptions = whole
+      ? { allocate }
+      : { range: { offsetBytes, lengthBytes }, allocate };
     for (let attempt = 0; ; attempt++) {
       const ref = this.#refs.get(index);
       if (ref === undefined || ref.zero) return undefined;
-      const got = await this.#store.get(
-        ref.key,
-        whole ? undefined : { range: { offsetBytes, lengthBytes } },
-      );
+      const got = await this.#store.get(ref.key, options);
       if (got !== undefined)
         return verifyChunk(this.superblock, ref, got, offsetBytes, lengthBytes);
       if (this.#refs.get(index) === ref) {
@@ -313,7 +322,9 @@ export class ChunkStore {
     return this.#queue.add(
       async () => {
         if (this.#fenced !== undefined) throw this.#fenced;
-        const data = await produce(() => this.#get(index, 0, this.superblock.chunkSizeBytes));
+        const data = await produce(() =>
+          this.#get(index, 0, this.superblock.chunkSizeBytes, undefined),
+        );
         const previous = this.#refs.get(index);
         // A PUT reported failed may have landed all the same: until a newer generation is
         // durable, that object would win at the next open, so zeros need a tombstone over it.

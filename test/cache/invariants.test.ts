@@ -8,11 +8,13 @@ import { LRUCache } from "lru-cache";
 import { describe, expect, it } from "vitest";
 import { DirtySet } from "../../src/cache/dirty-set.js";
 import { checkCacheInvariants } from "../../src/cache/invariants.js";
+import { ChunkBuffers } from "../../src/cache/chunk-buffers.js";
 import { Page, SPAN_BYTES } from "../../src/cache/page.js";
 import { pattern } from "../support/volumes.js";
 
 const CHUNK = 64 * 1024;
 const SECTOR = 512;
+const BUFFERS = new ChunkBuffers(CHUNK);
 
 const chargeOf = (page: Page) => Math.max(page.memoryBytes, page.overheadBytes);
 
@@ -30,7 +32,7 @@ function structures() {
 
 /** A page of chunk `index`, dirty in `dirty` with one written span. */
 function dirtyPage(dirty: DirtySet, index: number): Page {
-  const page = new Page(index, CHUNK, SECTOR);
+  const page = new Page(index, CHUNK, SECTOR, BUFFERS);
   dirty.add(page, 0);
   dirty.resize(page, (p) => p.write(0, pattern(index + 1, 0, SPAN_BYTES / SECTOR)));
   return page;
@@ -42,7 +44,7 @@ describe("the cache's invariant checker", () => {
     const page = dirtyPage(dirty, 0);
     dirty.uploadStarted(page, Promise.resolve());
     dirty.resize(page, (p) => p.write(SPAN_BYTES, pattern(9, 8, 8)));
-    clean.set(1, new Page(1, CHUNK, SECTOR));
+    clean.set(1, new Page(1, CHUNK, SECTOR, BUFFERS));
     check();
     expect(dirty.memoryBytes).toBe(2 * SPAN_BYTES);
     expect(dirty.backlogBytes).toBe(0);
@@ -67,13 +69,13 @@ describe("the cache's invariant checker", () => {
   it("finds a chunk with both a dirty page and a clean one", () => {
     const { dirty, clean, check } = structures();
     dirtyPage(dirty, 3);
-    clean.set(3, new Page(3, CHUNK, SECTOR));
+    clean.set(3, new Page(3, CHUNK, SECTOR, BUFFERS));
     expect(check).toThrow(/chunk 3 has a dirty page and a page in the clean LRU/);
   });
 
   it("finds a dirty page in the clean LRU", () => {
     const { clean, check } = structures();
-    const page = new Page(2, CHUNK, SECTOR);
+    const page = new Page(2, CHUNK, SECTOR, BUFFERS);
     clean.set(2, page);
     page.write(0, pattern(1, 0, 1)); // a write to a page nobody moved to the dirty set
     expect(check).toThrow(/page 2 is in the clean LRU but dirty/);
@@ -81,10 +83,18 @@ describe("the cache's invariant checker", () => {
 
   it("finds a clean page that grew without being charged for it", () => {
     const { clean, check } = structures();
-    const page = new Page(5, CHUNK, SECTOR);
+    const page = new Page(5, CHUNK, SECTOR, BUFFERS);
     clean.set(5, page);
     check();
     page.fillFrom(0, Buffer.alloc(CHUNK, 7), CHUNK); // not re-set in the LRU
     expect(check).toThrow(/clean page 5 is charged \d+ bytes but holds 65536/);
+  });
+
+  it("finds a retired page still in the clean LRU", () => {
+    const { clean, check } = structures();
+    const page = new Page(6, CHUNK, SECTOR, BUFFERS);
+    clean.set(6, page);
+    page.retire(); // gave its memory back, but nobody took it out of the LRU
+    expect(check).toThrow(/clean page 6 has retired but is still in the LRU/);
   });
 });

@@ -3,10 +3,15 @@
  * of writes, zeroing, fills from the store (ranged and whole), upload images and upload
  * transitions must agree with the model, the page must hold only the spans it was given data
  * for, and its own accounts must hold after every step (`checkInvariants`).
+ *
+ * The chunk buffers are in play too: views are lent and returned, the page retires (is evicted)
+ * and a new one takes its place, and another user takes free buffers and scribbles on them. No
+ * view whose loan is outstanding, and no byte the page holds, may change.
  */
 
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
+import { ChunkBuffers } from "../../src/cache/chunk-buffers.js";
 import { Page, SPAN_BYTES } from "../../src/cache/page.js";
 import { pattern } from "../support/volumes.js";
 
@@ -69,19 +74,25 @@ const operation = fc.oneof(
   fc.record({ op: fc.constant("image" as const), stored: fc.boolean() }),
   // Begin an upload (a dirty page takes its image), or end the one in flight, either way.
   fc.record({ op: fc.constant("upload" as const), succeeds: fc.boolean() }),
-  // Lend a view (zero-copy read): its bytes must never change afterwards.
+  // Lend a view (zero-copy read): its bytes must not change until it is returned.
   fc.record({ op: fc.constant("lend" as const), r: range }),
+  fc.record({ op: fc.constant("returnLoan" as const), which: fc.nat() }),
+  // A clean page is evicted; a new, empty page for the chunk takes its place.
+  fc.record({ op: fc.constant("retire" as const) }),
+  // Someone else takes every free buffer, scribbles on it, and gives it back.
+  fc.record({ op: fc.constant("scribble" as const) }),
 );
 
 describe("a page", () => {
   it("agrees with the model on random operation sequences", () => {
     fc.assert(
       fc.property(fc.array(operation, { maxLength: 40 }), (operations) => {
-        const page = new Page(0, CHUNK, SECTOR);
-        const model = new Model();
+        const buffers = new ChunkBuffers(CHUNK, 4 * CHUNK);
+        let page = new Page(0, CHUNK, SECTOR, buffers);
+        let model = new Model();
         /** The writeSeq of the image the upload in flight took. */
         let imageSeq: number | undefined;
-        /** Views the page lent, with the bytes each held when lent. */
+        /** Views the page lent and not yet returned, with the bytes each held when lent. */
         const lent: { view: Uint8Array; bytes: Buffer }[] = [];
         for (const o of operations) {
           switch (o.op) {
@@ -107,8 +118,11 @@ describe("a page", () => {
               break;
             }
             case "fillWhole": {
-              // The page adopts a whole chunk's buffer: hand it a copy, as a GET would.
-              page.fillFrom(0, o.stored ? Buffer.from(STORED) : undefined, CHUNK);
+              // The page adopts a whole chunk's buffer: a chunk buffer, as the cache's GETs.
+              const fetched = o.stored ? buffers.take() : undefined;
+              fetched?.set(STORED);
+              const adopted = page.fillFrom(0, fetched, CHUNK);
+              if (fetched !== undefined && !adopted) buffers.retire(fetched);
               model.fill(0, CHUNK, o.stored ? STORED : undefined);
               break;
             }
@@ -152,6 +166,31 @@ describe("a page", () => {
               lent.push({ view, bytes: Buffer.from(expected) });
               break;
             }
+            case "returnLoan": {
+              if (lent.length === 0) break;
+              const [loan] = lent.splice(o.which % lent.length, 1);
+              buffers.returnLoan(loan!.view);
+              break;
+            }
+            case "retire":
+              if (page.state !== "clean") {
+                expect(() => page.retire()).toThrow(/retired while/);
+                break;
+              }
+              page.retire();
+              expect(page.retired && page.memoryBytes === 0 && !page.isValid(0, SECTOR)).toBe(true);
+              page.checkInvariants();
+              page = new Page(0, CHUNK, SECTOR, buffers);
+              model = new Model();
+              imageSeq = undefined;
+              break;
+            case "scribble": {
+              const taken: Buffer[] = [];
+              while (buffers.stats().freeBytes > 0) taken.push(buffers.take());
+              for (const buffer of taken) buffer.fill(0xee);
+              for (const buffer of taken) buffers.retire(buffer);
+              break;
+            }
           }
           for (const { view, bytes } of lent) expect(Buffer.from(view).equals(bytes)).toBe(true);
           // Every known sector reads as the model says, and only known sectors are claimed.
@@ -174,7 +213,7 @@ describe("a page", () => {
   });
 
   it("lends a whole page's memory, and moves to a copy before the next change", () => {
-    const page = new Page(0, CHUNK, SECTOR);
+    const page = new Page(0, CHUNK, SECTOR, new ChunkBuffers(CHUNK));
     expect(page.lend(0, CHUNK)).toBeUndefined(); // nothing known
     page.write(0, pattern(4, 0, 8));
     expect(page.lend(0, 8 * SECTOR)).toBeUndefined(); // not fully known
@@ -196,7 +235,7 @@ describe("a page", () => {
   });
 
   it("holds one span for a small write, and only the spans written", () => {
-    const page = new Page(0, CHUNK, SECTOR);
+    const page = new Page(0, CHUNK, SECTOR, new ChunkBuffers(CHUNK));
     page.write(3 * SECTOR, pattern(1, 3, 1));
     expect(page.memoryBytes).toBe(SPAN_BYTES);
     page.write(CHUNK - SECTOR, pattern(2, SECTORS - 1, 1));
@@ -210,7 +249,7 @@ describe("a page", () => {
   });
 
   it("keeps zeros beside a write into a span that had none", () => {
-    const page = new Page(0, CHUNK, SECTOR);
+    const page = new Page(0, CHUNK, SECTOR, new ChunkBuffers(CHUNK));
     page.zero(0, SPAN_BYTES); // known zeros, no storage
     page.write(SECTOR, pattern(3, 1, 1)); // now the span gets storage
     const out = Buffer.alloc(SPAN_BYTES);
@@ -221,7 +260,7 @@ describe("a page", () => {
   });
 
   it("adopts a fetched chunk, keeping the newer sectors it already held", () => {
-    const page = new Page(0, CHUNK, SECTOR);
+    const page = new Page(0, CHUNK, SECTOR, new ChunkBuffers(CHUNK));
     page.write(5 * SECTOR, pattern(9, 5, 2));
     const fetched = Buffer.from(STORED);
     page.fillFrom(0, fetched, CHUNK);
@@ -235,7 +274,7 @@ describe("a page", () => {
   });
 
   it("refuses each write-back transition from a state it does not start from", () => {
-    const page = new Page(0, CHUNK, SECTOR);
+    const page = new Page(0, CHUNK, SECTOR, new ChunkBuffers(CHUNK));
     expect(() => page.beginUpload()).toThrow(/beginUpload from clean/);
     expect(() => page.uploadSucceeded()).toThrow(/uploadSucceeded from clean/);
     expect(() => page.uploadFailed()).toThrow(/uploadFailed from clean/);
