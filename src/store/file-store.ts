@@ -10,13 +10,26 @@
  * the new one, never a mix; a leftover temporary file is ignored by `get` and `list`.
  *
  * Conditional writes hold across processes: `ifNoneMatch: "*"` publishes with `link(2)`, which
- * fails if the target exists; `ifMatch` takes a lock file (`O_EXCL`) around compare-and-rename.
+ * fails if the target exists; `ifMatch` takes a lock file around compare-and-rename (see
+ * {@link takeLock}).
  */
 
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
-import { mkdir, open, readdir, rename, rm, link, stat, unlink } from "node:fs/promises";
+import {
+  link,
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  stat,
+  unlink,
+  writeFile,
+} from "node:fs/promises";
+import { hostname } from "node:os";
 import path from "node:path";
 import {
   MAX_DELETE_BATCH,
@@ -39,8 +52,15 @@ const FIXED_HEADER_BYTES = 12;
 const MAX_HEADER_JSON_BYTES = 64 * 1024;
 /** Names of our own scratch files, which are never objects. */
 const SCRATCH_PREFIX = ".s3blk-";
-/** A lock file older than this was left by a crashed process. */
+/**
+ * A lock file older than this was left by a crashed process, whoever its holder was. A lock is
+ * held for one compare-and-rename, milliseconds; one whose holder is seen to be dead is broken at
+ * once (see {@link takeLock}).
+ */
 const STALE_LOCK_MS = 30_000;
+/** How long {@link takeLock} waits for a live holder before it reports the lock as held. */
+const LOCK_WAIT_MS = 2_000;
+const LOCK_POLL_MS = 10;
 
 interface Header {
   readonly etag: string;
@@ -227,21 +247,74 @@ async function syncDirectory(dir: string): Promise<void> {
   }
 }
 
+/**
+ * Takes the lock file `lock` (an `O_EXCL`-style create, by `link(2)` of a file already written,
+ * so that a lock is never seen half-made). It names its holder as `host pid`.
+ *
+ * A process killed inside the few milliseconds it holds a lock leaves the file behind. Its next
+ * taker breaks it at once when the holder ran on this host and its pid is gone, and otherwise
+ * (another host sharing the directory, a lock from an older s3blk, a pid since reused) once it
+ * is older than {@link STALE_LOCK_MS}. Breaking renames the lock aside and checks that what it
+ * moved is the file it judged, so two takers breaking the same dead lock cannot both win; a
+ * live lock moved by mistake is linked back.
+ */
 async function takeLock(lock: string): Promise<void> {
-  for (let attempt = 0; ; attempt++) {
-    try {
-      await (await open(lock, "wx")).close();
-      return;
-    } catch (error) {
-      if (!isCode(error, "EEXIST")) throw error;
-      const age = await stat(lock).then(
-        (s) => Date.now() - s.mtimeMs,
-        () => 0,
-      );
-      if (age > STALE_LOCK_MS) await rm(lock, { force: true });
-      else if (attempt > 200) throw new StoreError("Transient", `lock ${lock} is held`);
-      else await new Promise((resolve) => setTimeout(resolve, 10));
+  const mine = `${lock}-${randomBytes(8).toString("hex")}`;
+  await writeFile(mine, `${hostname()} ${process.pid}\n`, { flag: "wx" });
+  try {
+    const deadlineMs = Date.now() + LOCK_WAIT_MS;
+    for (;;) {
+      try {
+        await link(mine, lock);
+        return;
+      } catch (error) {
+        if (!isCode(error, "EEXIST")) throw error;
+      }
+      const stale = await staleLock(lock);
+      if (stale !== undefined) await breakLock(lock, stale);
+      else if (Date.now() > deadlineMs) throw new StoreError("Transient", `lock ${lock} is held`);
+      else await new Promise((resolve) => setTimeout(resolve, LOCK_POLL_MS));
     }
+  } finally {
+    await rm(mine, { force: true });
+  }
+}
+
+/** The inode of `lock` if its holder is gone, else undefined (held, or already released). */
+async function staleLock(lock: string): Promise<number | undefined> {
+  try {
+    const [{ ino, mtimeMs }, text] = await Promise.all([stat(lock), readFile(lock, "utf8")]);
+    const [host, pid] = text.trim().split(" ");
+    const dead = host === hostname() && pid !== undefined && !isAlive(Number(pid));
+    return dead || Date.now() - mtimeMs > STALE_LOCK_MS ? ino : undefined;
+  } catch (error) {
+    if (isCode(error, "ENOENT")) return undefined;
+    throw error;
+  }
+}
+
+async function breakLock(lock: string, staleIno: number): Promise<void> {
+  const aside = `${lock}-broken-${randomBytes(8).toString("hex")}`;
+  try {
+    await rename(lock, aside);
+  } catch (error) {
+    if (isCode(error, "ENOENT")) return;
+    throw error;
+  }
+  try {
+    if ((await stat(aside)).ino !== staleIno) await link(aside, lock).catch(() => undefined);
+  } finally {
+    await rm(aside, { force: true });
+  }
+}
+
+function isAlive(pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return !isCode(error, "ESRCH");
   }
 }
 

@@ -3,8 +3,9 @@
  * server (RGW in CI), including the conditional PUTs that leases will need.
  */
 
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, utimesSync, writeFileSync } from "node:fs";
+import { hostname, tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { FileStore } from "../../src/store/file-store.js";
@@ -142,6 +143,49 @@ describe("file store", () => {
       ),
     );
     expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+  });
+
+  it("lets exactly one of many concurrent If-Match PUTs of one entity tag win", async () => {
+    const store = new FileStore(mkdtempSync(path.join(tmpdir(), "s3blk-store-")));
+    const { etag } = await store.put("lease", bytes("holder 0"));
+    const results = await Promise.allSettled(
+      Array.from({ length: 10 }, (_, i) =>
+        store.put("lease", bytes(`holder ${i + 1}`), { ifMatch: etag }),
+      ),
+    );
+    expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+    for (const r of results) {
+      if (r.status === "rejected") expect((r.reason as StoreError).code).toBe("PreconditionFailed");
+    }
+  });
+
+  it("breaks at once the If-Match lock of a process that died holding it, and waits out a live one", async () => {
+    const root = mkdtempSync(path.join(tmpdir(), "s3blk-store-"));
+    const store = new FileStore(root);
+    let { etag } = await store.put("lease", bytes("before"));
+    const lock = path.join(root, ".s3blk-lock-lease");
+    // A pid that was alive a moment ago and is gone now: a child that has exited and been reaped.
+    const deadPid = Number(
+      execFileSync(process.execPath, ["-p", "process.pid"], { encoding: "utf8" }),
+    );
+
+    writeFileSync(lock, `${hostname()} ${deadPid}\n`);
+    const results = await Promise.allSettled(
+      Array.from({ length: 5 }, () => store.put("lease", bytes("after a kill"), { ifMatch: etag })),
+    );
+    expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+    expect(text((await store.get("lease"))?.body)).toBe("after a kill");
+    etag = (await store.get("lease"))?.etag ?? "";
+
+    writeFileSync(lock, `${hostname()} ${process.pid}\n`);
+    await rejectsWith(store.put("lease", bytes("while held"), { ifMatch: etag }), "Transient");
+    // A holder this host cannot see is trusted until its lock is older than any real hold.
+    writeFileSync(lock, "another-host 1\n");
+    await rejectsWith(store.put("lease", bytes("while held"), { ifMatch: etag }), "Transient");
+    const longAgo = new Date(Date.now() - 120_000);
+    utimesSync(lock, longAgo, longAgo);
+    await store.put("lease", bytes("after the age"), { ifMatch: etag });
+    expect(text((await store.get("lease"))?.body)).toBe("after the age");
   });
 
   it("refuses keys that would escape its root", async () => {
