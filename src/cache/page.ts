@@ -322,13 +322,24 @@ export class Page {
     assert(base === undefined || base.byteLength === this.chunkSizeBytes);
     let out: Buffer;
     if (this.fullyValid) {
-      out = base ?? Buffer.allocUnsafe(this.chunkSizeBytes);
+      out = base ?? this.#buffers.take();
       this.copyOut(0, out);
     } else {
-      out = base ?? Buffer.alloc(this.chunkSizeBytes); // no object: unknown sectors are zeros
+      out = base ?? this.#buffers.take().fill(0); // no object: unknown sectors are zeros
       this.copyKnownOut(0, out);
     }
-    return out.equals(zeroChunk) ? undefined : out;
+    if (!out.equals(zeroChunk)) return out;
+    this.dropImage(out);
+    return undefined;
+  }
+
+  /**
+   * An image from {@link image} that nothing uses any more (its upload ended, and the page did
+   * not adopt it): its buffer may be reused. The store keeps no reference to a body once its
+   * PUT has settled.
+   */
+  dropImage(image: Buffer): void {
+    this.#buffers.retire(image);
   }
 
   // ---- storage -----------------------------------------------------------------------------

@@ -194,6 +194,7 @@ export class Writeback {
         },
         (error: unknown) => {
           this.#dirty.uploadEnded(page);
+          if (image !== undefined) page.dropImage(image);
           this.#uploadFailed(page, error);
         },
       )
@@ -215,9 +216,10 @@ export class Writeback {
     this.#retryDelayMs = 0;
     page.uploadSucceeded();
     const chunkSizeBytes = page.chunkSizeBytes;
+    let adopted = false;
     if (page.state === "clean") {
       this.#dirty.remove(page);
-      page.fillFrom(0, image, chunkSizeBytes);
+      adopted = page.fillFrom(0, image, chunkSizeBytes);
       this.#onClean(page);
       const waiters = this.#roomWaiters;
       this.#roomWaiters = [];
@@ -228,9 +230,10 @@ export class Writeback {
       // pages kept whole never crowd out new writes.
       const growth = image === undefined ? 0 : page.growthFor(0, chunkSizeBytes);
       if (this.#dirty.roomForCachedBytes(growth)) {
-        this.#dirty.resize(page, (p) => p.fillFrom(0, image, chunkSizeBytes));
+        this.#dirty.resize(page, (p) => (adopted = p.fillFrom(0, image, chunkSizeBytes)));
       }
     }
+    if (image !== undefined && !adopted) page.dropImage(image);
   }
 
   #uploadFailed(page: Page, error: unknown): never {

@@ -110,7 +110,10 @@ export interface ObjectStore {
   /** The object, or `undefined` if there is none under `key`. */
   get(key: string, options?: GetOptions): Promise<GetResult | undefined>;
 
-  /** Store `body` under `key`, atomically: a reader sees the old object or the new, whole. */
+  /**
+   * Store `body` under `key`, atomically: a reader sees the old object or the new, whole. The
+   * store keeps no reference to `body` once the returned promise settles (the cache reuses it).
+   */
   put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult>;
 
   /** Delete `key`. Deleting a missing key succeeds. */

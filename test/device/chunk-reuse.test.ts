@@ -81,6 +81,37 @@ describe("chunk buffer reuse", () => {
     await device.disconnect();
   });
 
+  it("reuses upload images on a sequential write past the cache, every byte stored right", async () => {
+    const volume = await newFilledVolume(memoryBackend, "reuse-write", PARAMS, 1, 0);
+    const stack = volume.stack({ wrap: (store) => new Jitter(store, random(7)) });
+    const device = await volume.open(
+      { cacheBytes: 3 * CHUNK, maxDirtyBytes: 2 * CHUNK, writebackDelayMs: 1 },
+      stack,
+    );
+    for (let pass = 0; pass < 3; pass++) {
+      for (let c = 0; c < CHUNKS; c++) {
+        const data = pattern(10 + pass, c * SPC, SPC);
+        expect((await device.write(c * SPC, [data])).ok).toBe(true);
+      }
+      expect((await device.flush()).ok).toBe(true);
+    }
+    const stats = device.cacheStats();
+    // 36 pages and 36 upload images, each image a buffer that goes back to the pool when its
+    // PUT has ended: a few buffers allocated for the first chunks, then all reused.
+    expect(stats.chunkBuffersAllocated + stats.chunkBuffersReused).toBeGreaterThanOrEqual(72);
+    expect(stats.chunkBuffersAllocated).toBeLessThanOrEqual(8);
+    expect((await device.disconnect()).ok).toBe(true);
+    const reader = await volume.open({ readOnly: true });
+    for (let c = 0; c < CHUNKS; c++) {
+      const out = new Uint8Array(CHUNK);
+      expect((await reader.read(c * SPC, [out])).ok).toBe(true);
+      expect(Buffer.from(out).equals(Buffer.from(pattern(12, c * SPC, SPC))), `chunk ${c}`).toBe(
+        true,
+      );
+    }
+    await reader.disconnect();
+  });
+
   it("never hands out memory in use, under concurrent reads, loans, writes and discards", async () => {
     const next = random(20261202);
     const volume = await newFilledVolume(memoryBackend, "reuse-race", PARAMS, 1, READ_CHUNKS * SPC);
