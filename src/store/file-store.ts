@@ -17,18 +17,7 @@
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
-import {
-  link,
-  mkdir,
-  open,
-  readdir,
-  readFile,
-  rename,
-  rm,
-  stat,
-  unlink,
-  writeFile,
-} from "node:fs/promises";
+import { link, mkdir, open, readdir, rename, rm, stat, unlink, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import path from "node:path";
 import {
@@ -254,13 +243,12 @@ async function syncDirectory(dir: string): Promise<void> {
  * A process killed inside the few milliseconds it holds a lock leaves the file behind. Its next
  * taker breaks it at once when the holder ran on this host and its pid is gone, and otherwise
  * (another host sharing the directory, a lock from an older s3blk, a pid since reused) once it
- * is older than {@link STALE_LOCK_MS}. Breaking renames the lock aside and checks that what it
- * moved is the file it judged, so two takers breaking the same dead lock cannot both win; a
- * live lock moved by mistake is linked back.
+ * is older than {@link STALE_LOCK_MS}. See {@link breakIfStale} for why two takers of one dead
+ * lock cannot both win.
  */
 async function takeLock(lock: string): Promise<void> {
   const mine = `${lock}-${randomBytes(8).toString("hex")}`;
-  await writeFile(mine, `${hostname()} ${process.pid}\n`, { flag: "wx" });
+  await writeFile(mine, HOLDER, { flag: "wx" });
   try {
     const deadlineMs = Date.now() + LOCK_WAIT_MS;
     for (;;) {
@@ -270,41 +258,67 @@ async function takeLock(lock: string): Promise<void> {
       } catch (error) {
         if (!isCode(error, "EEXIST")) throw error;
       }
-      const stale = await staleLock(lock);
-      if (stale !== undefined) await breakLock(lock, stale);
-      else if (Date.now() > deadlineMs) throw new StoreError("Transient", `lock ${lock} is held`);
-      else await new Promise((resolve) => setTimeout(resolve, LOCK_POLL_MS));
+      if (await breakIfStale(lock)) continue;
+      if (Date.now() > deadlineMs) throw new StoreError("Transient", `lock ${lock} is held`);
+      await new Promise((resolve) => setTimeout(resolve, LOCK_POLL_MS));
     }
   } finally {
     await rm(mine, { force: true });
   }
 }
 
-/** The inode of `lock` if its holder is gone, else undefined (held, or already released). */
-async function staleLock(lock: string): Promise<number | undefined> {
+/** This process, as a lock file names it. */
+const HOLDER = `${hostname()} ${process.pid}\n`;
+
+/**
+ * Removes `lock` if its holder is gone; true if the lock is gone now. Breakers take a guard
+ * file first and look again under it: a lock whose holder is dead is neither released nor
+ * replaced, so what the second look saw is what is unlinked, and a taker that judged an
+ * earlier lock dead cannot unlink a live one taken since. A guard outlives its breaker only
+ * if that process too was killed within milliseconds; it is then removed by age.
+ */
+async function breakIfStale(lock: string): Promise<boolean> {
+  const seen = await lockHolder(lock);
+  if (seen === undefined) return true;
+  if (!seen.stale) return false;
+  const guard = `${lock}-breaking`;
   try {
-    const [{ ino, mtimeMs }, text] = await Promise.all([stat(lock), readFile(lock, "utf8")]);
-    const [host, pid] = text.trim().split(" ");
-    const dead = host === hostname() && pid !== undefined && !isAlive(Number(pid));
-    return dead || Date.now() - mtimeMs > STALE_LOCK_MS ? ino : undefined;
+    await writeFile(guard, HOLDER, { flag: "wx" });
+  } catch (error) {
+    if (!isCode(error, "EEXIST")) throw error;
+    const age = await stat(guard).then(
+      (s) => Date.now() - s.mtimeMs,
+      () => 0,
+    );
+    if (age > STALE_LOCK_MS) await rm(guard, { force: true });
+    return false;
+  }
+  try {
+    const now = await lockHolder(lock);
+    if (now?.stale === true) await rm(lock, { force: true });
+    return true;
+  } finally {
+    await rm(guard, { force: true });
+  }
+}
+
+/** Whether the holder of the lock file `file` is gone; undefined if there is no such file. */
+async function lockHolder(file: string): Promise<{ stale: boolean } | undefined> {
+  let handle;
+  try {
+    handle = await open(file, "r");
   } catch (error) {
     if (isCode(error, "ENOENT")) return undefined;
     throw error;
   }
-}
-
-async function breakLock(lock: string, staleIno: number): Promise<void> {
-  const aside = `${lock}-broken-${randomBytes(8).toString("hex")}`;
   try {
-    await rename(lock, aside);
-  } catch (error) {
-    if (isCode(error, "ENOENT")) return;
-    throw error;
-  }
-  try {
-    if ((await stat(aside)).ino !== staleIno) await link(aside, lock).catch(() => undefined);
+    // One open file for both, so the holder read is the file whose age is judged.
+    const [{ mtimeMs }, text] = await Promise.all([handle.stat(), handle.readFile("utf8")]);
+    const [host, pid] = text.trim().split(" ");
+    const dead = host === hostname() && pid !== undefined && !isAlive(Number(pid));
+    return { stale: dead || Date.now() - mtimeMs > STALE_LOCK_MS };
   } finally {
-    await rm(aside, { force: true });
+    await handle.close();
   }
 }
 
