@@ -306,7 +306,12 @@ export class PageCache {
     const view = page?.lend(pieces.chunkOffsetBytes, lengthBytes);
     if (view === undefined) return undefined;
     this.#readHits++;
-    this.#hitPlan(offsetBytes, lengthBytes);
+    try {
+      this.#hitPlan(offsetBytes, lengthBytes);
+    } catch (error) {
+      this.#buffers.returnLoan(view); // never handed out
+      throw error;
+    }
     return view;
   }
 

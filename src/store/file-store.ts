@@ -16,7 +16,7 @@
 
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { constants as fsConstants } from "node:fs";
+import { constants as fsConstants, readFileSync, readlinkSync } from "node:fs";
 import { link, mkdir, open, readdir, rename, rm, stat, unlink, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import path from "node:path";
@@ -238,17 +238,19 @@ async function syncDirectory(dir: string): Promise<void> {
 
 /**
  * Takes the lock file `lock` (an `O_EXCL`-style create, by `link(2)` of a file already written,
- * so that a lock is never seen half-made). It names its holder as `host pid`.
+ * so that a lock is never seen half-made). It names its holder: {@link processSpace} and pid.
  *
  * A process killed inside the few milliseconds it holds a lock leaves the file behind. Its next
- * taker breaks it at once when the holder ran on this host and its pid is gone, and otherwise
+ * taker breaks it at once when the holder ran in the same process space (host, boot and pid
+ * namespace: a container beside it on a shared directory is another) and its pid is gone, and
+ * otherwise
  * (another host sharing the directory, a lock from an older s3blk, a pid since reused) once it
  * is older than {@link STALE_LOCK_MS}. See {@link breakIfStale} for why two takers of one dead
  * lock cannot both win.
  */
 async function takeLock(lock: string): Promise<void> {
   const mine = `${lock}-${randomBytes(8).toString("hex")}`;
-  await writeFile(mine, HOLDER, { flag: "wx" });
+  await writeFile(mine, holderLine(), { flag: "wx" });
   try {
     const deadlineMs = Date.now() + LOCK_WAIT_MS;
     for (;;) {
@@ -268,7 +270,31 @@ async function takeLock(lock: string): Promise<void> {
 }
 
 /** This process, as a lock file names it. */
-const HOLDER = `${hostname()} ${process.pid}\n`;
+function holderLine(): string {
+  return `${processSpace()} ${process.pid}\n`;
+}
+
+let space: string | undefined;
+
+/**
+ * Where this process's pids mean something: host name, boot id and pid namespace. A part this
+ * system does not show is `?`, and then no lock is judged by its pid.
+ */
+function processSpace(): string {
+  const known = (read: () => string) => {
+    try {
+      return read().trim();
+    } catch {
+      return "?";
+    }
+  };
+  space ??= [
+    hostname(),
+    known(() => readFileSync("/proc/sys/kernel/random/boot_id", "utf8")),
+    known(() => readlinkSync("/proc/self/ns/pid")),
+  ].join("/");
+  return space;
+}
 
 /**
  * Removes `lock` if its holder is gone; true if the lock is gone now. Breakers take a guard
@@ -283,7 +309,7 @@ async function breakIfStale(lock: string): Promise<boolean> {
   if (!seen.stale) return false;
   const guard = `${lock}-breaking`;
   try {
-    await writeFile(guard, HOLDER, { flag: "wx" });
+    await writeFile(guard, holderLine(), { flag: "wx" });
   } catch (error) {
     if (!isCode(error, "EEXIST")) throw error;
     const age = await stat(guard).then(
@@ -314,8 +340,10 @@ async function lockHolder(file: string): Promise<{ stale: boolean } | undefined>
   try {
     // One open file for both, so the holder read is the file whose age is judged.
     const [{ mtimeMs }, text] = await Promise.all([handle.stat(), handle.readFile("utf8")]);
-    const [host, pid] = text.trim().split(" ");
-    const dead = host === hostname() && pid !== undefined && !isAlive(Number(pid));
+    const [where, pid] = text.trim().split(" ");
+    const ours = processSpace();
+    const dead =
+      where === ours && !ours.includes("?") && pid !== undefined && !isAlive(Number(pid));
     return { stale: dead || Date.now() - mtimeMs > STALE_LOCK_MS };
   } finally {
     await handle.close();

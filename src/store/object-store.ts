@@ -111,8 +111,10 @@ export interface ObjectStore {
   get(key: string, options?: GetOptions): Promise<GetResult | undefined>;
 
   /**
-   * Store `body` under `key`, atomically: a reader sees the old object or the new, whole. The
-   * store keeps no reference to `body` once the returned promise settles (the cache reuses it).
+   * Store `body` under `key`, atomically: a reader sees the old object or the new, whole. What
+   * is stored never depends on `body` after the returned promise settles: the cache reuses it
+   * then. (An HTTP request the server has already answered with an error may still be sending
+   * the rest of its body; the server stores none of it.)
    */
   put(key: string, body: Uint8Array, options?: PutOptions): Promise<PutResult>;
 

@@ -3,8 +3,7 @@
  * server (RGW in CI), including the conditional PUTs that leases will need.
  */
 
-import { execFileSync } from "node:child_process";
-import { mkdtempSync, utimesSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, readlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -164,14 +163,18 @@ describe("file store", () => {
     const store = new FileStore(root);
     let { etag } = await store.put("lease", bytes("before"));
     const lock = path.join(root, ".s3blk-lock-lease");
-    // A pid that was alive a moment ago and is gone now: a child that has exited and been reaped.
-    const deadPid = Number(
-      execFileSync(process.execPath, ["-p", "process.pid"], { encoding: "utf8" }),
-    );
+    // Where this process's pids mean something (host, boot, pid namespace), and a pid that
+    // cannot be alive in it.
+    const space = [
+      hostname(),
+      readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim(),
+      readlinkSync("/proc/self/ns/pid"),
+    ].join("/");
+    const deadPid = Number(readFileSync("/proc/sys/kernel/pid_max", "utf8")) + 1;
 
     // Rounds of takers racing to break one dead lock: exactly one may win each.
     for (let round = 0; round < 10; round++) {
-      writeFileSync(lock, `${hostname()} ${deadPid}\n`);
+      writeFileSync(lock, `${space} ${deadPid}\n`);
       const results = await Promise.allSettled(
         Array.from({ length: 8 }, (_, i) =>
           store.put("lease", bytes(`round ${round} taker ${i}`), { ifMatch: etag }),
@@ -184,7 +187,11 @@ describe("file store", () => {
       etag = now?.etag ?? "";
     }
 
-    writeFileSync(lock, `${hostname()} ${process.pid}\n`);
+    writeFileSync(lock, `${space} ${process.pid}\n`);
+    await rejectsWith(store.put("lease", bytes("while held"), { ifMatch: etag }), "Transient");
+    // The same host, another pid namespace (a container on a shared directory): its pids are
+    // not ours to judge.
+    writeFileSync(lock, `${space.replace(/\[\d+\]$/, "[1]")} ${deadPid}\n`);
     await rejectsWith(store.put("lease", bytes("while held"), { ifMatch: etag }), "Transient");
     // A holder this host cannot see is trusted until its lock is older than any real hold.
     writeFileSync(lock, "another-host 1\n");
