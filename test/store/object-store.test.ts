@@ -85,6 +85,40 @@ describe.each(subjects)("object store: $name", (subject) => {
     await store.close();
   });
 
+  it("reads a body into the buffer `allocate` gives, or into its own when it gives none", async () => {
+    const { store, prefix } = subject.make();
+    const key = `${prefix}/allocated`;
+    const stored = Buffer.alloc(200_003);
+    for (let i = 0; i < stored.length; i++) stored[i] = (i * 131) & 0xff;
+    await store.put(key, stored);
+    const asked: number[] = [];
+    const given: Buffer[] = [];
+    const allocate = (lengthBytes: number) => {
+      asked.push(lengthBytes);
+      const buffer = Buffer.alloc(lengthBytes, 0xee);
+      given.push(buffer);
+      return buffer;
+    };
+    const whole = await store.get(key, { allocate });
+    const ranged = await store.get(key, { range: { offsetBytes: 65_536, lengthBytes: 70_000 } });
+    const rangedInto = await store.get(key, {
+      range: { offsetBytes: 65_536, lengthBytes: 70_000 },
+      allocate,
+    });
+    // A store may call `allocate` more than once (a retried attempt), but the body is the last.
+    expect(asked).toEqual([stored.length, 70_000]);
+    expect(whole?.body).toBe(given[0]);
+    expect(rangedInto?.body).toBe(given[1]);
+    expect(Buffer.from(whole!.body).equals(stored)).toBe(true);
+    expect(Buffer.from(rangedInto!.body).equals(stored.subarray(65_536, 135_536))).toBe(true);
+    expect(Buffer.from(ranged!.body).equals(Buffer.from(rangedInto!.body))).toBe(true);
+    // Declining gives a fresh buffer of the same bytes.
+    const declined = await store.get(key, { allocate: () => undefined });
+    expect(Buffer.from(declined!.body).equals(stored)).toBe(true);
+    expect(given.some((buffer) => buffer.buffer === declined!.body.buffer)).toBe(false);
+    await store.close();
+  });
+
   it("honours If-None-Match: * and If-Match with an unquoted entity tag", async () => {
     const { store, prefix } = subject.make();
     const key = `${prefix}/lease`;
