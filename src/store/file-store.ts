@@ -243,9 +243,8 @@ async function syncDirectory(dir: string): Promise<void> {
  * A process killed inside the few milliseconds it holds a lock leaves the file behind. Its next
  * taker breaks it at once when the holder ran in the same process space (host, boot and pid
  * namespace: a container beside it on a shared directory is another) and its pid is gone, and
- * otherwise
- * (another host sharing the directory, a lock from an older s3blk, a pid since reused) once it
- * is older than {@link STALE_LOCK_MS}. See {@link breakIfStale} for why two takers of one dead
+ * otherwise (another host sharing the directory, a lock from an older s3blk, a pid since reused)
+ * once it is older than {@link STALE_LOCK_MS}. See {@link breakIfStale} for why two takers of one dead
  * lock cannot both win.
  */
 async function takeLock(lock: string): Promise<void> {
@@ -281,19 +280,21 @@ let space: string | undefined;
  * system does not show is `?`, and then no lock is judged by its pid.
  */
 function processSpace(): string {
-  const known = (read: () => string) => {
-    try {
-      return read().trim();
-    } catch {
-      return "?";
-    }
-  };
   space ??= [
     hostname(),
-    known(() => readFileSync("/proc/sys/kernel/random/boot_id", "utf8")),
-    known(() => readlinkSync("/proc/self/ns/pid")),
+    shown(() => readFileSync("/proc/sys/kernel/random/boot_id", "utf8")),
+    shown(() => readlinkSync("/proc/self/ns/pid")),
   ].join("/");
   return space;
+}
+
+/** What `read` returns, trimmed, or `?` if the system does not show it. */
+function shown(read: () => string): string {
+  try {
+    return read().trim();
+  } catch {
+    return "?";
+  }
 }
 
 /**

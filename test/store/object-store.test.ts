@@ -105,7 +105,7 @@ describe.each(subjects)("object store: $name", (subject) => {
       range: { offsetBytes: 65_536, lengthBytes: 70_000 },
       allocate,
     });
-    // A store may call `allocate` more than once (a retried attempt), but the body is the last.
+    // No attempt fails here, so each GET asks once, and its body is the buffer it was given.
     expect(asked).toEqual([stored.length, 70_000]);
     expect(whole?.body).toBe(given[0]);
     expect(rangedInto?.body).toBe(given[1]);
