@@ -16,7 +16,7 @@ import { randomBytes, randomFillSync } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 
 import { makeTestCertificates, type TestCertificates } from "../support/tls-certificates.js";
 import {
@@ -188,7 +188,10 @@ describe.skipIf(without("openssl"))("s3blk serve --tls=require --tls-verify-peer
         expect(refused.code).not.toBe(0);
         expect(refused.stdout).toBe("");
       }
-      expect(served.serve.stderr()).toMatch(/client certificate refused/);
+      // The client can exit before the server has logged why it refused: wait for the line.
+      await vi.waitFor(() => expect(served.serve.stderr()).toMatch(/client certificate refused/), {
+        timeout: 10_000,
+      });
     },
   );
 
@@ -295,7 +298,11 @@ describe.skipIf(without("openssl"))("s3blk serve --tls=require --tls-psk", () =>
         expect(refused.code).not.toBe(0);
         expect(refused.stdout).toBe("");
       }
-      expect(served.serve.stderr()).toMatch(/unknown PSK identity \\?"mallory\\?"/);
+      // nbdinfo can exit before the server has logged the refusal (CI saw it once).
+      await vi.waitFor(
+        () => expect(served.serve.stderr()).toMatch(/unknown PSK identity \\?"mallory\\?"/),
+        { timeout: 10_000 },
+      );
       const plain = await run("nbdinfo", ["--list", "--json", `nbd://127.0.0.1:${served.port}`]);
       expect(plain.stdout).not.toContain(served.name);
     },
