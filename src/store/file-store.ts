@@ -244,8 +244,8 @@ async function syncDirectory(dir: string): Promise<void> {
  * taker breaks it at once when the holder ran in the same process space (host, boot and pid
  * namespace: a container beside it on a shared directory is another) and its pid is gone, and
  * otherwise (another host sharing the directory, a lock from an older s3blk, a pid since reused)
- * once it is older than {@link STALE_LOCK_MS}. See {@link breakIfStale} for why two takers of one dead
- * lock cannot both win.
+ * once it is older than {@link STALE_LOCK_MS}. See {@link breakIfStale} for why two takers of one
+ * dead lock cannot both win.
  */
 async function takeLock(lock: string): Promise<void> {
   const mine = `${lock}-${randomBytes(8).toString("hex")}`;
