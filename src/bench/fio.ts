@@ -9,11 +9,17 @@ const run = promisify(execFile);
 
 export interface FioJob {
   readonly name: string;
-  readonly rw: "read" | "write" | "randread" | "randwrite";
+  readonly rw: "read" | "write" | "randread" | "randwrite" | "randrw";
+  /** The block size; with `maxBlockSizeBytes`, the smallest of a range fio picks from. */
   readonly blockSizeBytes: number;
+  readonly maxBlockSizeBytes?: number;
   readonly iodepth: number;
   /** Read or write the whole size once, not for a time: every byte is touched exactly once. */
   readonly once?: boolean;
+  /** `randrw`: the share of reads, percent. Default fio's, 50. */
+  readonly readPercent?: number;
+  /** Flush after every this many writes (a guest's fsyncs). Default never. */
+  readonly flushEvery?: number;
 }
 
 export interface FioResult {
@@ -57,7 +63,11 @@ export async function runFio(job: FioJob, options: FioOptions): Promise<FioResul
     "--ioengine=nbd",
     `--uri=${options.uri}`,
     `--rw=${job.rw}`,
-    `--bs=${job.blockSizeBytes}`,
+    job.maxBlockSizeBytes === undefined
+      ? `--bs=${job.blockSizeBytes}`
+      : `--bsrange=${job.blockSizeBytes}-${job.maxBlockSizeBytes}`,
+    ...(job.readPercent === undefined ? [] : [`--rwmixread=${job.readPercent}`]),
+    ...(job.flushEvery === undefined ? [] : [`--fsync=${job.flushEvery}`]),
     `--iodepth=${job.iodepth}`,
     `--size=${options.sizeBytes}`,
     ...(job.once === true
@@ -78,11 +88,22 @@ export async function runFio(job: FioJob, options: FioOptions): Promise<FioResul
   };
   const result = json.jobs[0];
   if (result === undefined) throw new Error(`fio printed no job for ${job.name}`);
-  const side = job.rw.includes("read") ? result.read : result.write;
+  if (job.rw !== "randrw") {
+    const side = job.rw.includes("read") ? result.read : result.write;
+    return {
+      bytesPerSecond: side.bw_bytes,
+      iops: side.iops,
+      latencyUsMean: side.clat_ns.mean / 1000,
+    };
+  }
+  // A mixed job moves both ways: the sums, and the mean latency weighted by each side's IOPS.
+  const iops = result.read.iops + result.write.iops;
+  const latencyNsTotal =
+    result.read.clat_ns.mean * result.read.iops + result.write.clat_ns.mean * result.write.iops;
   return {
-    bytesPerSecond: side.bw_bytes,
-    iops: side.iops,
-    latencyUsMean: side.clat_ns.mean / 1000,
+    bytesPerSecond: result.read.bw_bytes + result.write.bw_bytes,
+    iops,
+    latencyUsMean: iops === 0 ? 0 : latencyNsTotal / iops / 1000,
   };
 }
 

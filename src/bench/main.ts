@@ -20,6 +20,8 @@
  *     a local raw file (boot.ts).
  *   - clone: making 100 clones of a 10 GiB base, what 100 writing clones store, and a clone's
  *     cold sequential read against its base's (clone-bench.ts).
+ *   - memory: the peak RSS of s3blk with its default settings under a read and write load larger
+ *     than the cache, against the README's bound (memory.ts).
  *
  * It prints a table (ratios, S3 requests and bytes from RGW's own counters when the server is a
  * local RGW, peak RSS) and writes the same as JSON under bench/results/, with the commit, the
@@ -28,10 +30,10 @@
  *
  * Needs fio, nbdkit, nbdkit-plugin-python, python3-boto3 and python3-libnbd (apt), and S3_ENDPOINT
  * etc. (`eval "$(bash infra/rgw-start.sh)"`). Options: --quick (5 s turns), --runtime SECONDS,
- * --rounds N, --size SIZE, --only raw,cold-read,boot,device,warm,cold,clone, --jobs TEXT,TEXT
- * (jobs whose name contains one), --latencies MS,MS, --cli PATH (another build's CLI), --clones N
- * (default 100), --metrics (s3blk serves its Prometheus metrics, as a production server would),
- * --out DIR.
+ * --rounds N, --size SIZE, --only raw,cold-read,boot,device,warm,cold,clone,memory, --jobs
+ * TEXT,TEXT (jobs whose name contains one), --latencies MS,MS, --cli PATH (another build's
+ * CLI), --clones N (default 100), --metrics (s3blk serves its Prometheus metrics, as a
+ * production server would), --out DIR.
  */
 
 import { execFileSync } from "node:child_process";
@@ -58,6 +60,7 @@ import { runDeviceBench, type DeviceRow } from "./device-bench.js";
 import { cloneTable, runCloneBench, type CloneReport } from "./clone-bench.js";
 import { bootTable, runBootRows, type BootRow } from "./boot.js";
 import { DelayProxy } from "./delay-proxy.js";
+import { memoryTable, memoryVerdict, runMemoryBench, type MemoryReport } from "./memory.js";
 import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
 import { putObjects, runRawGet } from "./raw-get.js";
 import { S3Store } from "../store/s3-store.js";
@@ -106,10 +109,10 @@ export interface Row {
 const USAGE = `usage: npm run bench -- [options]
        npm run bench -- --compare BEFORE.json AFTER.json
 
-  --only LIST       sections: raw,cold-read,boot,device,warm,cold,clone (default: all)
+  --only LIST       sections: raw,cold-read,boot,device,warm,cold,clone,memory (default: all)
   --jobs TEXT,...   only the fio jobs whose name contains one of these
   --rounds N        interleaved rounds per row (default 3)
-  --runtime SECONDS each timed turn (default 10; --quick: 5)
+  --runtime SECONDS each timed turn (default 10; --quick: 5); the memory mix runs 3 times it
   --size SIZE       the volumes' size (default 256M)
   --latencies MS,.. delays per S3 request for the cold-read rows (default 0,20)
   --clones N        clones in the clone section (default 100)
@@ -155,7 +158,9 @@ if (values.help) {
 const runtimeSeconds = Number(values.runtime ?? (values.quick ? 5 : 10));
 const rounds = Number(values.rounds ?? 3);
 const sizeBytes = values.size === undefined ? 256 * 1024 * 1024 : Number(parseSize(values.size));
-const only = new Set((values.only ?? "raw,cold-read,boot,device,warm,cold,clone").split(","));
+const only = new Set(
+  (values.only ?? "raw,cold-read,boot,device,warm,cold,clone,memory").split(","),
+);
 const picked = (all: readonly FioJob[]) =>
   values.jobs === undefined
     ? all
@@ -333,6 +338,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   let deviceRows: DeviceRow[] = [];
   let clones: CloneReport | undefined;
+  let memory: MemoryReport | undefined;
   const compare = async (a: Contender<Turn>, b: Contender<Turn>, job: { name: string }) => {
     const pairs = await interleave(a, b, rounds, (t) => metric(job.name, t));
     const row: Row = {
@@ -390,6 +396,19 @@ async function main(): Promise<void> {
         log: (line) => console.error(line),
       });
     }
+    if (only.has("memory")) {
+      memory = await runMemoryBench({
+        volumeUrl: (round) => `s3://${s3.bucket}/bench-${run}/memory-${round}`,
+        deleteVolume: async (round) => {
+          await deletePrefix(cleanup.store, `bench-${run}/memory-${round}/`);
+        },
+        rounds,
+        mixSeconds: 3 * runtimeSeconds,
+        env,
+        cli,
+        log: (line) => console.error(line),
+      });
+    }
   } finally {
     await deletePrefix(cleanup.store, `bench-${run}/`).catch(() => 0);
     await cleanup.store.close();
@@ -409,6 +428,7 @@ async function main(): Promise<void> {
     console.log("\nClones (a 10 GiB base holding 1 GiB, 1 MiB chunks), on S3:\n");
     printLines(cloneTable(clones));
   }
+  if (memory !== undefined) printMemory(memory);
   const outDir = values.out ?? "bench/results";
   mkdirSync(outDir, { recursive: true });
   const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
@@ -423,6 +443,7 @@ async function main(): Promise<void> {
     deviceRows,
     bootRows,
     clones,
+    memory,
   };
   writeFileSync(file, JSON.stringify(report, null, 2));
   console.log(`\nwrote ${file}`);
@@ -665,6 +686,17 @@ function printDeviceTable(rows: DeviceRow[]): void {
   }
   printLines(lines);
   console.log("");
+}
+
+function printMemory(report: MemoryReport): void {
+  const MiB = 1024 * 1024;
+  console.log(
+    `\nMemory: s3blk serve with the defaults on a ${report.volumeBytes / MiB} MiB volume in S3` +
+      ` (fill half, ${report.mixSeconds} s of mixed I/O, read it all), ${report.rounds.length}` +
+      ` rounds, VmHWM after each phase:\n`,
+  );
+  printLines(memoryTable(report));
+  console.log(`\n${memoryVerdict(report)}`);
 }
 
 function printLines(lines: string[][]): void {

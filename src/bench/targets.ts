@@ -138,8 +138,9 @@ export async function startNbdkitS3(
 
 export interface S3blkServeOptions {
   readonly volumeUrl: string;
-  readonly cacheBytes: number;
-  readonly dirtyBytes: number;
+  /** `--cache-size` and `--dirty-size`; either omitted: the server's default. */
+  readonly cacheBytes?: number;
+  readonly dirtyBytes?: number;
   /** Serve Prometheus metrics too (on a free loopback port). Default false. */
   readonly metrics?: boolean;
   readonly env: NodeJS.ProcessEnv;
@@ -147,6 +148,8 @@ export interface S3blkServeOptions {
   readonly cli?: string;
   /** Serve read-only. Default false. */
   readonly readOnly?: boolean;
+  /** Create the volume at this size if it is missing (`--create-size`). */
+  readonly createBytes?: number;
 }
 
 /** This build's CLI. */
@@ -165,10 +168,8 @@ export async function startS3blk(options: S3blkServeOptions): Promise<RunningTar
       options.volumeUrl,
       "--socket",
       socket,
-      "--cache-size",
-      String(options.cacheBytes),
-      "--dirty-size",
-      String(options.dirtyBytes),
+      ...(options.cacheBytes === undefined ? [] : ["--cache-size", String(options.cacheBytes)]),
+      ...(options.dirtyBytes === undefined ? [] : ["--dirty-size", String(options.dirtyBytes)]),
       // Superseded chunk objects wait out the GC grace before the writer deletes them (at a
       // flush). At the default 15 min, a random-write row makes them faster than RGW's 4 GiB
       // memstore holds (about 50 MB/s: every hot chunk re-uploaded each write-back delay).
@@ -176,6 +177,7 @@ export async function startS3blk(options: S3blkServeOptions): Promise<RunningTar
       "10s",
       ...(options.metrics ? ["--metrics", "127.0.0.1:0"] : []),
       ...(options.readOnly === true ? ["--read-only"] : []),
+      ...(options.createBytes === undefined ? [] : ["--create-size", String(options.createBytes)]),
     ],
     socket,
     options.env,

@@ -33,6 +33,9 @@ export interface ChunkBufferStats {
   readonly freeBytes: number;
 }
 
+/** The free buffers a cache keeps for reuse, at most, by default. */
+export const DEFAULT_MAX_FREE_BYTES = 16 * 1024 * 1024;
+
 export class ChunkBuffers {
   readonly chunkSizeBytes: number;
   readonly #maxFree: number;
@@ -48,8 +51,8 @@ export class ChunkBuffers {
   #allocated = 0;
   #reused = 0;
 
-  /** `maxFreeBytes`: free buffers kept for reuse, at most. Default 16 MiB (at least one). */
-  constructor(chunkSizeBytes: number, maxFreeBytes = 16 * 1024 * 1024) {
+  /** `maxFreeBytes`: free buffers kept for reuse, at most (at least one). */
+  constructor(chunkSizeBytes: number, maxFreeBytes = DEFAULT_MAX_FREE_BYTES) {
     assert(chunkSizeBytes > 0);
     this.chunkSizeBytes = chunkSizeBytes;
     this.#maxFree = Math.max(1, Math.floor(maxFreeBytes / chunkSizeBytes));

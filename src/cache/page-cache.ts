@@ -158,6 +158,11 @@ function copyPiece(pieces: ChunkPieces, page: Page | undefined): void {
   else pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
 }
 
+/** The clean pages' memory, at most, by default (`cacheBytes`, `--cache-size`). */
+export const DEFAULT_CACHE_BYTES = 256 * 1024 * 1024;
+/** The dirty pages' memory, at most, by default (`maxDirtyBytes`, `--dirty-size`). */
+export const DEFAULT_MAX_DIRTY_BYTES = 128 * 1024 * 1024;
+
 export class PageCache {
   readonly chunkSizeBytes: number;
   readonly #chunks: ChunkStore;
@@ -188,7 +193,7 @@ export class PageCache {
     this.#clock = options.clock;
     const maxDirtyBytes = Math.max(
       2 * this.chunkSizeBytes,
-      options.maxDirtyBytes ?? 128 * 1024 * 1024,
+      options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY_BYTES,
     );
     const maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
     this.#dirty = new DirtySet({
@@ -200,7 +205,7 @@ export class PageCache {
     this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes));
     this.#buffers = new ChunkBuffers(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
-      maxSize: Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024),
+      maxSize: Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES),
       sizeCalculation: cleanChargeBytes,
       // An evicted page gives its buffer back for the next fetch. (Pages deleted from the LRU
       // to become dirty, or to be resized, are not leaving the cache.)
@@ -686,7 +691,7 @@ export class PageCache {
 /** The read policy's settings: the defaults, the options', the window capped by the cache. */
 function readPolicySettings(options: PageCacheOptions, chunkSizeBytes: number): ReadPolicySettings {
   const defaults = defaultReadPolicySettings(chunkSizeBytes);
-  const cacheBytes = Math.max(1, options.cacheBytes ?? 256 * 1024 * 1024);
+  const cacheBytes = Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
   const chosen = { ...defaults, ...options.readPolicy };
   const readaheadMaxBytes = Math.max(
     chunkSizeBytes,

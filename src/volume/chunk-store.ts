@@ -68,6 +68,9 @@ export interface ChunkReadOptions {
   readonly allocate?: GetOptions["allocate"];
 }
 
+/** Requests in flight at once, by default: the chunk images uploads and fetches hold. */
+export const DEFAULT_CHUNK_STORE_CONCURRENCY = 32;
+
 export interface ChunkStoreOptions {
   readonly store: ObjectStore;
   readonly prefix: string;
@@ -159,7 +162,9 @@ export class ChunkStore {
     this.chunkCount = Math.ceil(this.superblock.sizeBytes / this.superblock.chunkSizeBytes);
     this.#store = options.store;
     this.#prefix = options.prefix;
-    this.#queue = new PQueue({ concurrency: options.concurrency ?? 32 });
+    this.#queue = new PQueue({
+      concurrency: options.concurrency ?? DEFAULT_CHUNK_STORE_CONCURRENCY,
+    });
     this.#refs = refs;
     this.#epoch = epoch;
     this.#pinned = pinned;
