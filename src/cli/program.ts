@@ -1,7 +1,7 @@
 /**
- * The `s3blk` command line (main.ts is its executable). Each command is a small function over the library; this module only
- * parses arguments and turns failures into one clear line and a non-zero exit code. A stack trace
- * is printed only for a bug (an error we did not expect).
+ * The `s3blk` command line (main.ts is its executable). Each command is a small function over
+ * the library; this module only parses arguments and turns failures into one clear line and a
+ * non-zero exit code. A stack trace is printed only for a bug (an error we did not expect).
  */
 
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
