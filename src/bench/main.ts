@@ -308,6 +308,8 @@ function runContext() {
     cpuModel: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1],
     cpus: availableParallelism(),
     metrics: values.metrics,
+    // With --cli the commit above is the harness's: the build measured is this one.
+    cli: values.cli === undefined ? undefined : cli,
   };
 }
 
@@ -693,7 +695,7 @@ function printMemory(report: MemoryReport): void {
   console.log(
     `\nMemory: s3blk serve with the defaults on a ${report.volumeBytes / MiB} MiB volume in S3` +
       ` (fill half, ${report.mixSeconds} s of mixed I/O, read it all), ${report.rounds.length}` +
-      ` rounds, VmHWM after each phase:\n`,
+      ` rounds, the peak RSS of each phase (VmHWM, reset between them):\n`,
   );
   printLines(memoryTable(report));
   console.log(`\n${memoryVerdict(report)}`);
@@ -777,14 +779,18 @@ function printTable(rows: readonly Row[]): void {
 function printComparison(beforeFile: string, afterFile: string): void {
   const load = (file: string) =>
     JSON.parse(readFileSync(file, "utf8")) as {
-      context?: { commit?: string };
+      context?: { commit?: string; cli?: string };
       rows: Row[];
       clones?: CloneReport;
+      memory?: MemoryReport;
     };
   const before = load(beforeFile);
   const after = load(afterFile);
-  const name = (report: { context?: { commit?: string } }, file: string) =>
-    report.context?.commit?.slice(0, 8) ?? path.basename(file);
+  // A run of another build (--cli) is named by that build's directory (dist-base/cli/main.js).
+  const name = (report: { context?: { commit?: string; cli?: string } }, file: string) =>
+    report.context?.cli !== undefined
+      ? path.basename(path.dirname(path.dirname(report.context.cli)))
+      : (report.context?.commit?.slice(0, 8) ?? path.basename(file));
   const key = (r: Row) => `${r.target}\u0000${r.job}`;
   const beforeRows = new Map(before.rows.map((r) => [key(r), r]));
   const lines = [
@@ -822,6 +828,22 @@ function printComparison(beforeFile: string, afterFile: string): void {
       was === undefined ? "-" : ratio(was),
       ratio(now),
       change,
+    ]);
+  }
+  // Peak RSS is not a ratio, and drifts little: the medians in MiB, and their ratio.
+  const peak = (r: { memory?: MemoryReport }) => r.memory?.peakRssBytes;
+  const [peakWas, peakNow] = [peak(before), peak(after)];
+  if (peakNow !== undefined) {
+    const MiB = 1024 * 1024;
+    const mib = (p: typeof peakNow) =>
+      `${(p.median / MiB).toFixed(0)} MiB (${(p.min / MiB).toFixed(0)}-${(p.max / MiB).toFixed(0)})`;
+    lines.push([
+      "s3blk-serve",
+      "peak RSS, memory section",
+      `target ${(after.memory!.targetBytes / MiB).toFixed(0)} MiB`,
+      peakWas === undefined ? "-" : mib(peakWas),
+      mib(peakNow),
+      peakWas === undefined ? "-" : (peakNow.median / peakWas.median).toFixed(2),
     ]);
   }
   console.log("Median ratios to the reference (spread of the rounds):\n");

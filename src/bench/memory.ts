@@ -8,11 +8,12 @@
  *   - mix: random reads and writes over the whole volume, 60 % reads, 4 KiB to 1 MiB requests,
  *     16 in flight, a flush every 128 writes (a guest's fsyncs), for `mixSeconds`;
  *   - read: the whole volume read sequentially once.
- * VmHWM (the kernel's peak RSS, warm-up included) is read after each phase; the figure a round
- * reports is the last, the whole run's peak. RSS depends little on the machine's drift, so the
+ * VmHWM (the kernel's peak RSS, warm-up included) is read after each phase and then reset
+ * (`/proc/PID/clear_refs`), so each phase reports its own peak; a round's peak is the largest. RSS depends little on the machine's drift, so the
  * rounds are not interleaved with a reference: their spread shows what noise there is.
  */
 
+import { writeFileSync } from "node:fs";
 import { spread } from "./interleave.js";
 import { runFio, type FioJob } from "./fio.js";
 import { startS3blk } from "./targets.js";
@@ -38,7 +39,7 @@ export const TARGET_PEAK_RSS_BYTES = DEFAULT_BOUND_BYTES + 64 * MiB;
 
 export interface MemoryPhase {
   readonly name: string;
-  /** VmHWM at the end of the phase. */
+  /** The phase's peak RSS: VmHWM at its end, reset at its start. */
   readonly peakRssBytes: number;
   /** fio's throughput in the phase, reads and writes together. */
   readonly bytesPerSecond: number;
@@ -55,7 +56,7 @@ export interface MemoryReport {
   readonly boundBytes: number;
   readonly targetBytes: number;
   readonly rounds: MemoryRound[];
-  /** The rounds' whole-run peaks. */
+  /** The rounds' peaks (each the largest of its phases'). */
   readonly peakRssBytes?: { median: number; min: number; max: number };
 }
 
@@ -113,7 +114,9 @@ export async function runMemoryBench(options: MemoryBenchOptions): Promise<Memor
     );
   }
   const peakRssBytes = spread(
-    rounds.flatMap((r) => (r.error === undefined ? [r.phases.at(-1)!.peakRssBytes] : [])),
+    rounds.flatMap((r) =>
+      r.error === undefined ? [Math.max(...r.phases.map((p) => p.peakRssBytes))] : [],
+    ),
   );
   return {
     volumeBytes: VOLUME_BYTES,
@@ -147,6 +150,7 @@ async function memoryRound(options: MemoryBenchOptions, round: number): Promise<
         // 0: /proc no longer has the process. A dead server measured nothing.
         if (peakRssBytes === 0) throw new Error(`the server exited during ${job.name}`);
         phases.push({ name: job.name, peakRssBytes, bytesPerSecond: result.bytesPerSecond });
+        writeFileSync(`/proc/${running.pid}/clear_refs`, "5"); // VmHWM := VmRSS
       }
     } finally {
       await running.stop();
