@@ -17,7 +17,8 @@
  * 576 with the mmap threshold too.
  *
  * Not done where the operator chose either one (the flag in the node options or NODE_OPTIONS,
- * or MALLOC_MMAP_THRESHOLD_ set: theirs wins, and the other is left as it is), under a debugger
+ * or the threshold in MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES: theirs wins, and the other is
+ * left as it is), under a debugger
  * (`--inspect*`: it would attach twice), or where Node cannot replace the process (Node 20,
  * Windows, the permission model: Node's defaults then). Node aborts the process if execve(2)
  * itself fails (a seccomp policy that forbids it): there, setting either one yourself is how to
@@ -31,6 +32,8 @@ export const SERVE_MMAP_THRESHOLD_BYTES = 128 * 1024;
 
 const SEMI_SPACE_FLAG = "--max-semi-space-size";
 const MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_";
+/** The same setting in glibc's newer spelling, `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N`. */
+const MMAP_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold=";
 
 /** The CLI's global options, which come before the command and take a value (program.ts). */
 export const GLOBAL_VALUE_OPTIONS: ReadonlySet<string> = new Set([
@@ -70,11 +73,15 @@ export function serveRestart(
   start: ProcessStart,
 ): { args: string[]; env: NodeJS.ProcessEnv } | undefined {
   if (commandOf(start.argv.slice(2)) !== "serve") return undefined;
-  const names = [...start.execArgv, ...(start.env.NODE_OPTIONS ?? "").split(/\s+/)].map(optionName);
-  if (names.includes(SEMI_SPACE_FLAG) || names.some((name) => name.startsWith("--inspect"))) {
-    return undefined;
-  }
-  if (start.env[MMAP_THRESHOLD_VARIABLE] !== undefined) return undefined;
+  const nodeOptions = [...start.execArgv, ...(start.env.NODE_OPTIONS ?? "").split(/\s+/)].map(
+    optionName,
+  );
+  const operatorChose =
+    nodeOptions.includes(SEMI_SPACE_FLAG) ||
+    start.env[MMAP_THRESHOLD_VARIABLE] !== undefined ||
+    (start.env.GLIBC_TUNABLES ?? "").includes(MMAP_THRESHOLD_TUNABLE);
+  const debugging = nodeOptions.some((name) => name.startsWith("--inspect"));
+  if (operatorChose || debugging) return undefined;
   return {
     args: [`${SEMI_SPACE_FLAG}=${SERVE_SEMI_SPACE_MIB}`, ...start.execArgv, ...start.argv.slice(1)],
     env: { ...start.env, [MMAP_THRESHOLD_VARIABLE]: String(SERVE_MMAP_THRESHOLD_BYTES) },

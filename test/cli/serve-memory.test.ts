@@ -63,10 +63,16 @@ describe("serveRestart", () => {
     expect(serveRestart(start(["serve", "v"], [], options))).toBeUndefined();
     const threshold = { MALLOC_MMAP_THRESHOLD_: "65536" };
     expect(serveRestart(start(["serve", "v"], [], threshold))).toBeUndefined();
+    const tunable = {
+      GLIBC_TUNABLES: "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536",
+    };
+    expect(serveRestart(start(["serve", "v"], [], tunable))).toBeUndefined();
+    const otherTunable = { GLIBC_TUNABLES: "glibc.malloc.arena_max=2" };
+    expect(serveRestart(start(["serve", "v"], [], otherTunable))).toBeDefined();
     expect(serveRestart(start(["serve", "v"], [], { NODE_OPTIONS: "--trace-gc" }))).toBeDefined();
   });
 
-  it("knows the operator's flag in every spelling Node takes, and steps aside for a debugger", () => {
+  it("knows the operator's flag in each spelling Node takes, and steps aside for a debugger", () => {
     for (const options of [
       "--max_semi_space_size=4",
       '"--max-semi-space-size=4"',
