@@ -60,7 +60,14 @@ import { runDeviceBench, type DeviceRow } from "./device-bench.js";
 import { cloneTable, runCloneBench, type CloneReport } from "./clone-bench.js";
 import { bootTable, runBootRows, type BootRow } from "./boot.js";
 import { DelayProxy } from "./delay-proxy.js";
-import { memoryTable, memoryVerdict, runMemoryBench, type MemoryReport } from "./memory.js";
+import {
+  memoryTable,
+  memoryVerdict,
+  mib,
+  mibSpread,
+  runMemoryBench,
+  type MemoryReport,
+} from "./memory.js";
 import { COLD_READ_JOBS, runFio, STANDARD_JOBS, type FioJob, type FioResult } from "./fio.js";
 import { putObjects, runRawGet } from "./raw-get.js";
 import { S3Store } from "../store/s3-store.js";
@@ -691,9 +698,8 @@ function printDeviceTable(rows: DeviceRow[]): void {
 }
 
 function printMemory(report: MemoryReport): void {
-  const MiB = 1024 * 1024;
   console.log(
-    `\nMemory: s3blk serve with the defaults on a ${report.volumeBytes / MiB} MiB volume in S3` +
+    `\nMemory: s3blk serve with the defaults on a ${mib(report.volumeBytes)} MiB volume in S3` +
       ` (fill half, ${report.mixSeconds} s of mixed I/O, read it all), ${report.rounds.length}` +
       ` rounds, the peak RSS of each phase (VmHWM, reset between them):\n`,
   );
@@ -834,15 +840,12 @@ function printComparison(beforeFile: string, afterFile: string): void {
   const peak = (r: { memory?: MemoryReport }) => r.memory?.peakRssBytes;
   const [peakWas, peakNow] = [peak(before), peak(after)];
   if (peakNow !== undefined) {
-    const MiB = 1024 * 1024;
-    const mib = (p: typeof peakNow) =>
-      `${(p.median / MiB).toFixed(0)} MiB (${(p.min / MiB).toFixed(0)}-${(p.max / MiB).toFixed(0)})`;
     lines.push([
       "s3blk-serve",
-      "peak RSS, memory section",
-      `target ${(after.memory!.targetBytes / MiB).toFixed(0)} MiB`,
-      peakWas === undefined ? "-" : mib(peakWas),
-      mib(peakNow),
+      "peak RSS MiB, memory section",
+      `target ${mib(after.memory!.targetBytes)} MiB`,
+      mibSpread(peakWas),
+      mibSpread(peakNow),
       peakWas === undefined ? "-" : (peakNow.median / peakWas.median).toFixed(2),
     ]);
   }

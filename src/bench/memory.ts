@@ -9,8 +9,9 @@
  *     16 in flight, a flush every 128 writes (a guest's fsyncs), for `mixSeconds`;
  *   - read: the whole volume read sequentially once.
  * VmHWM (the kernel's peak RSS, warm-up included) is read after each phase and then reset
- * (`/proc/PID/clear_refs`), so each phase reports its own peak; a round's peak is the largest. RSS depends little on the machine's drift, so the
- * rounds are not interleaved with a reference: their spread shows what noise there is.
+ * (`/proc/PID/clear_refs`), so each phase reports its own peak; a round's peak is the largest.
+ * RSS depends little on the machine's drift, so the rounds are not interleaved with a reference:
+ * their spread shows what noise there is.
  */
 
 import { writeFileSync } from "node:fs";
@@ -23,6 +24,16 @@ import { DEFAULT_CHUNK_SIZE_BYTES } from "../volume/format.js";
 import { DEFAULT_MAX_FREE_BYTES } from "../cache/chunk-buffers.js";
 
 const MiB = 1024 * 1024;
+
+/** Bytes in whole MiB, for the tables. */
+export function mib(bytes: number): string {
+  return (bytes / MiB).toFixed(0);
+}
+
+/** A spread of byte counts in whole MiB, "562 (551-573)"; "-" when nothing was measured. */
+export function mibSpread(bytes: { median: number; min: number; max: number } | undefined): string {
+  return bytes === undefined ? "-" : `${mib(bytes.median)} (${mib(bytes.min)}-${mib(bytes.max)})`;
+}
 
 /**
  * The README's bound for one served volume with the defaults: `--cache-size + --dirty-size + 32 ×
@@ -169,13 +180,10 @@ export function memoryTable(report: MemoryReport): string[][] {
   const measured = report.rounds.filter((r) => r.error === undefined);
   for (const [i, { job }] of PHASES.entries()) {
     const phases = measured.map((r) => r.phases[i]!);
-    const rss = spread(phases.map((p) => p.peakRssBytes / MiB));
     const speed = spread(phases.map((p) => p.bytesPerSecond / 1e6));
     lines.push([
       job.name,
-      rss === undefined
-        ? "-"
-        : `${rss.median.toFixed(0)} (${rss.min.toFixed(0)}-${rss.max.toFixed(0)})`,
+      mibSpread(spread(phases.map((p) => p.peakRssBytes))),
       speed === undefined ? "-" : speed.median.toFixed(0),
     ]);
   }
@@ -188,8 +196,8 @@ export function memoryVerdict(report: MemoryReport): string {
   const verdict =
     peak === undefined ? "not measured" : peak <= report.targetBytes ? "met" : "not met";
   return (
-    `peak RSS ${peak === undefined ? "-" : (peak / MiB).toFixed(0)} MiB; one volume's bound in` +
-    ` the README ${report.boundBytes / MiB} MiB (the process adds the NBD buffers and the` +
-    ` runtime); the target, that bound + 64 MiB, ${report.targetBytes / MiB} MiB: ${verdict}`
+    `peak RSS ${peak === undefined ? "-" : mib(peak)} MiB; one volume's bound in` +
+    ` the README ${mib(report.boundBytes)} MiB (the process adds the NBD buffers and the` +
+    ` runtime); the target, that bound + 64 MiB, ${mib(report.targetBytes)} MiB: ${verdict}`
   );
 }
