@@ -202,10 +202,11 @@ export class PageCache {
       writebackThresholdBytes: options.writebackThresholdBytes ?? maxDirtyBytes / 2,
       writebackThresholdChunks: Math.floor(maxDirtyChunks / 2),
     });
-    this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes));
+    const cacheBytes = Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
+    this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes, cacheBytes));
     this.#buffers = new ChunkBuffers(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
-      maxSize: Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES),
+      maxSize: cacheBytes,
       sizeCalculation: cleanChargeBytes,
       // An evicted page gives its buffer back for the next fetch. (Pages deleted from the LRU
       // to become dirty, or to be resized, are not leaving the cache.)
@@ -689,9 +690,12 @@ export class PageCache {
 }
 
 /** The read policy's settings: the defaults, the options', the window capped by the cache. */
-function readPolicySettings(options: PageCacheOptions, chunkSizeBytes: number): ReadPolicySettings {
+function readPolicySettings(
+  options: PageCacheOptions,
+  chunkSizeBytes: number,
+  cacheBytes: number,
+): ReadPolicySettings {
   const defaults = defaultReadPolicySettings(chunkSizeBytes);
-  const cacheBytes = Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
   const chosen = { ...defaults, ...options.readPolicy };
   const readaheadMaxBytes = Math.max(
     chunkSizeBytes,
