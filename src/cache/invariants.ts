@@ -15,7 +15,9 @@
  * - every page is filed under its own chunk; dirty ones are dirty, LRU ones clean, with no
  *   upload and everything durable; none of them has retired (given its memory back);
  * - the LRU charges each page what it holds now (a page that grew or shrank was re-sized), the
- *   charges add up to the LRU's size, and that size is within its bound.
+ *   charges add up to the LRU's size, and that size is within its bound;
+ * - clean and dirty pages together hold at most the cache's memory, unless no clean page is
+ *   left to evict (dirty pages alone may reach their own bound).
  *
  * It walks every page and every sector: for tests, not for production.
  */
@@ -31,10 +33,12 @@ export interface CacheState {
   readonly clean: LRUCache<number, Page>;
   /** What the clean LRU charges a page. */
   readonly chargeOf: (page: Page) => number;
+  /** The memory of clean and dirty pages together, at most. */
+  readonly cacheBytes: number;
 }
 
 /** Throw an `AssertionError` naming the first invariant of the cache found false. */
-export function checkCacheInvariants({ dirty, clean, chargeOf }: CacheState): void {
+export function checkCacheInvariants({ dirty, clean, chargeOf, cacheBytes }: CacheState): void {
   dirty.checkInvariants();
   for (const page of dirty.pages()) {
     page.checkInvariants();
@@ -67,5 +71,10 @@ export function checkCacheInvariants({ dirty, clean, chargeOf }: CacheState): vo
   assert(
     clean.calculatedSize <= clean.maxSize,
     `the clean LRU holds ${clean.calculatedSize} bytes, past its ${clean.maxSize}`,
+  );
+  assert(
+    clean.size === 0 || clean.calculatedSize + dirty.memoryBytes <= cacheBytes,
+    `clean pages (${clean.calculatedSize} bytes) and dirty ones (${dirty.memoryBytes}) hold` +
+      ` more than the cache's ${cacheBytes}`,
   );
 }

@@ -32,17 +32,20 @@
  * Every page is charged for the memory it keeps alive: its spans. In the clean LRU a page is
  * charged at least its bookkeeping (~5 KiB for 1 MiB chunks), so that pages holding little or
  * nothing are not free; a whole chunk is charged its size, so a working set of N chunks fits a
- * cache of N chunks. Clean pages live in an LRU bounded by `cacheBytes`. Dirty pages live outside it,
- * under two bounds:
+ * cache of N chunks. `cacheBytes` bounds the memory of clean and dirty pages together. Clean
+ * pages live in an LRU, which evicts its least recently used pages whenever the two together
+ * would pass it (as s3backer's block cache counts its dirty blocks). Dirty pages live outside
+ * the LRU, under two more bounds:
  *
- * - `maxDirtyBytes`, the memory dirty pages hold, which bounds memory;
+ * - `maxDirtyBytes`, the memory dirty pages hold, at most `cacheBytes`;
  * - `maxDirtyChunks`, the number of dirty pages, which bounds the work of a flush (one upload,
  *   and for a partial page one GET, per dirty chunk).
  *
  * A write that would pass either waits for write-back (backpressure), and fails if write-back
  * fails meanwhile. Uploads take their image only when their turn in the request queue comes, so
  * images are bounded by the queue's concurrency. Peak memory is thus about `cacheBytes +
- * maxDirtyBytes + concurrency * chunkSizeBytes`, whatever the workload.
+ * concurrency * chunkSizeBytes`, whatever the workload, plus the free chunk buffers
+ * (chunk-buffers.ts).
  *
  * ## Write-back
  *
@@ -82,9 +85,12 @@ export interface PageCacheOptions {
   readonly chunks: ChunkStore;
   readonly sectorSize: number;
   readonly clock: Clock;
-  /** Bytes of clean pages kept. Default 256 MiB. */
+  /** Memory of the pages kept, clean and dirty together. Default 256 MiB. */
   readonly cacheBytes?: number;
-  /** Memory held by dirty pages at most; writers wait past it. Default 128 MiB (at least 2 chunks). */
+  /**
+   * Memory held by dirty pages at most; writers wait past it. Default 128 MiB; at most
+   * `cacheBytes`, at least 2 chunks.
+   */
   readonly maxDirtyBytes?: number;
   /**
    * Dirty pages at most; writers wait past it. It bounds a flush's work: at most this many
@@ -173,6 +179,8 @@ export class PageCache {
   readonly #writeback: Writeback;
   readonly #clean: LRUCache<number, Page>;
   readonly #buffers: ChunkBuffers;
+  /** The memory clean and dirty pages hold together, at most (`cacheBytes`). */
+  readonly #cacheBytes: number;
   /** A whole chunk's GET body goes into a reused chunk buffer, which the page then adopts. */
   readonly #allocate = (lengthBytes: number): Buffer | undefined =>
     lengthBytes === this.chunkSizeBytes ? this.#buffers.take() : undefined;
@@ -191,9 +199,12 @@ export class PageCache {
     this.chunkSizeBytes = options.chunks.superblock.chunkSizeBytes;
     this.#sectorSize = options.sectorSize;
     this.#clock = options.clock;
+    const cacheBytes = Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
+    this.#cacheBytes = cacheBytes;
+    // Dirty pages are part of the cache's memory, so they can hold at most all of it.
     const maxDirtyBytes = Math.max(
       2 * this.chunkSizeBytes,
-      options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY_BYTES,
+      Math.min(cacheBytes, options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY_BYTES),
     );
     const maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
     this.#dirty = new DirtySet({
@@ -202,7 +213,6 @@ export class PageCache {
       writebackThresholdBytes: options.writebackThresholdBytes ?? maxDirtyBytes / 2,
       writebackThresholdChunks: Math.floor(maxDirtyChunks / 2),
     });
-    const cacheBytes = Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
     this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes, cacheBytes));
     this.#buffers = new ChunkBuffers(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
@@ -219,7 +229,10 @@ export class PageCache {
       dirty: this.#dirty,
       clock: options.clock,
       writebackDelayMs: options.writebackDelayMs ?? 5000,
-      onClean: (page) => this.#clean.set(page.index, page),
+      onUploaded: (page) => {
+        if (!this.#dirty.has(page)) this.#clean.set(page.index, page);
+        this.#fitBudget();
+      },
       onWritebackError: options.onWritebackError,
     });
   }
@@ -250,7 +263,12 @@ export class PageCache {
    * @internal
    */
   checkInvariants(): void {
-    checkCacheInvariants({ dirty: this.#dirty, clean: this.#clean, chargeOf: cleanChargeBytes });
+    checkCacheInvariants({
+      dirty: this.#dirty,
+      clean: this.#clean,
+      chargeOf: cleanChargeBytes,
+      cacheBytes: this.#cacheBytes,
+    });
   }
 
   /**
@@ -260,14 +278,27 @@ export class PageCache {
   #resize(page: Page, change: (page: Page) => void): void {
     if (this.#dirty.has(page)) {
       this.#dirty.resize(page, change);
-      return;
+    } else {
+      const before = page.memoryBytes;
+      change(page);
+      if (page.memoryBytes !== before && this.#clean.peek(page.index) === page) {
+        // lru-cache sizes an entry when it is added, not when the same value is set again.
+        this.#clean.delete(page.index);
+        this.#clean.set(page.index, page);
+      }
     }
-    const before = page.memoryBytes;
-    change(page);
-    if (page.memoryBytes !== before && this.#clean.peek(page.index) === page) {
-      // lru-cache sizes an entry when it is added, not when the same value is set again.
-      this.#clean.delete(page.index);
-      this.#clean.set(page.index, page);
+    this.#fitBudget();
+  }
+
+  /**
+   * Evict the least recently used clean pages while clean and dirty pages together hold more
+   * than `cacheBytes`. The LRU bounds the clean pages alone; this makes room for dirty ones,
+   * after every change that grows either.
+   */
+  #fitBudget(): void {
+    const dirtyBytes = this.#dirty.memoryBytes;
+    while (this.#clean.calculatedSize + dirtyBytes > this.#cacheBytes && this.#clean.size > 0) {
+      this.#clean.pop(); // disposed as "evict": the page retires
     }
   }
 
@@ -511,6 +542,8 @@ export class PageCache {
 
   /** Start fetching the chunks the policy reads ahead, if they are stored and not cached. */
   #readahead(indexes: readonly number[]): void {
+    // Dirty pages that fill the cache would evict a read-ahead page as soon as it is made.
+    if (this.#dirty.memoryBytes + this.chunkSizeBytes > this.#cacheBytes) return;
     for (const i of indexes) {
       if (this.#lookup(i) !== undefined || !this.#chunks.isAllocated(i)) continue;
       this.#policy.readaheadStarted();
@@ -601,6 +634,7 @@ export class PageCache {
     if (page === undefined) return false;
     // Modified synchronously with its return from #tryPageForWrite, as #pageForWrite does.
     this.#dirty.resize(page, (p) => pieces.forEachView((at, bytes) => p.write(at, bytes)));
+    this.#fitBudget();
     this.#writeback.modified();
     return true;
   }
@@ -636,6 +670,7 @@ export class PageCache {
       const page = this.#tryPageForWrite(index, growth);
       if (page !== undefined) {
         this.#dirty.resize(page, modify);
+        this.#fitBudget();
         return page;
       }
       await this.#writeback.waitForRoom();
@@ -680,6 +715,7 @@ export class PageCache {
   #newCleanPage(index: number): Page {
     const page = new Page(index, this.chunkSizeBytes, this.#sectorSize, this.#buffers);
     this.#clean.set(index, page);
+    this.#fitBudget();
     return page;
   }
 

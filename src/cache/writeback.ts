@@ -10,7 +10,7 @@
  * waits a backoff (1 s doubling to 30 s), and a flush retries at once.
  *
  * The pages and their accounts are the dirty set's; a page whose upload leaves it clean is
- * handed back to the cache (`onClean`), which keeps it in its clean LRU.
+ * handed back to the cache (`onUploaded`), which keeps it in its clean LRU.
  */
 
 import assert from "node:assert/strict";
@@ -25,8 +25,11 @@ export interface WritebackOptions {
   readonly clock: Clock;
   /** Upload a dirty page after this long. */
   readonly writebackDelayMs: number;
-  /** `page`'s upload left it clean, and it has left the dirty set: the cache keeps it. */
-  readonly onClean: (page: Page) => void;
+  /**
+   * `page`'s upload has ended well, and the page may hold more memory than before (it adopted
+   * the image). A page left clean has left the dirty set: the cache keeps it.
+   */
+  readonly onUploaded: (page: Page) => void;
   /** Told of write-back failures. */
   readonly onWritebackError?: (error: Error) => void;
 }
@@ -43,7 +46,7 @@ export class Writeback {
   readonly #dirty: DirtySet;
   readonly #clock: Clock;
   readonly #writebackDelayMs: number;
-  readonly #onClean: (page: Page) => void;
+  readonly #onUploaded: (page: Page) => void;
   readonly #onWritebackError: ((error: Error) => void) | undefined;
   readonly #zeroChunk: Buffer;
   #roomWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
@@ -59,7 +62,7 @@ export class Writeback {
     this.#dirty = options.dirty;
     this.#clock = options.clock;
     this.#writebackDelayMs = options.writebackDelayMs;
-    this.#onClean = options.onClean;
+    this.#onUploaded = options.onUploaded;
     this.#onWritebackError = options.onWritebackError;
     this.#zeroChunk = Buffer.alloc(options.chunks.superblock.chunkSizeBytes);
   }
@@ -220,7 +223,6 @@ export class Writeback {
     if (page.state === "clean") {
       this.#dirty.remove(page);
       adopted = page.fillFrom(0, image, chunkSizeBytes);
-      this.#onClean(page);
       const waiters = this.#roomWaiters;
       this.#roomWaiters = [];
       for (const waiter of waiters) waiter.resolve();
@@ -234,6 +236,7 @@ export class Writeback {
       }
     }
     if (image !== undefined && !adopted) page.dropImage(image);
+    this.#onUploaded(page);
   }
 
   #uploadFailed(page: Page, error: unknown): never {

@@ -377,10 +377,14 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .argument("<volume-url...>", "the volumes; the first is also the default export")
     .option("--listen <host:port>", `TCP address (default ${DEFAULT_LISTEN} unless --socket)`)
     .option("--socket <path>", "also, or only, listen on this unix socket")
-    .option("--cache-size <size>", "clean cache per volume (default 256M)", sizeOption)
+    .option(
+      "--cache-size <size>",
+      "memory of cached data per volume, clean and dirty (default 256M)",
+      sizeOption,
+    )
     .option(
       "--dirty-size <size>",
-      "memory of dirty data per volume before writers wait (default 128M)",
+      "memory of dirty data per volume before writers wait, within --cache-size (default 128M)",
       sizeOption,
     )
     .option(

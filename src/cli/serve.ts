@@ -39,6 +39,7 @@ import {
   type NbdTlsOptions,
 } from "../nbd/tls.js";
 import { formatSize } from "./sizes.js";
+import { DEFAULT_CACHE_BYTES } from "../cache/page-cache.js";
 import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
 import type { Logger } from "../util/logger.js";
 import { Registry } from "prom-client";
@@ -185,6 +186,20 @@ interface Opened {
   readonly device: ChunkedBlockDevice;
 }
 
+/**
+ * Dirty data is part of the cache: a `--dirty-size` larger than the cache is held to it. (The
+ * default dirty bound is held to a smaller `--cache-size` without a word.)
+ */
+function warnOfDirtyPastCache(options: ServeOptions, logger: Logger): void {
+  const cacheBytes = options.cacheSize ?? DEFAULT_CACHE_BYTES;
+  const dirtyBytes = options.dirtySize;
+  if (dirtyBytes === undefined || dirtyBytes <= cacheBytes) return;
+  logger.warn(
+    `--dirty-size ${formatSize(dirtyBytes)} is more than --cache-size ${formatSize(cacheBytes)},` +
+      ` which holds dirty data too: dirty data is held to ${formatSize(cacheBytes)}`,
+  );
+}
+
 export async function serve(
   volumeArguments: readonly string[],
   options: ServeOptions,
@@ -207,6 +222,7 @@ export async function serve(
   const metricsAt =
     options.metrics === undefined ? undefined : parseListen(options.metrics, "--metrics");
   const prices = priceTable(options.prices);
+  warnOfDirtyPastCache(options, env.logger);
 
   // One process lease per bucket (or directory) for every volume served: one renewal a minute,
   // however many volumes.

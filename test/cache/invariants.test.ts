@@ -26,7 +26,7 @@ function structures() {
     writebackThresholdChunks: 2,
   });
   const clean = new LRUCache<number, Page>({ maxSize: 8 * CHUNK, sizeCalculation: chargeOf });
-  const check = () => checkCacheInvariants({ dirty, clean, chargeOf });
+  const check = () => checkCacheInvariants({ dirty, clean, chargeOf, cacheBytes: 8 * CHUNK });
   return { dirty, clean, check };
 }
 
@@ -96,5 +96,17 @@ describe("the cache's invariant checker", () => {
     clean.set(6, page);
     page.retire(); // gave its memory back, but nobody took it out of the LRU
     expect(check).toThrow(/clean page 6 has retired but is still in the LRU/);
+  });
+
+  it("finds clean and dirty pages that together hold more than the cache", () => {
+    const { dirty, clean, check } = structures();
+    for (let i = 0; i < 8; i++) {
+      const page = new Page(10 + i, CHUNK, SECTOR, BUFFERS);
+      page.fillFrom(0, Buffer.alloc(CHUNK, i), CHUNK);
+      clean.set(10 + i, page); // the LRU alone is full, and within its bound
+    }
+    check();
+    dirtyPage(dirty, 0); // nobody evicted a clean page to make room for it
+    expect(check).toThrow(/clean pages \(524288 bytes\) and dirty ones \(4096\) hold more than/);
   });
 });

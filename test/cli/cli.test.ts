@@ -129,6 +129,20 @@ describe("s3blk on a local directory", () => {
     }
   });
 
+  it("warns when --dirty-size is more than --cache-size, which holds dirty data too", async () => {
+    expect((await s3blk(["create", "bounds", "--size", "16M"])).code).toBe(0);
+    const serveWith = async (args: string[]) => {
+      const socket = path.join(work, "bounds.sock");
+      const server = await startServe(["bounds", "--socket", socket, ...args], { cwd: work });
+      expect(await server.stop()).toBe(0);
+      return server.stderr();
+    };
+    const warning = /--dirty-size 64 MiB is more than --cache-size 16 MiB, which holds dirty/;
+    expect(await serveWith(["--cache-size", "16M", "--dirty-size", "64M"])).toMatch(warning);
+    expect(await serveWith(["--cache-size", "16M"])).not.toMatch(/--dirty-size/);
+    expect(await serveWith(["--cache-size", "64M", "--dirty-size", "64M"])).not.toMatch(/--dirty/);
+  });
+
   it("runs the demo twice on the default volume", async () => {
     const first = await s3blk(["demo"]);
     expect(first.code).toBe(0);
