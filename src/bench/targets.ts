@@ -14,10 +14,22 @@ import { withoutAws } from "../util/aws-environment.js";
 export interface RunningTarget {
   readonly uri: string;
   readonly pid: number;
-  /** Peak resident memory so far, bytes (VmHWM). */
+  /** Peak resident memory so far, bytes (VmHWM); 0 once the process is gone. */
   peakRssBytes(): number;
+  /** Resident memory now, bytes (VmRSS); 0 once the process is gone. */
+  rssBytes(): number;
   /** SIGTERM, wait for exit. */
   stop(): Promise<void>;
+}
+
+/** A `kB` figure of `/proc/PID/status`, in bytes; 0 once the process is gone. */
+function statusBytes(pid: number, field: "VmHWM" | "VmRSS"): number {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, "utf8");
+    return Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(status)?.[1] ?? 0) * 1024;
+  } catch {
+    return 0;
+  }
 }
 
 /** Where the S3 server is, for the targets that use one. */
@@ -68,14 +80,8 @@ export async function startProcess(
   return {
     uri: `nbd+unix:///?socket=${socket}`,
     pid,
-    peakRssBytes() {
-      try {
-        const status = readFileSync(`/proc/${pid}/status`, "utf8");
-        return Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? 0) * 1024;
-      } catch {
-        return 0;
-      }
-    },
+    peakRssBytes: () => statusBytes(pid, "VmHWM"),
+    rssBytes: () => statusBytes(pid, "VmRSS"),
     async stop() {
       if (child.exitCode === null) child.kill("SIGTERM");
       const timer = setTimeout(() => child.kill("SIGKILL"), 120_000);

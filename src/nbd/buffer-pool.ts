@@ -20,6 +20,9 @@ function classOf(bytes: number): number {
   return size;
 }
 
+/** The free request buffers a pool keeps for reuse, at most, by default. */
+export const DEFAULT_MAX_RETAINED_BYTES = 16 * 1024 * 1024;
+
 export class BufferPool {
   readonly #free = new Map<number, ArrayBuffer[]>();
   readonly #lent = new WeakSet<ArrayBuffer>();
@@ -32,7 +35,7 @@ export class BufferPool {
    * peak RSS and bought no speed: one interleaved bench run per setting put the warm rows within
    * the rounds' spread of each other (seq write 0.63× and 0.85×, QD16 write 0.99× and 0.89×).
    */
-  constructor(maxRetainedBytes = 16 * 1024 * 1024) {
+  constructor(maxRetainedBytes = DEFAULT_MAX_RETAINED_BYTES) {
     this.#maxRetainedBytes = maxRetainedBytes;
   }
 
