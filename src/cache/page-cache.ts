@@ -37,7 +37,8 @@
  * would pass it (as s3backer's block cache counts its dirty blocks). Dirty pages live outside
  * the LRU, under two more bounds:
  *
- * - `maxDirtyBytes`, the memory dirty pages hold, at most `cacheBytes`;
+ * - `maxDirtyBytes`, the memory dirty pages hold, at most half of `cacheBytes` (so that reads
+ *   keep room for their pages and a read-ahead window);
  * - `maxDirtyChunks`, the number of dirty pages, which bounds the work of a flush (one upload,
  *   and for a partial page one GET, per dirty chunk).
  *
@@ -45,7 +46,9 @@
  * fails meanwhile. Uploads take their image only when their turn in the request queue comes, so
  * images are bounded by the queue's concurrency. Peak memory is thus about `cacheBytes +
  * concurrency * chunkSizeBytes`, whatever the workload, plus the free chunk buffers
- * (chunk-buffers.ts).
+ * (chunk-buffers.ts). Not counted: dirty pages' bookkeeping (~5 KiB each, at most
+ * `maxDirtyChunks` of them), buffers still lent to NBD replies after their page moved on, and
+ * the chunks a read fetches past the cache when its pages were evicted meanwhile.
  *
  * ## Write-back
  *
@@ -88,7 +91,7 @@ export interface PageCacheOptions {
   /** Memory of the pages kept, clean and dirty together. Default 256 MiB. */
   readonly cacheBytes?: number;
   /**
-   * Memory held by dirty pages at most; writers wait past it. Default 128 MiB; at most
+   * Memory held by dirty pages at most; writers wait past it. Default 128 MiB; at most half of
    * `cacheBytes`, at least 2 chunks.
    */
   readonly maxDirtyBytes?: number;
@@ -118,7 +121,8 @@ export interface PageCacheOptions {
   readonly minRangedReadBytes?: number;
   /**
    * How misses are fetched and what is read ahead (read-policy.ts, where the defaults are). The
-   * read-ahead window is capped at half of `cacheBytes`.
+   * read-ahead window is also capped at half of the room dirty pages leave in `cacheBytes`, so
+   * that read-ahead never evicts the pages it fetched before the guest reads them.
    */
   readonly readPolicy?: Partial<Omit<ReadPolicySettings, "chunkSizeBytes">>;
   /** Told of write-back failures. */
@@ -164,10 +168,15 @@ function copyPiece(pieces: ChunkPieces, page: Page | undefined): void {
   else pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
 }
 
-/** The clean pages' memory, at most, by default (`cacheBytes`, `--cache-size`). */
+/** The memory of clean and dirty pages together, at most, by default (`cacheBytes`, `--cache-size`). */
 export const DEFAULT_CACHE_BYTES = 256 * 1024 * 1024;
 /** The dirty pages' memory, at most, by default (`maxDirtyBytes`, `--dirty-size`). */
 export const DEFAULT_MAX_DIRTY_BYTES = 128 * 1024 * 1024;
+
+/** The dirty bound a cache of `cacheBytes` allows at most: half of it. */
+export function maxDirtyBytesIn(cacheBytes: number): number {
+  return Math.floor(cacheBytes / 2);
+}
 
 export class PageCache {
   readonly chunkSizeBytes: number;
@@ -201,19 +210,23 @@ export class PageCache {
     this.#clock = options.clock;
     const cacheBytes = Math.max(1, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
     this.#cacheBytes = cacheBytes;
-    // Dirty pages are part of the cache's memory, so they can hold at most all of it.
+    // Dirty pages are part of the cache's memory, and may hold at most half of it, so that
+    // reads always have room for their pages and a read-ahead window.
     const maxDirtyBytes = Math.max(
       2 * this.chunkSizeBytes,
-      Math.min(cacheBytes, options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY_BYTES),
+      Math.min(maxDirtyBytesIn(cacheBytes), options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY_BYTES),
     );
     const maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
     this.#dirty = new DirtySet({
       maxDirtyBytes,
       maxDirtyChunks,
-      writebackThresholdBytes: options.writebackThresholdBytes ?? maxDirtyBytes / 2,
+      writebackThresholdBytes: Math.min(
+        maxDirtyBytes,
+        options.writebackThresholdBytes ?? maxDirtyBytes / 2,
+      ),
       writebackThresholdChunks: Math.floor(maxDirtyChunks / 2),
     });
-    this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes, cacheBytes));
+    this.#policy = new ReadPolicy(readPolicySettings(options, this.chunkSizeBytes));
     this.#buffers = new ChunkBuffers(this.chunkSizeBytes);
     this.#clean = new LRUCache<number, Page>({
       maxSize: cacheBytes,
@@ -360,7 +373,8 @@ export class PageCache {
   /** What a read answered from memory tells the read policy, and the read-ahead it starts. */
   #hitPlan(offsetBytes: number, lengthBytes: number): void {
     this.#readahead(
-      this.#policy.onRead(offsetBytes, lengthBytes, this.#chunks.chunkCount).readahead,
+      this.#policy.onRead(offsetBytes, lengthBytes, this.#chunks.chunkCount, this.#readaheadRoom())
+        .readahead,
     );
   }
 
@@ -368,7 +382,12 @@ export class PageCache {
   async read(offsetBytes: number, buffers: readonly Uint8Array[]): Promise<void> {
     const pieces = ChunkPieces.ofBuffers(this.chunkSizeBytes, offsetBytes, buffers);
     const requestBytes = pieces.requestBytes;
-    const plan = this.#policy.onRead(offsetBytes, requestBytes, this.#chunks.chunkCount);
+    const plan = this.#policy.onRead(
+      offsetBytes,
+      requestBytes,
+      this.#chunks.chunkCount,
+      this.#readaheadRoom(),
+    );
     const { sequential } = plan;
     // Per piece: its page (undefined: a chunk with no object, zeros), and its fetch if any.
     const pages: (Page | undefined)[] = [];
@@ -521,8 +540,9 @@ export class PageCache {
 
   /**
    * Put fetched bytes into `page`, unless it is dirty and they would take dirty memory past the
-   * write-back threshold, or it left the cache meanwhile: then hand them back, for the readers
-   * to use once. Bytes neither adopted nor handed back go back to the chunk buffers.
+   * write-back threshold, or it is clean and would not fit beside the dirty pages even alone
+   * (it would be evicted at once), or it left the cache meanwhile: then hand them back, for the
+   * readers to use once. Bytes neither adopted nor handed back go back to the chunk buffers.
    */
   #keep(
     page: Page,
@@ -531,19 +551,30 @@ export class PageCache {
     lengthBytes: number,
   ): Fetched | undefined {
     const growth = bytes === undefined ? 0 : page.growthFor(offsetBytes, lengthBytes);
-    if (page.retired || (this.#dirty.has(page) && !this.#dirty.roomForCachedBytes(growth))) {
-      return { offsetBytes, bytes };
-    }
+    const dirty = this.#dirty;
+    const fits = dirty.has(page)
+      ? dirty.roomForCachedBytes(growth)
+      : dirty.memoryBytes + page.memoryBytes + growth <= this.#cacheBytes;
+    if (page.retired || !fits) return { offsetBytes, bytes };
     let adopted = false;
     this.#resize(page, (p) => (adopted = p.fillFrom(offsetBytes, bytes, lengthBytes)));
     if (!adopted && Buffer.isBuffer(bytes)) this.#buffers.retire(bytes);
     return undefined;
   }
 
+  /**
+   * The read-ahead window the cache has room for now: half of what dirty pages leave of
+   * `cacheBytes` (the other half for the pages the guest is reading), whole chunks, at least one
+   * while a chunk fits.
+   */
+  #readaheadRoom(): number {
+    const chunk = this.chunkSizeBytes;
+    const roomBytes = this.#cacheBytes - this.#dirty.memoryBytes;
+    return roomBytes < chunk ? 0 : Math.max(chunk, Math.floor(roomBytes / 2 / chunk) * chunk);
+  }
+
   /** Start fetching the chunks the policy reads ahead, if they are stored and not cached. */
   #readahead(indexes: readonly number[]): void {
-    // Dirty pages that fill the cache would evict a read-ahead page as soon as it is made.
-    if (this.#dirty.memoryBytes + this.chunkSizeBytes > this.#cacheBytes) return;
     for (const i of indexes) {
       if (this.#lookup(i) !== undefined || !this.#chunks.isAllocated(i)) continue;
       this.#policy.readaheadStarted();
@@ -725,21 +756,9 @@ export class PageCache {
   }
 }
 
-/** The read policy's settings: the defaults, the options', the window capped by the cache. */
-function readPolicySettings(
-  options: PageCacheOptions,
-  chunkSizeBytes: number,
-  cacheBytes: number,
-): ReadPolicySettings {
-  const defaults = defaultReadPolicySettings(chunkSizeBytes);
-  const chosen = { ...defaults, ...options.readPolicy };
-  const readaheadMaxBytes = Math.max(
-    chunkSizeBytes,
-    Math.min(
-      chosen.readaheadMaxBytes,
-      Math.floor(cacheBytes / 2 / chunkSizeBytes) * chunkSizeBytes,
-    ),
-  );
+/** The read policy's settings: the defaults, then the options'. */
+function readPolicySettings(options: PageCacheOptions, chunkSizeBytes: number): ReadPolicySettings {
+  const chosen = { ...defaultReadPolicySettings(chunkSizeBytes), ...options.readPolicy };
   return {
     ...chosen,
     wholeChunkReadBytes: options.wholeChunkReadBytes ?? chosen.wholeChunkReadBytes,
@@ -750,8 +769,7 @@ function readPolicySettings(
         options.minRangedReadBytes ?? chosen.minRangedReadBytes,
       ),
     ),
-    readaheadMaxBytes,
-    readaheadMinBytes: Math.min(chosen.readaheadMinBytes, readaheadMaxBytes),
+    readaheadMinBytes: Math.min(chosen.readaheadMinBytes, chosen.readaheadMaxBytes),
   };
 }
 

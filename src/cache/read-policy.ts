@@ -117,16 +117,22 @@ export class ReadPolicy {
 
   /**
    * A read of `[offsetBytes, +lengthBytes)` arrives: which stream it continues, whether its
-   * misses fetch whole chunks, and which chunks to fetch ahead. The cache must report each
-   * read-ahead fetch it starts and ends ({@link readaheadStarted}, {@link readaheadEnded}).
+   * misses fetch whole chunks, and which chunks to fetch ahead, within `windowCapBytes` (the
+   * room the cache has for them now) past the read. The cache must report each read-ahead
+   * fetch it starts and ends ({@link readaheadStarted}, {@link readaheadEnded}).
    */
-  onRead(offsetBytes: number, lengthBytes: number, chunkCount: number): ReadPlan {
+  onRead(
+    offsetBytes: number,
+    lengthBytes: number,
+    chunkCount: number,
+    windowCapBytes = Infinity,
+  ): ReadPlan {
     const stream = this.#streamFor(offsetBytes, lengthBytes);
     const { chunkSizeBytes, sequentialAfterBytes } = this.settings;
     const sequential = stream.runBytes >= sequentialAfterBytes;
     if (!sequential) return { sequential, readahead: [] };
     const endBytes = offsetBytes + lengthBytes;
-    const window = this.#window(stream);
+    const window = Math.min(windowCapBytes, this.#window(stream));
     const fromBytes = Math.max(stream.aheadUntilBytes, alignUp(endBytes, chunkSizeBytes));
     const untilBytes = Math.min(chunkCount * chunkSizeBytes, endBytes + window);
     const readahead: number[] = [];

@@ -9,8 +9,9 @@
  * upload puts the page back to dirty and fails the writers waiting for room; the next kick
  * waits a backoff (1 s doubling to 30 s), and a flush retries at once.
  *
- * The pages and their accounts are the dirty set's; a page whose upload leaves it clean is
- * handed back to the cache (`onUploaded`), which keeps it in its clean LRU.
+ * The pages and their accounts are the dirty set's. The cache hears of every upload that
+ * ended well (`onUploaded`): a page it left clean has left the dirty set, and the cache keeps
+ * it in its clean LRU; either may have adopted the image and grown.
  */
 
 import assert from "node:assert/strict";

@@ -39,7 +39,7 @@ import {
   type NbdTlsOptions,
 } from "../nbd/tls.js";
 import { formatSize } from "./sizes.js";
-import { DEFAULT_CACHE_BYTES } from "../cache/page-cache.js";
+import { DEFAULT_CACHE_BYTES, maxDirtyBytesIn } from "../cache/page-cache.js";
 import { STOP_SIGNAL_WINDOW_MS, type WaitForStop } from "./stop-signals.js";
 import type { Logger } from "../util/logger.js";
 import { Registry } from "prom-client";
@@ -187,16 +187,19 @@ interface Opened {
 }
 
 /**
- * Dirty data is part of the cache: a `--dirty-size` larger than the cache is held to it. (The
- * default dirty bound is held to a smaller `--cache-size` without a word.)
+ * Dirty data is part of the cache, and may take at most half of it: a `--dirty-size` larger
+ * than that is held to it, with a warning. (The default dirty bound is held to half a smaller
+ * `--cache-size` without a word.)
  */
 function warnOfDirtyPastCache(options: ServeOptions, logger: Logger): void {
   const cacheBytes = options.cacheSize ?? DEFAULT_CACHE_BYTES;
   const dirtyBytes = options.dirtySize;
-  if (dirtyBytes === undefined || dirtyBytes <= cacheBytes) return;
+  const allowedBytes = maxDirtyBytesIn(cacheBytes);
+  if (dirtyBytes === undefined || dirtyBytes <= allowedBytes) return;
   logger.warn(
-    `--dirty-size ${formatSize(dirtyBytes)} is more than --cache-size ${formatSize(cacheBytes)},` +
-      ` which holds dirty data too: dirty data is held to ${formatSize(cacheBytes)}`,
+    `--dirty-size ${formatSize(dirtyBytes)} is more than half of --cache-size` +
+      ` ${formatSize(cacheBytes)}, which holds dirty data too: dirty data is held to` +
+      ` ${formatSize(allowedBytes)}`,
   );
 }
 

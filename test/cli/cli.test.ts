@@ -129,7 +129,7 @@ describe("s3blk on a local directory", () => {
     }
   });
 
-  it("warns when --dirty-size is more than --cache-size, which holds dirty data too", async () => {
+  it("warns when --dirty-size is more than half of --cache-size, which holds dirty data too", async () => {
     expect((await s3blk(["create", "bounds", "--size", "16M"])).code).toBe(0);
     const serveWith = async (args: string[]) => {
       const socket = path.join(work, "bounds.sock");
@@ -137,10 +137,11 @@ describe("s3blk on a local directory", () => {
       expect(await server.stop()).toBe(0);
       return server.stderr();
     };
-    const warning = /--dirty-size 64 MiB is more than --cache-size 16 MiB, which holds dirty/;
-    expect(await serveWith(["--cache-size", "16M", "--dirty-size", "64M"])).toMatch(warning);
+    const warning =
+      /--dirty-size 12 MiB is more than half of --cache-size 16 MiB, which holds dirty data too: dirty data is held to 8 MiB/;
+    expect(await serveWith(["--cache-size", "16M", "--dirty-size", "12M"])).toMatch(warning);
     expect(await serveWith(["--cache-size", "16M"])).not.toMatch(/--dirty-size/);
-    expect(await serveWith(["--cache-size", "64M", "--dirty-size", "64M"])).not.toMatch(/--dirty/);
+    expect(await serveWith(["--cache-size", "64M", "--dirty-size", "32M"])).not.toMatch(/--dirty/);
   });
 
   it("runs the demo twice on the default volume", async () => {
