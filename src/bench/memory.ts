@@ -13,10 +13,11 @@
  * RSS depends little on the machine's drift, so the rounds are not interleaved with a reference:
  * their spread shows what noise there is.
  *
- * The README bounds the process as: the runtime as it starts (Node, the AWS SDK, V8's heap;
- * measured here as each round's RSS once the server is up, before any I/O), plus one volume's
- * bound, plus the NBD request buffers (the pool's reuse and one connection's payload in flight).
- * The target allows 64 MiB more, for what the runtime grows by under load.
+ * The README bounds the process as: the runtime as it starts (Node, the AWS SDK, V8's heap: a
+ * figure the README states, and each round checks against the server's RSS once it is up,
+ * before any I/O), plus one volume's bound, plus the NBD request buffers (the pool's reuse and
+ * one connection's payload in flight). The target allows 64 MiB more, for what the runtime
+ * grows by under load.
  */
 
 import { writeFileSync } from "node:fs";
@@ -54,6 +55,10 @@ export const VOLUME_BOUND_BYTES =
 /** What the README adds for NBD: the request buffers kept, and one connection's payload. */
 export const NBD_BOUND_BYTES =
   DEFAULT_MAX_RETAINED_BYTES + DEFAULT_CONNECTION_LIMITS.maxInFlightBytes;
+/** The README's figure for the runtime as it starts, on Node 24: Node, the AWS SDK, V8's heap. */
+export const RUNTIME_START_BYTES = 96 * MiB;
+/** The README's bound for the process serving one volume over one connection. */
+export const PROCESS_BOUND_BYTES = RUNTIME_START_BYTES + VOLUME_BOUND_BYTES + NBD_BOUND_BYTES;
 /** What the target allows past the process's bound: the runtime's growth under load. */
 export const TARGET_MARGIN_BYTES = 64 * MiB;
 
@@ -75,9 +80,9 @@ export interface MemoryRound {
 export interface MemoryReport {
   readonly volumeBytes: number;
   readonly mixSeconds: number;
-  /** The rounds' median start RSS (the runtime's term of the bound; 0 if none was measured). */
+  /** The rounds' median start RSS (0 if none was measured), against `RUNTIME_START_BYTES`. */
   readonly startRssBytes: number;
-  /** One volume's bound, and the process's: start RSS + volume + NBD buffers. */
+  /** One volume's bound, and the process's: the runtime at start + volume + NBD buffers. */
   readonly volumeBoundBytes: number;
   readonly boundBytes: number;
   /** The process's bound + 64 MiB. */
@@ -144,25 +149,22 @@ export async function runMemoryBench(options: MemoryBenchOptions): Promise<Memor
 }
 
 /**
- * The rounds' figures: the median peak of those that ended without error (each round's peak
- * the largest of its phases'), and the bound, whose runtime term is the median start RSS.
+ * The rounds' figures, from those that ended without error: the median peak (each round's
+ * the largest of its phases') and the median start RSS; and the README's bound.
  */
 export function memoryReport(rounds: MemoryRound[], mixSeconds: number): MemoryReport {
+  const measured = rounds.filter((r) => r.error === undefined);
   const peakRssBytes = spread(
-    rounds.flatMap((r) =>
-      r.error === undefined ? [Math.max(...r.phases.map((p) => p.peakRssBytes))] : [],
-    ),
+    measured.map((r) => Math.max(...r.phases.map((p) => p.peakRssBytes))),
   );
-  const startRssBytes =
-    spread(rounds.flatMap((r) => (r.startRssBytes > 0 ? [r.startRssBytes] : [])))?.median ?? 0;
-  const boundBytes = startRssBytes + VOLUME_BOUND_BYTES + NBD_BOUND_BYTES;
+  const startRssBytes = spread(measured.map((r) => r.startRssBytes))?.median ?? 0;
   return {
     volumeBytes: VOLUME_BYTES,
     mixSeconds,
     startRssBytes,
     volumeBoundBytes: VOLUME_BOUND_BYTES,
-    boundBytes,
-    targetBytes: boundBytes + TARGET_MARGIN_BYTES,
+    boundBytes: PROCESS_BOUND_BYTES,
+    targetBytes: PROCESS_BOUND_BYTES + TARGET_MARGIN_BYTES,
     rounds,
     ...(peakRssBytes === undefined ? {} : { peakRssBytes }),
   };
@@ -221,19 +223,26 @@ export function memoryTable(report: MemoryReport): string[][] {
   return lines;
 }
 
-/** The peak against the process's bound, its terms, and the target. */
+/**
+ * The peak against the process's bound, its terms, and the target; and the runtime as it
+ * started against the README's figure for it, which the target also needs.
+ */
 export function memoryVerdict(report: MemoryReport): string {
   const peak = report.peakRssBytes?.median;
+  const start = report.startRssBytes;
   const verdict =
-    peak === undefined || report.startRssBytes === 0
+    peak === undefined
       ? "not measured"
-      : peak <= report.targetBytes
-        ? "met"
-        : "not met";
+      : peak > report.targetBytes
+        ? "not met"
+        : start > RUNTIME_START_BYTES
+          ? "not met (the runtime started larger than the README says)"
+          : "met";
   return (
     `peak RSS ${peak === undefined ? "-" : mib(peak)} MiB; the README's bound for the process` +
-    ` ${mib(report.boundBytes)} MiB (the runtime at start ${mib(report.startRssBytes)}, one` +
-    ` volume ${mib(report.volumeBoundBytes)}, NBD buffers ${mib(NBD_BOUND_BYTES)}); the target,` +
-    ` that bound + ${mib(TARGET_MARGIN_BYTES)} MiB, ${mib(report.targetBytes)} MiB: ${verdict}`
+    ` ${mib(report.boundBytes)} MiB (the runtime at start ${mib(RUNTIME_START_BYTES)}, measured` +
+    ` ${mib(start)}; one volume ${mib(report.volumeBoundBytes)}; NBD buffers` +
+    ` ${mib(NBD_BOUND_BYTES)}); the target, that bound + ${mib(TARGET_MARGIN_BYTES)} MiB,` +
+    ` ${mib(report.targetBytes)} MiB: ${verdict}`
   );
 }

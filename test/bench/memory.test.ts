@@ -23,9 +23,10 @@ function round(startMiB: number, peaksMiB: number[], error?: string): MemoryRoun
 }
 
 describe("the memory section's report", () => {
-  it("bounds the process by its start RSS, one volume and the NBD buffers, and allows 64 MiB", () => {
-    // The README's terms with the defaults: 256 MiB of cache, 32 uploads or fetches of 1 MiB in
-    // flight, 16 MiB of free chunk buffers; 16 MiB of NBD buffers kept, 64 MiB in flight.
+  it("bounds the process by the runtime at start, one volume and the NBD buffers, + 64 MiB", () => {
+    // The README's terms with the defaults: 96 MiB of runtime at start; 256 MiB of cache, 32
+    // uploads or fetches of 1 MiB in flight, 16 MiB of free chunk buffers; 16 MiB of NBD
+    // buffers kept and 64 MiB in flight.
     expect(VOLUME_BOUND_BYTES).toBe(304 * MiB);
     expect(NBD_BOUND_BYTES).toBe(80 * MiB);
     const report = memoryReport(
@@ -33,20 +34,26 @@ describe("the memory section's report", () => {
       15,
     );
     expect(report.startRssBytes).toBe(86 * MiB);
-    expect(report.boundBytes).toBe((86 + 304 + 80) * MiB);
-    expect(report.targetBytes).toBe((86 + 304 + 80 + 64) * MiB);
+    expect(report.boundBytes).toBe((96 + 304 + 80) * MiB);
+    expect(report.targetBytes).toBe((96 + 304 + 80 + 64) * MiB);
     expect(report.peakRssBytes).toEqual({ median: 520 * MiB, min: 510 * MiB, max: 530 * MiB });
-    expect(memoryVerdict(report)).toMatch(/^peak RSS 520 MiB; .* 470 MiB .* 534 MiB: met$/);
+    expect(memoryVerdict(report)).toMatch(/^peak RSS 520 MiB; .* 480 MiB .* 544 MiB: met$/);
   });
 
-  it("leaves a failed round out of the peak, and says when the target is not met", () => {
-    const report = memoryReport([round(85, [400, 600, 590]), round(85, [300], "boom")], 15);
+  it("leaves a failed round out, and says when the target is not met", () => {
+    const report = memoryReport([round(85, [400, 600, 590]), round(200, [300], "boom")], 15);
     expect(report.peakRssBytes?.median).toBe(600 * MiB);
+    expect(report.startRssBytes).toBe(85 * MiB);
     expect(memoryVerdict(report)).toMatch(/: not met$/);
   });
 
-  it("does not call a run without a start RSS met", () => {
-    const report = memoryReport([round(0, [100, 100, 100])], 15);
+  it("does not call the target met when the runtime started larger than the README says", () => {
+    const report = memoryReport([round(120, [300, 300, 300])], 15);
+    expect(memoryVerdict(report)).toMatch(/: not met \(the runtime started larger/);
+  });
+
+  it("says when nothing was measured", () => {
+    const report = memoryReport([round(90, [], "boom")], 15);
     expect(memoryVerdict(report)).toMatch(/: not measured$/);
   });
 });
