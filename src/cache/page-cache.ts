@@ -173,6 +173,11 @@ export const DEFAULT_CACHE_BYTES = 256 * 1024 * 1024;
 /** The dirty pages' memory, at most, by default (`maxDirtyBytes`, `--dirty-size`). */
 export const DEFAULT_MAX_DIRTY_BYTES = 128 * 1024 * 1024;
 
+/** Dirty pages at most, by default (`maxDirtyChunks`, `--dirty-chunks`). */
+export const DEFAULT_MAX_DIRTY_CHUNKS = 1024;
+/** How long a page stays dirty before its upload, by default (`--writeback-delay`). */
+export const DEFAULT_WRITEBACK_DELAY_MS = 5000;
+
 /** The dirty bound a cache of `cacheBytes` allows at most: half of it. */
 export function maxDirtyBytesIn(cacheBytes: number): number {
   return Math.floor(cacheBytes / 2);
@@ -216,7 +221,7 @@ export class PageCache {
       2 * this.chunkSizeBytes,
       Math.min(maxDirtyBytesIn(cacheBytes), options.maxDirtyBytes ?? DEFAULT_MAX_DIRTY_BYTES),
     );
-    const maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? 1024);
+    const maxDirtyChunks = Math.max(2, options.maxDirtyChunks ?? DEFAULT_MAX_DIRTY_CHUNKS);
     this.#dirty = new DirtySet({
       maxDirtyBytes,
       maxDirtyChunks,
@@ -241,7 +246,7 @@ export class PageCache {
       chunks: options.chunks,
       dirty: this.#dirty,
       clock: options.clock,
-      writebackDelayMs: options.writebackDelayMs ?? 5000,
+      writebackDelayMs: options.writebackDelayMs ?? DEFAULT_WRITEBACK_DELAY_MS,
       onUploaded: (page) => {
         if (!this.#dirty.has(page)) this.#clean.set(page.index, page);
         this.#fitBudget();

@@ -30,6 +30,12 @@ import {
   readSuperblock,
   VolumeError,
 } from "../lifecycle/volume-lifecycle.js";
+import {
+  DEFAULT_CACHE_BYTES,
+  DEFAULT_MAX_DIRTY_BYTES,
+  DEFAULT_MAX_DIRTY_CHUNKS,
+  DEFAULT_WRITEBACK_DELAY_MS,
+} from "../cache/page-cache.js";
 import { formatSize, parseSize } from "./sizes.js";
 import { parseDuration } from "./durations.js";
 import { progressBar } from "./progress.js";
@@ -379,23 +385,28 @@ export function buildProgram(out: (line: string) => void = console.log): Command
     .option("--socket <path>", "also, or only, listen on this unix socket")
     .option(
       "--cache-size <size>",
-      "memory of cached data per volume, clean and dirty (default 256M)",
+      `memory of cached data per volume, clean and dirty (default ${formatSize(DEFAULT_CACHE_BYTES)})`,
       sizeOption,
     )
     .option(
       "--dirty-size <size>",
-      "memory of dirty data per volume before writers wait, within --cache-size (default 128M)",
+      "memory of dirty data per volume before writers wait, at most half of --cache-size" +
+        ` (default ${formatSize(DEFAULT_MAX_DIRTY_BYTES)})`,
       sizeOption,
     )
     .option(
       "--dirty-chunks <n>",
-      "dirty chunks per volume before writers wait: bounds a flush's uploads (default 1024)",
+      "dirty chunks per volume before writers wait: bounds a flush's uploads" +
+        ` (default ${DEFAULT_MAX_DIRTY_CHUNKS})`,
       countOption,
     )
     .option("--read-only", "refuse writes")
     .option("--create-size <size>", "create missing volumes with this size", sizeOption)
     .addOption(
-      new Option("--writeback-delay <ms>", "upload a dirty chunk after this long (default 5000)")
+      new Option(
+        "--writeback-delay <ms>",
+        `upload a dirty chunk after this long (default ${DEFAULT_WRITEBACK_DELAY_MS})`,
+      )
         .argParser((v) => {
           const ms = Number(v);
           if (!Number.isSafeInteger(ms) || ms < 0)
