@@ -162,13 +162,13 @@ export interface CacheStats {
   chunkBuffersReused: number;
 }
 
-/** Fill the caller's buffers for the current piece from `page`, or with zeros (no page: no object). */
+/** Fill the caller's buffers for the current piece from `page`, or zeros (no page: no object). */
 function copyPiece(pieces: ChunkPieces, page: Page | undefined): void {
   if (page === undefined) pieces.forEachView((_at, bytes) => bytes.fill(0));
   else pieces.forEachView((at, bytes) => page.copyOut(at, bytes));
 }
 
-/** The memory of clean and dirty pages together, at most, by default (`cacheBytes`, `--cache-size`). */
+/** The memory of clean and dirty pages together, at most, by default (`--cache-size`). */
 export const DEFAULT_CACHE_BYTES = 256 * 1024 * 1024;
 /** The dirty pages' memory, at most, by default (`maxDirtyBytes`, `--dirty-size`). */
 export const DEFAULT_MAX_DIRTY_BYTES = 128 * 1024 * 1024;
