@@ -546,8 +546,13 @@ export class PageCache {
   /**
    * Put fetched bytes into `page`, unless it is dirty and they would take dirty memory past the
    * write-back threshold, or it is clean and would not fit beside the dirty pages even alone
-   * (it would be evicted at once), or it left the cache meanwhile: then hand them back, for the
-   * readers to use once. Bytes neither adopted nor handed back go back to the chunk buffers.
+   * (it would be evicted at once): then hand them back, for the readers to use once under what
+   * the page knows. Bytes neither adopted nor handed back go back to the chunk buffers.
+   *
+   * A page that left the cache (retired) meanwhile takes nothing and hands nothing back: its
+   * readers fetch again. The bytes may predate an upload of the page that ended while they
+   * were in flight (a read after a write, of a chunk whose page was partial), and a retired
+   * page no longer knows the sectors that upload stored, so it cannot correct them.
    */
   #keep(
     page: Page,
@@ -560,7 +565,11 @@ export class PageCache {
     const fits = dirty.has(page)
       ? dirty.roomForCachedBytes(growth)
       : dirty.memoryBytes + page.memoryBytes + growth <= this.#cacheBytes;
-    if (page.retired || !fits) return { offsetBytes, bytes };
+    if (page.retired) {
+      if (Buffer.isBuffer(bytes)) this.#buffers.retire(bytes);
+      return undefined;
+    }
+    if (!fits) return { offsetBytes, bytes };
     let adopted = false;
     this.#resize(page, (p) => (adopted = p.fillFrom(offsetBytes, bytes, lengthBytes)));
     if (!adopted && Buffer.isBuffer(bytes)) this.#buffers.retire(bytes);
