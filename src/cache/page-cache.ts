@@ -419,13 +419,18 @@ export class PageCache {
     this.#readahead(plan.readahead);
     const fetched = await Promise.all(loads);
     // A page evicted meanwhile (by a read larger than the cache, or other reads' fetches) gave
-    // its memory back: fetch those pieces' chunks again, past the cache. A page retires once,
-    // so this ends.
+    // its memory back: fetch those pieces' chunks again, past the cache, once each. That
+    // includes pieces whose page handed bytes back: those may predate an upload that ended
+    // since, and the retired page no longer knows the sectors to lay over them (#keep). A GET
+    // issued after the eviction sees every upload of the page, and a page retires once, so
+    // this ends.
+    const refetched = new Set<number>();
     for (;;) {
       pieces.rewind();
       const refetches: Promise<void>[] = [];
       for (let i = 0; pieces.next(); i++) {
-        if (pages[i]?.retired !== true || fetched[i] !== undefined) continue;
+        if (pages[i]?.retired !== true || refetched.has(i)) continue;
+        refetched.add(i);
         const read = this.#chunks.read(pieces.index, 0, this.chunkSizeBytes);
         refetches.push(read.then((bytes) => void (fetched[i] = { offsetBytes: 0, bytes })));
       }
