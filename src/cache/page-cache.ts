@@ -291,7 +291,7 @@ export class PageCache {
 
   /**
    * Change `page`'s contents through `change(page)`, keeping the accounts of the memory it
-   * holds: the dirty set's totals, or its size in the clean LRU.
+   * holds: the dirty set's totals, or its size in the clean LRU; then the cache's budget.
    */
   #resize(page: Page, change: (page: Page) => void): void {
     if (this.#dirty.has(page)) {
@@ -565,15 +565,15 @@ export class PageCache {
     bytes: Uint8Array | undefined,
     lengthBytes: number,
   ): Fetched | undefined {
+    if (page.retired) {
+      if (Buffer.isBuffer(bytes)) this.#buffers.retire(bytes);
+      return undefined;
+    }
     const growth = bytes === undefined ? 0 : page.growthFor(offsetBytes, lengthBytes);
     const dirty = this.#dirty;
     const fits = dirty.has(page)
       ? dirty.roomForCachedBytes(growth)
       : dirty.memoryBytes + page.memoryBytes + growth <= this.#cacheBytes;
-    if (page.retired) {
-      if (Buffer.isBuffer(bytes)) this.#buffers.retire(bytes);
-      return undefined;
-    }
     if (!fits) return { offsetBytes, bytes };
     let adopted = false;
     this.#resize(page, (p) => (adopted = p.fillFrom(offsetBytes, bytes, lengthBytes)));
@@ -683,8 +683,7 @@ export class PageCache {
     );
     if (page === undefined) return false;
     // Modified synchronously with its return from #tryPageForWrite, as #pageForWrite does.
-    this.#dirty.resize(page, (p) => pieces.forEachView((at, bytes) => p.write(at, bytes)));
-    this.#fitBudget();
+    this.#resize(page, (p) => pieces.forEachView((at, bytes) => p.write(at, bytes)));
     this.#writeback.modified();
     return true;
   }
@@ -719,8 +718,7 @@ export class PageCache {
     for (;;) {
       const page = this.#tryPageForWrite(index, growth);
       if (page !== undefined) {
-        this.#dirty.resize(page, modify);
-        this.#fitBudget();
+        this.#resize(page, modify);
         return page;
       }
       await this.#writeback.waitForRoom();
